@@ -1,0 +1,110 @@
+//! The `Dataset` trait all readers implement, and the in-memory dataset most of them produce.
+
+use std::collections::HashMap;
+
+use crate::{Image, Result};
+
+/// A labelled image collection. Indices run over `0..len()`.
+///
+/// `image` may decode from disk (ImageFolder), so the loader calls it from a rayon pool;
+/// everything else is cheap.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The class index of image `index`, without decoding it.
+    fn label(&self, index: usize) -> usize;
+    fn class_names(&self) -> &[String];
+    /// The decoded image, 1 or 3 channels, any size.
+    fn image(&self, index: usize) -> Result<Image>;
+    /// A stable name for image `index`, unique in the dataset, used by split files.
+    ///
+    /// The official split files name ImageNet images `<wnid>_<id>.JPEG`: the class before the first
+    /// `_`. Every reader keeps that shape, so one split-file format serves all datasets.
+    fn sample_name(&self, index: usize) -> String;
+    /// Where the data came from, for logs and reports.
+    fn describe(&self) -> String;
+
+    fn num_classes(&self) -> usize {
+        self.class_names().len()
+    }
+    fn labels(&self) -> Vec<usize> {
+        (0..self.len()).map(|i| self.label(i)).collect()
+    }
+    /// Name → index, for reading split files.
+    fn name_index(&self) -> HashMap<String, usize> {
+        (0..self.len()).map(|i| (self.sample_name(i), i)).collect()
+    }
+}
+
+/// Decoded images held in memory: IDX, CIFAR and Hub parquet datasets.
+#[derive(Clone, Debug)]
+pub struct InMemoryDataset {
+    images: Vec<Image>,
+    labels: Vec<usize>,
+    class_names: Vec<String>,
+    source: String,
+}
+
+impl InMemoryDataset {
+    /// `labels[i] < class_names.len()` must hold; readers check it and report the file.
+    pub fn new(
+        images: Vec<Image>,
+        labels: Vec<usize>,
+        class_names: Vec<String>,
+        source: String,
+    ) -> Self {
+        assert_eq!(images.len(), labels.len(), "one label per image");
+        debug_assert!(labels.iter().all(|&l| l < class_names.len()));
+        InMemoryDataset {
+            images,
+            labels,
+            class_names,
+            source,
+        }
+    }
+
+    /// The images and labels at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize], source: String) -> Self {
+        InMemoryDataset {
+            images: indices.iter().map(|&i| self.images[i].clone()).collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            class_names: self.class_names.clone(),
+            source,
+        }
+    }
+
+    pub fn images(&self) -> &[Image] {
+        &self.images
+    }
+}
+
+impl Dataset for InMemoryDataset {
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.labels[index]
+    }
+    fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+    fn image(&self, index: usize) -> Result<Image> {
+        Ok(self.images[index].clone())
+    }
+    fn sample_name(&self, index: usize) -> String {
+        format!("{}_{index:06}", self.labels[index])
+    }
+    fn describe(&self) -> String {
+        self.source.clone()
+    }
+    fn name_index(&self) -> HashMap<String, usize> {
+        (0..self.len()).map(|i| (self.sample_name(i), i)).collect()
+    }
+}
+
+/// Reads a whole file, naming it in the error.
+pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| crate::DataError::io(path, e))
+}

@@ -1,0 +1,204 @@
+//! Dataset names as the command line spells them, and where each one is found on disk.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::cifar::{read_cifar_dir, CifarKind};
+use crate::hub::{read_hub_dataset, HubOptions};
+use crate::idx::{idx_split_paths, read_idx_dir, FASHION_MNIST_CLASSES};
+use crate::{DataError, Dataset, ImageFolder, Result};
+
+/// Environment variable naming a data folder, after `--data-dir`.
+pub const DATA_DIR_ENV: &str = "SIMCLR_DATA_DIR";
+/// Where Debian's `dataset-fashion-mnist` package installs the full dataset.
+pub const DEBIAN_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+/// The committed default subset, relative to the repository root.
+pub const EMBEDDED_SUBSET: &str = "data/fashion-mnist-subset";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatasetName {
+    /// The class-balanced Fashion-MNIST subset committed under `data/` (10,000 + 2,000 images).
+    FashionMnistSubset,
+    FashionMnist,
+    Mnist,
+    Cifar10,
+    Cifar100,
+    /// `root/train/<class>/*` and `root/val/<class>/*` (ImageNet layout).
+    ImageFolder,
+    /// A parquet image dataset on the Hugging Face Hub, `owner/name`.
+    Hub(String),
+}
+
+impl FromStr for DatasetName {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "fashion-mnist-subset" | "default" => DatasetName::FashionMnistSubset,
+            "fashion-mnist" | "fashion_mnist" => DatasetName::FashionMnist,
+            "mnist" => DatasetName::Mnist,
+            "cifar10" | "cifar-10" => DatasetName::Cifar10,
+            "cifar100" | "cifar-100" => DatasetName::Cifar100,
+            "imagefolder" | "imagenet" => DatasetName::ImageFolder,
+            _ => match s.strip_prefix("hf:") {
+                Some(repo) => DatasetName::Hub(repo.to_string()),
+                None => return Err(DataError::UnknownDataset(s.to_string())),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for DatasetName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatasetName::FashionMnistSubset => write!(f, "fashion-mnist-subset"),
+            DatasetName::FashionMnist => write!(f, "fashion-mnist"),
+            DatasetName::Mnist => write!(f, "mnist"),
+            DatasetName::Cifar10 => write!(f, "cifar10"),
+            DatasetName::Cifar100 => write!(f, "cifar100"),
+            DatasetName::ImageFolder => write!(f, "imagefolder"),
+            DatasetName::Hub(r) => write!(f, "hf:{r}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl Split {
+    fn is_train(self) -> bool {
+        self == Split::Train
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DataOptions {
+    /// `--data-dir`: the dataset's folder.
+    pub data_dir: Option<PathBuf>,
+    pub hub: HubOptions,
+}
+
+/// The committed subset: next to the sources this crate was built from, else under the
+/// current directory.
+pub fn embedded_subset_dir() -> Option<PathBuf> {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(EMBEDDED_SUBSET);
+    [built, PathBuf::from(EMBEDDED_SUBSET)]
+        .into_iter()
+        .find(|d| idx_split_paths(d, true).is_some())
+}
+
+/// Candidate folders for a dataset, in order: `--data-dir`, `$SIMCLR_DATA_DIR` (itself and its
+/// `<name>` subfolder), then a system location.
+fn candidates(opts: &DataOptions, sub: &str, system: Option<&str>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(d) = &opts.data_dir {
+        out.push(d.clone());
+    }
+    if let Ok(env) = std::env::var(DATA_DIR_ENV) {
+        out.push(PathBuf::from(&env));
+        out.push(Path::new(&env).join(sub));
+    }
+    if let Some(s) = system {
+        out.push(PathBuf::from(s));
+    }
+    out
+}
+
+fn not_found(name: &DatasetName, looked: &[PathBuf], extra: &str) -> DataError {
+    let looked: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
+    DataError::NotFound {
+        name: name.to_string(),
+        help: format!(
+            "Looked in: [{}]. Provide it with --data-dir <folder>, or set {DATA_DIR_ENV}{extra}.",
+            looked.join(", ")
+        ),
+    }
+}
+
+/// Loads split `split` of dataset `name`.
+pub fn load_dataset(
+    name: &DatasetName,
+    split: Split,
+    opts: &DataOptions,
+) -> Result<Arc<dyn Dataset>> {
+    let train = split.is_train();
+    let idx_dir = |sub: &str, system: Option<&str>, extra: &str| -> Result<PathBuf> {
+        let c = candidates(opts, sub, system);
+        c.iter()
+            .find(|d| idx_split_paths(d, train).is_some())
+            .cloned()
+            .ok_or_else(|| not_found(name, &c, extra))
+    };
+    Ok(match name {
+        DatasetName::FashionMnistSubset => {
+            let dir = embedded_subset_dir().ok_or_else(|| {
+                not_found(
+                    name,
+                    &[PathBuf::from(EMBEDDED_SUBSET)],
+                    "; or recreate it with `cargo xtask make-embedded`",
+                )
+            })?;
+            Arc::new(read_idx_dir(&dir, train, &FASHION_MNIST_CLASSES)?)
+        }
+        DatasetName::FashionMnist => {
+            let dir = idx_dir(
+                "fashion-mnist",
+                Some(DEBIAN_FASHION_MNIST),
+                ", or install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+            )?;
+            Arc::new(read_idx_dir(&dir, train, &FASHION_MNIST_CLASSES)?)
+        }
+        DatasetName::Mnist => {
+            let dir = idx_dir("mnist", None, " (a folder with the four MNIST IDX files)")?;
+            let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+            let digits: Vec<&str> = digits.iter().map(String::as_str).collect();
+            Arc::new(read_idx_dir(&dir, train, &digits)?)
+        }
+        DatasetName::Cifar10 | DatasetName::Cifar100 => {
+            let (sub, kind, marker) = if *name == DatasetName::Cifar10 {
+                ("cifar-10-batches-bin", CifarKind::Cifar10, "test_batch.bin")
+            } else {
+                ("cifar-100-binary", CifarKind::Cifar100Fine, "test.bin")
+            };
+            let c = candidates(opts, sub, None);
+            let dir = c
+                .iter()
+                .find(|d| d.join(marker).is_file())
+                .cloned()
+                .ok_or_else(|| {
+                    not_found(
+                        name,
+                        &c,
+                        &format!(" (the folder {sub}/ of the binary version)"),
+                    )
+                })?;
+            Arc::new(read_cifar_dir(&dir, kind, train)?)
+        }
+        DatasetName::ImageFolder => {
+            let sub = if train { "train" } else { "val" };
+            let c = candidates(opts, "imagenet", None);
+            let root = c
+                .iter()
+                .find(|d| d.join(sub).is_dir())
+                .cloned()
+                .ok_or_else(|| {
+                    not_found(
+                        name,
+                        &c,
+                        " (a folder holding train/<class>/* and val/<class>/*)",
+                    )
+                })?;
+            Arc::new(ImageFolder::open(root.join(sub))?)
+        }
+        DatasetName::Hub(repo) => Arc::new(read_hub_dataset(
+            repo,
+            if train { "train" } else { "test" },
+            &opts.hub,
+        )?),
+    })
+}
