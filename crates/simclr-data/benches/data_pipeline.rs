@@ -60,10 +60,20 @@ fn large_images(src: &dyn Dataset, n: usize) -> InMemoryDataset {
 
 fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let small = load_dataset(&DatasetName::FashionMnistSubset, Split::Train, &DataOptions::default())
-        .expect("the committed subset");
+    let small = load_dataset(
+        &DatasetName::FashionMnistSubset,
+        Split::Train,
+        &DataOptions::default(),
+    )
+    .expect("the committed subset");
     for threads in [1, cores] {
-        measure("pretrain 28x28 (fashion-mnist subset, batch 256)", small.clone(), 28, 256, threads);
+        measure(
+            "pretrain 28x28 (fashion-mnist subset, batch 256)",
+            small.clone(),
+            28,
+            256,
+            threads,
+        );
     }
     let large = large_images(small.as_ref(), 9 * 32);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -78,7 +88,19 @@ fn main() {
     let large: Arc<dyn Dataset> = Arc::new(large);
     let folder: Arc<dyn Dataset> = Arc::new(ImageFolder::open(dir.path()).expect("folder"));
     for threads in [1, cores] {
-        measure("pretrain 224x224 from 375x500 RGB in memory", large.clone(), 224, 32, threads);
-        measure("pretrain 224x224 from 375x500 JPEG files", folder.clone(), 224, 32, threads);
+        measure(
+            "pretrain 224x224 from 375x500 RGB in memory",
+            large.clone(),
+            224,
+            32,
+            threads,
+        );
+        measure(
+            "pretrain 224x224 from 375x500 JPEG files",
+            folder.clone(),
+            224,
+            32,
+            threads,
+        );
     }
 }

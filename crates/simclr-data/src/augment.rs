@@ -181,15 +181,48 @@ fn cubic_taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
 /// Crops `(y, x, h, w)` out of `img` and resizes it to `out_h × out_w` with bicubic interpolation.
 pub fn crop_resize_bicubic(
     img: &FImage,
+    region: (usize, usize, usize, usize),
+    out_h: usize,
+    out_w: usize,
+) -> FImage {
+    resize_from(
+        |y, x, c| img.data[(y * img.width + x) * 3 + c],
+        region,
+        out_h,
+        out_w,
+    )
+}
+
+/// The same from a decoded image, reading only the crop (gray replicated to three channels), so
+/// a large source is never converted to floats as a whole.
+pub fn crop_resize_image(
+    img: &Image,
+    region: (usize, usize, usize, usize),
+    out_h: usize,
+    out_w: usize,
+) -> FImage {
+    let (w, ch) = (img.width, img.channels);
+    let data = &img.data;
+    let px = move |y: usize, x: usize, c: usize| {
+        let c = if ch == 1 { 0 } else { c };
+        data[(y * w + x) * ch + c] as f32 / 255.0
+    };
+    resize_from(px, region, out_h, out_w)
+}
+
+fn resize_from(
+    px: impl Fn(usize, usize, usize) -> f32,
     (y0, x0, ch, cw): (usize, usize, usize, usize),
     out_h: usize,
     out_w: usize,
 ) -> FImage {
+    let mut out = FImage::zeros(out_h, out_w);
     if (ch, cw) == (out_h, out_w) {
-        let mut out = FImage::zeros(out_h, out_w);
-        for r in 0..ch {
-            let src = ((y0 + r) * img.width + x0) * 3;
-            out.data[r * cw * 3..(r + 1) * cw * 3].copy_from_slice(&img.data[src..src + cw * 3]);
+        for (p, v) in out.data.chunks_exact_mut(3).enumerate() {
+            let (r, c) = (p / cw, p % cw);
+            for (k, d) in v.iter_mut().enumerate() {
+                *d = px(y0 + r, x0 + c, k);
+            }
         }
         return out;
     }
@@ -198,14 +231,13 @@ pub fn crop_resize_bicubic(
     // Horizontal pass over the crop's rows, then vertical.
     let mut tmp = vec![0f32; ch * out_w * 3];
     for r in 0..ch {
-        let row = &img.data[((y0 + r) * img.width + x0) * 3..];
         for (o, (idx, w)) in tx.iter().enumerate() {
             for c in 0..3 {
-                tmp[(r * out_w + o) * 3 + c] = (0..4).map(|k| w[k] * row[idx[k] * 3 + c]).sum();
+                tmp[(r * out_w + o) * 3 + c] =
+                    (0..4).map(|k| w[k] * px(y0 + r, x0 + idx[k], c)).sum();
             }
         }
     }
-    let mut out = FImage::zeros(out_h, out_w);
     let stride = out_w * 3;
     for (o, (idx, w)) in ty.iter().enumerate() {
         let dst = &mut out.data[o * stride..(o + 1) * stride];
@@ -350,13 +382,12 @@ pub fn color_jitter(img: &mut FImage, strength: f32, gray: bool, rng: &mut impl 
 
 /// One training view of `image` (blur excepted, see [`blur_batch_chw`]).
 pub fn augment(image: &Image, cfg: &AugmentConfig, rng: &mut impl Rng) -> FImage {
-    let src = image.to_rgb_f32();
     let region = if cfg.crop {
-        sample_crop(src.height, src.width, rng)
+        sample_crop(image.height, image.width, rng)
     } else {
-        (0, 0, src.height, src.width)
+        (0, 0, image.height, image.width)
     };
-    let mut img = crop_resize_bicubic(&src, region, cfg.image_size, cfg.image_size);
+    let mut img = crop_resize_image(image, region, cfg.image_size, cfg.image_size);
     if cfg.flip && rng.random::<f32>() < 0.5 {
         flip_horizontal(&mut img);
     }
@@ -405,13 +436,12 @@ pub fn center_crop_region(
 /// Evaluation preprocessing: centre crop + bicubic resize, or only a resize (none if the size
 /// already matches) at ≤ 32 px, where the official code skips the test crop.
 pub fn eval_preprocess(image: &Image, image_size: usize) -> FImage {
-    let src = image.to_rgb_f32();
     let region = if image_size <= SMALL_IMAGE {
-        (0, 0, src.height, src.width)
+        (0, 0, image.height, image.width)
     } else {
-        center_crop_region(src.height, src.width, image_size, image_size)
+        center_crop_region(image.height, image.width, image_size, image_size)
     };
-    let mut img = crop_resize_bicubic(&src, region, image_size, image_size);
+    let mut img = crop_resize_image(image, region, image_size, image_size);
     img.clip();
     img
 }
@@ -427,33 +457,35 @@ pub fn gaussian_kernel(side: usize, sigma: f32) -> Vec<f32> {
 }
 
 /// Separable Gaussian blur of one CHW image in place, zero padding ("SAME"), then clip.
+///
+/// Rows are copied into a zero-padded buffer so the tap loops run branch-free over whole rows.
 pub fn blur_chw(img: &mut [f32], height: usize, width: usize, kernel: &[f32]) {
-    let r = (kernel.len() / 2) as i64;
-    let mut tmp = vec![0f32; height * width];
+    let r = kernel.len() / 2;
+    let mut padded = vec![0f32; width + 2 * r];
+    let mut tmp = vec![0f32; (height + 2 * r) * width];
     for plane in img.chunks_exact_mut(height * width) {
+        // Horizontal: tmp rows r..r+height hold the blurred rows; the r rows around stay zero.
         for y in 0..height {
-            for x in 0..width {
-                let mut acc = 0.0;
-                for (k, &w) in kernel.iter().enumerate() {
-                    let xx = x as i64 + k as i64 - r;
-                    if (0..width as i64).contains(&xx) {
-                        acc += w * plane[y * width + xx as usize];
-                    }
+            padded[r..r + width].copy_from_slice(&plane[y * width..(y + 1) * width]);
+            let dst = &mut tmp[(y + r) * width..(y + r + 1) * width];
+            dst.fill(0.0);
+            for (k, &w) in kernel.iter().enumerate() {
+                for (d, s) in dst.iter_mut().zip(&padded[k..k + width]) {
+                    *d += w * s;
                 }
-                tmp[y * width + x] = acc;
             }
         }
+        // Vertical.
         for y in 0..height {
-            for x in 0..width {
-                let mut acc = 0.0;
-                for (k, &w) in kernel.iter().enumerate() {
-                    let yy = y as i64 + k as i64 - r;
-                    if (0..height as i64).contains(&yy) {
-                        acc += w * tmp[yy as usize * width + x];
-                    }
+            let dst = &mut plane[y * width..(y + 1) * width];
+            dst.fill(0.0);
+            for (k, &w) in kernel.iter().enumerate() {
+                let src = &tmp[(y + k) * width..(y + k + 1) * width];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += w * s;
                 }
-                plane[y * width + x] = acc.clamp(0.0, 1.0);
             }
+            dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
         }
     }
 }
