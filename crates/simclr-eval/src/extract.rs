@@ -1,0 +1,54 @@
+//! Running a model over a loader: features for kNN and embedding export, logits for metrics.
+//!
+//! Inference mode throughout (BN with its moving statistics); outputs are detached per batch so
+//! no autograd graph outlives its batch.
+
+use candle_core::{Device, Tensor};
+use simclr_data::Loader;
+use simclr_models::SimclrModel;
+
+use crate::{ClassificationMetrics, EvalError, EvalReport, Result};
+
+/// The output `layer` of `model` (`final_avg_pool`, `proj_head_N`, `proj_head_output`,
+/// `logits_sup`) for every image `loader` serves, in order, with their labels; computed on
+/// `device`, returned on the CPU.
+pub fn features(
+    model: &SimclrModel,
+    loader: &Loader,
+    layer: &str,
+    device: &Device,
+) -> Result<(Tensor, Vec<usize>)> {
+    let mut chunks = Vec::new();
+    let mut labels = Vec::new();
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let x = batch.views[0].to_device(device)?;
+        let out = model.forward(&x, false)?;
+        let t = out
+            .get(layer)
+            .ok_or_else(|| EvalError::UnknownLayer(layer.to_string()))?;
+        chunks.push(t.detach().to_device(&Device::Cpu)?);
+        labels.extend(batch.indices.iter().map(|&i| loader.dataset().label(i)));
+    }
+    Ok((Tensor::cat(&chunks, 0)?, labels))
+}
+
+/// Top-1 / top-5, per-class accuracy and the confusion matrix of the supervised head's logits
+/// over every image of `loader`, run on `device`.
+pub fn evaluate_classifier(
+    model: &SimclrModel,
+    loader: &Loader,
+    device: &Device,
+) -> Result<EvalReport> {
+    let ds = loader.dataset();
+    let mut metrics = ClassificationMetrics::new(ds.num_classes())?;
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let out = model.forward(&batch.views[0].to_device(device)?, false)?;
+        let logits = out
+            .logits_sup
+            .ok_or_else(|| EvalError::UnknownLayer("logits_sup".into()))?;
+        metrics.update(&logits.detach(), &batch.labels)?;
+    }
+    metrics.report_with_names(ds.class_names())
+}

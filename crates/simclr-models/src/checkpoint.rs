@@ -1,0 +1,509 @@
+//! Self-describing checkpoints: safetensors files whose `__metadata__` holds the model config.
+//!
+//! Metadata fields (all strings, as safetensors requires):
+//!
+//! | key | value |
+//! |---|---|
+//! | `format` | [`FORMAT`] |
+//! | `config` | the [`ModelConfig`] as JSON |
+//! | `stage` | what produced the weights (`pretrain`, `finetune`, `import`, ...) |
+//! | `step` | global step (decimal) |
+//! | `producer` | crate name and version that wrote the file |
+//! | anything else | free-form extra fields, kept as they are |
+//!
+//! The tensors are exactly the variables of the configured model (this crate's names, f32).
+//! [`load`] rebuilds the model from the file alone; a file whose tensors do not match the
+//! config (missing, unexpected, wrong shape) is rejected with the tensor's name. [`save`]
+//! writes to a temporary file in the destination directory, syncs it and renames it over the
+//! destination, so a crash never leaves a half-written checkpoint under the final name.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use safetensors::SafeTensors;
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::model::SimclrModel;
+use crate::params::parameter_shapes;
+
+/// Value of the `format` metadata field.
+pub const FORMAT: &str = "simclr-rs/checkpoint/v1";
+
+const KEY_FORMAT: &str = "format";
+const KEY_CONFIG: &str = "config";
+const KEY_STAGE: &str = "stage";
+const KEY_STEP: &str = "step";
+const KEY_PRODUCER: &str = "producer";
+const RESERVED: [&str; 5] = [KEY_FORMAT, KEY_CONFIG, KEY_STAGE, KEY_STEP, KEY_PRODUCER];
+
+/// Names of training-state tensors (optimizer slots, queues) stored beside the model's.
+pub const STATE_PREFIX: &str = "train_state/";
+
+/// `"simclr-models <version>"`, the default `producer`.
+pub fn producer() -> String {
+    format!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"))
+}
+
+/// The metadata of a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointMeta {
+    /// Architecture of the stored model.
+    pub config: ModelConfig,
+    /// Which stage wrote it (`pretrain`, `finetune`, `distill`, `import`, ...).
+    pub stage: String,
+    /// Global step.
+    pub step: u64,
+    /// What wrote it (crate name and version).
+    pub producer: String,
+    /// Extra string fields (must not use the reserved keys).
+    pub extra: BTreeMap<String, String>,
+}
+
+impl CheckpointMeta {
+    /// Metadata with this crate as producer and no extra field.
+    pub fn new(config: ModelConfig, stage: impl Into<String>, step: u64) -> Self {
+        Self {
+            config,
+            stage: stage.into(),
+            step,
+            producer: producer(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Adds an extra field.
+    pub fn with_extra(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// A loaded checkpoint: its metadata, the variables and the model built on them.
+pub struct Checkpoint {
+    /// The metadata.
+    pub meta: CheckpointMeta,
+    /// Every variable, as trainable `Var`s (f32).
+    pub varmap: VarMap,
+    /// The model, sharing its variables with `varmap`.
+    pub model: SimclrModel,
+}
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be opened, written or renamed.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a readable safetensors file (truncated, corrupt header, bad offsets).
+    #[error("{}: not a readable safetensors file (truncated or corrupt): {reason}", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A required metadata field is absent (e.g. a plain safetensors file).
+    #[error("{}: metadata field `{key}` is missing (not a simclr-rs checkpoint?)", .path.display())]
+    MissingMetadata {
+        /// The file.
+        path: PathBuf,
+        /// The missing field.
+        key: String,
+    },
+    /// A metadata field has a value that cannot be used.
+    #[error("{}: metadata field `{key}` is invalid: {reason}", .path.display())]
+    InvalidMetadata {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A variable of the configured model is not in the file (or not in the `VarMap` to save).
+    #[error("{}: tensor `{name}` is missing", .path.display())]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The variable name.
+        name: String,
+    },
+    /// A tensor has another shape than the config implies.
+    #[error("{}: tensor `{name}` has shape {found:?} but the config expects {expected:?} (another architecture?)", .path.display())]
+    ShapeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The variable name.
+        name: String,
+        /// Shape implied by the config.
+        expected: Vec<usize>,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor that the configured model does not have.
+    #[error("{}: tensor `{name}` is not a variable of the configured model (another architecture?)", .path.display())]
+    UnexpectedTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tensor is not of a floating-point type.
+    #[error("{}: tensor `{name}` has dtype {dtype}, expected a floating-point type", .path.display())]
+    InvalidDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// The stored config is not valid.
+    #[error("{}: {source}", .path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The validation error.
+        source: ModelError,
+    },
+    /// A tensor operation failed.
+    #[error("{}: {source}", .path.display())]
+    Candle {
+        /// The file.
+        path: PathBuf,
+        /// The candle error.
+        source: candle_core::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn candle_err(path: &Path) -> impl FnOnce(candle_core::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Candle {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks that `tensors` (name -> shape) are exactly the variables of `config`.
+fn check_layout(
+    path: &Path,
+    config: &ModelConfig,
+    tensors: &HashMap<String, Vec<usize>>,
+) -> Result<Vec<(String, Vec<usize>)>, CheckpointError> {
+    let expected = parameter_shapes(config).map_err(|source| CheckpointError::Config {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for (name, shape) in &expected {
+        match tensors.get(name) {
+            None => {
+                return Err(CheckpointError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                })
+            }
+            Some(found) if found != shape => {
+                return Err(CheckpointError::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: found.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let known: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|n| !known.contains(n.as_str()) && !n.starts_with(STATE_PREFIX))
+        .collect();
+    extra.sort();
+    if let Some(name) = extra.first() {
+        return Err(CheckpointError::UnexpectedTensor {
+            path: path.to_path_buf(),
+            name: (*name).clone(),
+        });
+    }
+    Ok(expected)
+}
+
+/// Writes `varmap` (which must hold exactly the variables of `meta.config`) with `meta` to
+/// `path`, atomically (temporary file in the same directory, fsync, rename).
+pub fn save(
+    path: impl AsRef<Path>,
+    varmap: &VarMap,
+    meta: &CheckpointMeta,
+) -> Result<(), CheckpointError> {
+    save_with_state(path, varmap, meta, &[])
+}
+
+/// [`save`] plus training state (optimizer slots, a memory queue, …): tensors whose names start
+/// with [`STATE_PREFIX`]. Model loaders skip them, so a training checkpoint is also a model
+/// checkpoint; [`load_tensors`] returns them.
+pub fn save_with_state(
+    path: impl AsRef<Path>,
+    varmap: &VarMap,
+    meta: &CheckpointMeta,
+    state: &[(String, Tensor)],
+) -> Result<(), CheckpointError> {
+    let path = path.as_ref();
+    if let Some((name, _)) = state.iter().find(|(n, _)| !n.starts_with(STATE_PREFIX)) {
+        return Err(CheckpointError::InvalidMetadata {
+            path: path.to_path_buf(),
+            key: name.clone(),
+            reason: format!("training-state tensors must be named {STATE_PREFIX}…"),
+        });
+    }
+    for key in meta.extra.keys() {
+        if RESERVED.contains(&key.as_str()) {
+            return Err(CheckpointError::InvalidMetadata {
+                path: path.to_path_buf(),
+                key: key.clone(),
+                reason: "reserved key used as an extra field".into(),
+            });
+        }
+    }
+    let tensors: Vec<(String, Tensor)> = {
+        let data = varmap.data().lock().map_err(|_| CheckpointError::Candle {
+            path: path.to_path_buf(),
+            source: candle_core::Error::Msg("variable store lock poisoned".into()),
+        })?;
+        let mut v: Vec<(String, Tensor)> = data
+            .iter()
+            .map(|(k, var)| (k.clone(), var.as_tensor().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let model_shapes: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
+    check_layout(path, &meta.config, &model_shapes)?;
+    let tensors: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .chain(state.iter().map(|(k, t)| (k.clone(), t.clone())))
+        .collect();
+
+    let config_json =
+        serde_json::to_string(&meta.config).map_err(|e| CheckpointError::InvalidMetadata {
+            path: path.to_path_buf(),
+            key: KEY_CONFIG.into(),
+            reason: e.to_string(),
+        })?;
+    let mut md: HashMap<String, String> = meta.extra.clone().into_iter().collect();
+    md.insert(KEY_FORMAT.into(), FORMAT.into());
+    md.insert(KEY_CONFIG.into(), config_json);
+    md.insert(KEY_STAGE.into(), meta.stage.clone());
+    md.insert(KEY_STEP.into(), meta.step.to_string());
+    md.insert(KEY_PRODUCER.into(), meta.producer.clone());
+
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(io_err(path))?
+        .into_temp_path();
+    let views = tensors.iter().map(|(k, t)| (k.as_str(), t));
+    safetensors::serialize_to_file(views, Some(md), &tmp).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => CheckpointError::Candle {
+            path: path.to_path_buf(),
+            source: candle_core::Error::Msg(other.to_string()),
+        },
+    })?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err(path))?;
+    }
+    tmp.persist(path).map_err(|e| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    // Make the rename itself durable where the platform allows syncing a directory.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn parse_meta(
+    path: &Path,
+    md: Option<&HashMap<String, String>>,
+) -> Result<CheckpointMeta, CheckpointError> {
+    let empty = HashMap::new();
+    let md = md.unwrap_or(&empty);
+    let get = |key: &str| {
+        md.get(key).ok_or_else(|| CheckpointError::MissingMetadata {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+        })
+    };
+    let invalid = |key: &str, reason: String| CheckpointError::InvalidMetadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        reason,
+    };
+    let format = get(KEY_FORMAT)?;
+    if format != FORMAT {
+        return Err(invalid(
+            KEY_FORMAT,
+            format!("unknown format {format:?} (expected {FORMAT:?})"),
+        ));
+    }
+    let config: ModelConfig =
+        serde_json::from_str(get(KEY_CONFIG)?).map_err(|e| invalid(KEY_CONFIG, e.to_string()))?;
+    let stage = get(KEY_STAGE)?.clone();
+    let step = get(KEY_STEP)?
+        .parse::<u64>()
+        .map_err(|e| invalid(KEY_STEP, e.to_string()))?;
+    let producer = get(KEY_PRODUCER)?.clone();
+    let extra = md
+        .iter()
+        .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(CheckpointMeta {
+        config,
+        stage,
+        step,
+        producer,
+        extra,
+    })
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap, CheckpointError> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // SAFETY: the map is only read while this function's caller holds it; a checkpoint being
+    // rewritten concurrently is replaced by rename (never truncated in place) by `save`.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))
+}
+
+type Parsed<'a> = (SafeTensors<'a>, Option<HashMap<String, String>>);
+
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Parsed<'a>, CheckpointError> {
+    let corrupt = |e: safetensors::SafeTensorError| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(corrupt)?;
+    let st = SafeTensors::deserialize(bytes).map_err(corrupt)?;
+    Ok((st, header.metadata().clone()))
+}
+
+/// Reads only the metadata of a checkpoint.
+pub fn read_meta(path: impl AsRef<Path>) -> Result<CheckpointMeta, CheckpointError> {
+    let path = path.as_ref();
+    let map = map_file(path)?;
+    let (_, md) = parse(path, &map)?;
+    parse_meta(path, md.as_ref())
+}
+
+/// Every tensor of a checkpoint (model variables and training state) on `device`, in its stored
+/// dtype, with the metadata.
+pub fn load_tensors(
+    path: impl AsRef<Path>,
+    device: &Device,
+) -> Result<(CheckpointMeta, HashMap<String, Tensor>), CheckpointError> {
+    let path = path.as_ref();
+    let map = map_file(path)?;
+    let (st, md) = parse(path, &map)?;
+    let meta = parse_meta(path, md.as_ref())?;
+    let mut out = HashMap::new();
+    for (name, view) in st.iter() {
+        let t = view.load(device).map_err(candle_err(path))?;
+        out.insert(name.to_string(), t);
+    }
+    Ok((meta, out))
+}
+
+/// Loads a checkpoint and rebuilds its model on `device` with no other input.
+pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, CheckpointError> {
+    let path = path.as_ref();
+    let map = map_file(path)?;
+    let (st, md) = parse(path, &map)?;
+    let meta = parse_meta(path, md.as_ref())?;
+    meta.config
+        .validate()
+        .map_err(|source| CheckpointError::Config {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let shapes: HashMap<String, Vec<usize>> = st
+        .iter()
+        .map(|(name, view)| (name.to_string(), view.shape().to_vec()))
+        .collect();
+    let expected = check_layout(path, &meta.config, &shapes)?;
+
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().map_err(|_| CheckpointError::Candle {
+            path: path.to_path_buf(),
+            source: candle_core::Error::Msg("variable store lock poisoned".into()),
+        })?;
+        for (name, _) in &expected {
+            let view = st
+                .tensor(name)
+                .map_err(|_| CheckpointError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                })?;
+            use safetensors::Dtype as D;
+            if !matches!(view.dtype(), D::F16 | D::BF16 | D::F32 | D::F64) {
+                return Err(CheckpointError::InvalidDtype {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    dtype: format!("{:?}", view.dtype()),
+                });
+            }
+            let t = view
+                .load(device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(candle_err(path))?;
+            let var = Var::from_tensor(&t).map_err(candle_err(path))?;
+            data.insert(name.clone(), var);
+        }
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = SimclrModel::new(&meta.config, vb).map_err(|source| CheckpointError::Config {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Checkpoint {
+        meta,
+        varmap,
+        model,
+    })
+}

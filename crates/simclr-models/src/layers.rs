@@ -1,0 +1,102 @@
+//! Convolution and dense layers with the official conventions.
+//!
+//! * [`Conv2d`]: no bias, kernel stored OIHW (`[out, in, kh, kw]`). Stride 1 uses TF `SAME`
+//!   padding and stride > 1 uses TF `FixedPadding` (`(k-1)//2` before, the rest after) then a
+//!   `VALID` convolution; for the odd kernels of the network (1, 3, 7) both are a symmetric
+//!   padding of `(k-1)/2` (reference §1.2). Initialised with [`crate::init::conv_init`].
+//! * [`Dense`]: weight stored `[out, in]` (the candle/PyTorch orientation, i.e. the transpose
+//!   of a TF kernel), optional bias, initialised N(0, 0.01).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::init::{conv_init, dense_init};
+
+/// A bias-free 2-D convolution with TF fixed/SAME padding.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    kernel: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    /// Creates `prefix.weight` of shape `[out, in, k, k]`. `kernel` must be odd.
+    pub fn new(
+        vb: VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        if kernel % 2 == 0 || stride == 0 {
+            candle_core::bail!(
+                "Conv2d needs an odd kernel and a stride >= 1, got k={kernel} s={stride}"
+            )
+        }
+        let weight = vb.get_with_hints((out_ch, in_ch, kernel, kernel), "weight", conv_init())?;
+        Ok(Self {
+            weight,
+            kernel,
+            stride,
+        })
+    }
+
+    /// The kernel, OIHW.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Stride of the convolution.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // SAME (stride 1) and FixedPadding (stride > 1) agree for odd kernels: (k-1)/2 each side.
+        let pad = (self.kernel - 1) / 2;
+        x.conv2d(&self.weight, pad, self.stride, 1, 1)
+    }
+}
+
+/// A dense layer `y = x W^T (+ b)`.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Dense {
+    /// Creates `prefix.weight` `[out, in]` (N(0, 0.01)) and, when `bias`, `prefix.bias` (zeros).
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", dense_init())?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}

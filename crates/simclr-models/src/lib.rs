@@ -1,0 +1,60 @@
+//! SimCLRv2 networks for candle.
+//!
+//! This crate owns the model side of simclr-rs:
+//!
+//! * the architecture, exactly as the official code defines it — ResNet-18/34/50/101/152/200 at
+//!   any integer width, selective kernels with the ResNet-D stem and shortcut ("SK1"), the
+//!   CIFAR stem, TF `SAME` pooling and fixed padding, BN with eps 1e-5 and decay 0.9,
+//!   zero-initialised last gamma in every block ([`resnet`], [`sk`], [`pool`], [`batch_norm`],
+//!   [`layers`]);
+//! * the projection head, the supervised head, `ft_proj_selector` and
+//!   `fine_tune_after_block` ([`heads`], [`model`]);
+//! * the official initialisers ([`init`]);
+//! * the configuration with its official flag names ([`config`]);
+//! * the table of parameter groups an optimizer needs and the parameter counts ([`params`]);
+//! * self-describing safetensors checkpoints ([`checkpoint`]);
+//! * import of the widely used converter's PyTorch files of the official weights
+//!   ([`import_pth`], on top of a strided `.pth` reader, [`pth`]).
+//!
+//! It does not own optimizers, losses, learning-rate schedules, training or evaluation loops,
+//! data loading or augmentation, nor the command line: those live in the crates that use it.
+//!
+//! Layout conventions: images are NCHW f32 in [0, 1] (no mean/std normalisation, as the
+//! official models expect); conv kernels are OIHW; dense weights are `[out, in]`.
+//!
+//! ```no_run
+//! use candle_core::{Device, Tensor};
+//! use candle_nn::VarMap;
+//! use simclr_models::{ModelConfig, SimclrModel};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ModelConfig { resnet_depth: 18, ..ModelConfig::default() }.with_image_size(32);
+//! let varmap = VarMap::new();
+//! let model = SimclrModel::init(&config, &varmap, 0, &Device::Cpu)?;
+//! let x = Tensor::zeros((2, 3, 32, 32), candle_core::DType::F32, &Device::Cpu)?;
+//! let out = model.forward(&x, false)?;
+//! println!("{:?}", out.proj_head_output.shape());
+//! # Ok(()) }
+//! ```
+
+pub mod batch_norm;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod heads;
+pub mod import_pth;
+pub mod init;
+pub mod layers;
+pub mod model;
+pub mod params;
+pub mod pool;
+pub mod pth;
+pub mod resnet;
+pub mod sk;
+
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
+pub use config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
+pub use error::ModelError;
+pub use import_pth::{import_pth, ImportError, ImportedModel, SourceName};
+pub use model::{ForwardOptions, ModelOutput, SimclrModel};
+pub use params::{num_parameters, param_group, parameter_shapes, ParamGroup, ParameterCount};

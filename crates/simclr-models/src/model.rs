@@ -1,0 +1,192 @@
+//! The full SimCLRv2 network: ResNet encoder, projection head and supervised head.
+//!
+//! Variable prefixes: `resnet.`, `projection_head.`, `head_supervised.` (see the modules of
+//! each part for the names below them).
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::heads::{ProjectionHead, SupervisedHead};
+use crate::init::SeededInit;
+use crate::resnet::{ResNet, ResNetEndpoints};
+
+/// How to run a forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Training mode: BN uses (and updates) batch statistics outside the frozen parts.
+    pub train: bool,
+    /// Detach the supervised head's input, as the official online linear probe does during
+    /// pretraining (`lineareval_while_pretraining`): the head learns, the encoder and the
+    /// projection head get no gradient from it.
+    pub stop_gradient_supervised_input: bool,
+    /// Keep the autograd graph through the encoder in an inference pass. By default an
+    /// inference pass detaches every block's output (so memory stays at about one block's
+    /// activations) and gives no gradient to the encoder; training passes always keep it
+    /// outside the frozen parts.
+    pub keep_graph: bool,
+}
+
+impl ForwardOptions {
+    /// Training (`true`) or inference mode, nothing else.
+    pub fn mode(train: bool) -> Self {
+        Self {
+            train,
+            ..Self::default()
+        }
+    }
+}
+
+/// What one forward pass produces.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// Encoder output, `[N, feature_dim]` (`final_avg_pool`).
+    pub final_avg_pool: Tensor,
+    /// `hiddens_list`: `[0]` is the head input (= `final_avg_pool`), `[j]` the output of
+    /// projection-head layer `j - 1`; the last entry is `proj_head_output`.
+    pub hiddens: Vec<Tensor>,
+    /// Output of the projection head (`hiddens.last()`).
+    pub proj_head_output: Tensor,
+    /// `hiddens[ft_proj_selector]`, the supervised head's input (detached if asked).
+    pub supervised_input: Tensor,
+    /// Output of the supervised head, when the model has one.
+    pub logits_sup: Option<Tensor>,
+}
+
+impl ModelOutput {
+    /// An output by name: `final_avg_pool`, `proj_head_input`, `proj_head_N` (`hiddens[N]`),
+    /// `proj_head_output`, `supervised_input`, `logits_sup` (alias `logits`).
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        match name {
+            "final_avg_pool" => Some(&self.final_avg_pool),
+            "proj_head_input" => self.hiddens.first(),
+            "proj_head_output" => Some(&self.proj_head_output),
+            "supervised_input" => Some(&self.supervised_input),
+            "logits_sup" | "logits" => self.logits_sup.as_ref(),
+            other => other
+                .strip_prefix("proj_head_")
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| self.hiddens.get(i)),
+        }
+    }
+}
+
+/// The SimCLRv2 model.
+#[derive(Debug, Clone)]
+pub struct SimclrModel {
+    config: ModelConfig,
+    resnet: ResNet,
+    projection_head: ProjectionHead,
+    supervised_head: Option<SupervisedHead>,
+}
+
+impl SimclrModel {
+    /// Builds the model from any `VarBuilder` (a `VarMap`, a safetensors file, ...) after
+    /// validating `config`.
+    pub fn new(config: &ModelConfig, vb: VarBuilder) -> std::result::Result<Self, ModelError> {
+        config.validate()?;
+        let resnet = ResNet::new(vb.pp("resnet"), config)?;
+        let projection_head = ProjectionHead::new(vb.pp("projection_head"), config)?;
+        let supervised_head = match config.num_classes {
+            Some(n) => Some(SupervisedHead::new(
+                vb.pp("head_supervised"),
+                config.supervised_input_dim(),
+                n,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            resnet,
+            projection_head,
+            supervised_head,
+        })
+    }
+
+    /// A freshly initialised f32 model whose variables are created in `varmap` with the
+    /// official initialisers, drawn from a ChaCha stream seeded with `seed`.
+    pub fn init(
+        config: &ModelConfig,
+        varmap: &VarMap,
+        seed: u64,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        config.validate()?;
+        Self::new(
+            config,
+            SeededInit::var_builder(varmap, seed, DType::F32, device),
+        )
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The encoder.
+    pub fn resnet(&self) -> &ResNet {
+        &self.resnet
+    }
+
+    /// The projection head.
+    pub fn projection_head(&self) -> &ProjectionHead {
+        &self.projection_head
+    }
+
+    /// The supervised head, if any.
+    pub fn supervised_head(&self) -> Option<&SupervisedHead> {
+        self.supervised_head.as_ref()
+    }
+
+    /// Forward pass in training (`train = true`) or inference mode.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
+        self.forward_with(x, ForwardOptions::mode(train))
+    }
+
+    /// Forward pass with explicit options.
+    pub fn forward_with(&self, x: &Tensor, opts: ForwardOptions) -> Result<ModelOutput> {
+        let h = self.resnet.forward_with(x, opts.train, opts.keep_graph)?;
+        self.heads(h, opts)
+    }
+
+    /// Forward pass that also returns every encoder endpoint.
+    pub fn forward_endpoints(
+        &self,
+        x: &Tensor,
+        opts: ForwardOptions,
+    ) -> Result<(ResNetEndpoints, ModelOutput)> {
+        let e = self
+            .resnet
+            .forward_endpoints(x, opts.train, opts.keep_graph)?;
+        let out = self.heads(e.final_avg_pool.clone(), opts)?;
+        Ok((e, out))
+    }
+
+    fn heads(&self, h: Tensor, opts: ForwardOptions) -> Result<ModelOutput> {
+        let hiddens = self.projection_head.forward(&h, opts.train)?;
+        let proj_head_output = match hiddens.last() {
+            Some(t) => t.clone(),
+            None => candle_core::bail!("empty hiddens list"),
+        };
+        let idx = self.config.supervised_input_index();
+        let mut supervised_input = match hiddens.get(idx) {
+            Some(t) => t.clone(),
+            None => candle_core::bail!("ft_proj_selector {idx} out of range"),
+        };
+        if opts.stop_gradient_supervised_input {
+            supervised_input = supervised_input.detach();
+        }
+        let logits_sup = match &self.supervised_head {
+            Some(head) => Some(head.forward(&supervised_input)?),
+            None => None,
+        };
+        Ok(ModelOutput {
+            final_avg_pool: h,
+            hiddens,
+            proj_head_output,
+            supervised_input,
+            logits_sup,
+        })
+    }
+}

@@ -1,0 +1,367 @@
+//! The contrastive pretraining stage: the model, the NT-Xent (or memory-buffer) loss, the online
+//! linear probe, and kNN monitoring, run by the shared training loop of `simclr-train`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use simclr_data::augment::AugmentConfig;
+use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
+use simclr_eval::{features, knn_evaluate, KnnConfig, KnnVote};
+use simclr_models::{ForwardOptions, ModelConfig, SimclrModel};
+use simclr_train::optim::{build_optimizer, named_vars, OptimizerSettings};
+use simclr_train::schedule::LrScheduleConfig;
+use simclr_train::{StepOutput, TrainError, TrainSummary, TrainTask, TrainerConfig};
+
+use crate::collective::{Collective, SingleReplica};
+use crate::memory::{
+    copy_variables, ema_update, memory_contrastive_loss, MemoryConfig, MemoryQueue,
+};
+use crate::objective::{nt_xent, NtXentConfig};
+
+/// Every setting of a pretraining run, with the official flag names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PretrainConfig {
+    pub model: ModelConfig,
+    pub image_size: usize,
+    pub train_batch_size: usize,
+    pub schedule: LrScheduleConfig,
+    pub optimizer: OptimizerSettings,
+    pub objective: NtXentConfig,
+    pub augment: AugmentConfig,
+    /// Train the supervised head on stop-gradient features as the official tf2 code does.
+    pub lineareval_while_pretraining: bool,
+    /// SimCLRv2's momentum encoder + memory buffer; `None` trains plain SimCLR.
+    pub memory: Option<MemoryConfig>,
+    pub seed: u64,
+    /// kNN top-1 on the test set every this many epochs (0: never).
+    pub knn_every_epochs: usize,
+    pub knn: KnnConfig,
+    pub checkpoint_every: u64,
+    pub num_workers: usize,
+}
+
+impl PretrainConfig {
+    /// The official defaults for a model at `image_size` (the CIFAR recipe at ≤ 32 px).
+    pub fn new(model: ModelConfig, image_size: usize) -> Self {
+        PretrainConfig {
+            model,
+            image_size,
+            train_batch_size: 512,
+            schedule: LrScheduleConfig::default(),
+            optimizer: OptimizerSettings::default(),
+            objective: NtXentConfig::default(),
+            augment: AugmentConfig::pretrain(image_size),
+            lineareval_while_pretraining: true,
+            memory: None,
+            seed: 0,
+            knn_every_epochs: 1,
+            knn: KnnConfig::default(),
+            checkpoint_every: 0,
+            num_workers: 0,
+        }
+    }
+}
+
+/// Test data for the kNN monitor: features of `bank` (training images) classify `queries`.
+pub struct KnnData {
+    pub bank: Loader,
+    pub queries: Loader,
+}
+
+struct Momentum {
+    varmap: VarMap,
+    model: SimclrModel,
+    queue: MemoryQueue,
+    decay: f64,
+}
+
+pub struct PretrainTask {
+    config: PretrainConfig,
+    varmap: VarMap,
+    model: SimclrModel,
+    collective: Arc<dyn Collective>,
+    momentum: Option<Momentum>,
+    knn: Option<KnnData>,
+    device: Device,
+}
+
+fn terr(e: impl std::fmt::Display) -> TrainError {
+    TrainError::InvalidConfig(e.to_string())
+}
+
+impl PretrainTask {
+    pub fn new(
+        config: PretrainConfig,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+        knn: Option<KnnData>,
+    ) -> simclr_train::Result<Self> {
+        let varmap = VarMap::new();
+        let model = SimclrModel::init(&config.model, &varmap, config.seed, device).map_err(terr)?;
+        let momentum = match &config.memory {
+            Some(mem) => {
+                let mvarmap = VarMap::new();
+                let mmodel = SimclrModel::init(&config.model, &mvarmap, config.seed, device)
+                    .map_err(terr)?;
+                copy_variables(&mvarmap, &varmap)?;
+                let queue = MemoryQueue::new(
+                    mem.queue_size,
+                    config.model.proj_out_dim,
+                    DType::F32,
+                    device,
+                )?;
+                Some(Momentum {
+                    varmap: mvarmap,
+                    model: mmodel,
+                    queue,
+                    decay: mem.ema_decay,
+                })
+            }
+            None => None,
+        };
+        Ok(PretrainTask {
+            config,
+            varmap,
+            model,
+            collective,
+            momentum,
+            knn,
+            device: device.clone(),
+        })
+    }
+
+    pub fn model(&self) -> &SimclrModel {
+        &self.model
+    }
+}
+
+impl TrainTask for PretrainTask {
+    fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
+        let x = Tensor::cat(&[&batch.views[0], &batch.views[1]], 0)?.to_device(&self.device)?;
+        let opts = ForwardOptions {
+            stop_gradient_supervised_input: true,
+            ..ForwardOptions::mode(true)
+        };
+        let out = self.model.forward_with(&x, opts)?;
+        let world = self.collective.world_size() as f64;
+        let contrast = match &mut self.momentum {
+            None => nt_xent(
+                &out.proj_head_output,
+                &self.config.objective,
+                self.collective.as_ref(),
+            )?,
+            Some(m) => {
+                let keys = m.model.forward(&x, true)?.proj_head_output.detach();
+                let negatives = if m.queue.is_empty() {
+                    None
+                } else {
+                    Some(m.queue.negatives()?)
+                };
+                let r = memory_contrastive_loss(
+                    &out.proj_head_output,
+                    &keys,
+                    negatives.as_ref(),
+                    &self.config.objective,
+                    self.collective.as_ref(),
+                )?;
+                m.queue.enqueue(&r.keys)?;
+                r.contrastive
+            }
+        };
+        let mut loss = contrast.loss.clone();
+        let mut metrics = vec![
+            (
+                "contrast_loss".to_string(),
+                contrast.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ),
+            ("contrast_acc".to_string(), contrast.contrast_acc),
+            ("contrast_entropy".to_string(), contrast.contrast_entropy),
+        ];
+        if let (true, Some(logits)) = (self.config.lineareval_while_pretraining, &out.logits_sup) {
+            // Labels duplicated for the two views, as the official online probe does.
+            let labels =
+                Tensor::cat(&[&batch.labels, &batch.labels], 0)?.to_device(&self.device)?;
+            let sup = candle_nn::loss::cross_entropy(logits, &labels)?;
+            let acc = logits
+                .argmax(D::Minus1)?
+                .eq(&labels)?
+                .to_dtype(DType::F64)?
+                .mean_all()?
+                .to_scalar::<f64>()?;
+            metrics.push((
+                "supervised_loss".into(),
+                sup.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ));
+            metrics.push(("supervised_acc".into(), acc));
+            loss = (loss + sup)?;
+        }
+        // Gradients are summed over replicas: each contributes its share of the global mean.
+        if world > 1.0 {
+            loss = (loss / world)?;
+        }
+        Ok(StepOutput { loss, metrics })
+    }
+
+    fn after_step(&mut self, _step: u64) -> simclr_train::Result<()> {
+        if let Some(m) = &self.momentum {
+            ema_update(&m.varmap, &self.varmap, m.decay)?;
+        }
+        Ok(())
+    }
+
+    fn end_of_epoch(&mut self, epoch: usize) -> simclr_train::Result<Vec<(String, f64)>> {
+        let every = self.config.knn_every_epochs;
+        let Some(knn) = &self.knn else {
+            return Ok(Vec::new());
+        };
+        if every == 0 || (epoch + 1) % every != 0 {
+            return Ok(Vec::new());
+        }
+        let top1 = knn_top1(&self.model, knn, &self.config.knn, &self.device)?;
+        Ok(vec![("knn_top1".into(), top1)])
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn model_config(&self) -> &ModelConfig {
+        &self.config.model
+    }
+
+    fn extra_state(&self) -> simclr_train::Result<Vec<(String, Tensor)>> {
+        let Some(m) = &self.momentum else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<(String, Tensor)> = m
+            .queue
+            .state_tensors()?
+            .into_iter()
+            .map(|(k, t)| (format!("queue/{k}"), t))
+            .collect();
+        let data = m.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        out.extend(
+            data.iter()
+                .map(|(k, v)| (format!("momentum_encoder/{k}"), v.as_tensor().clone())),
+        );
+        Ok(out)
+    }
+
+    fn load_extra_state(&mut self, state: &HashMap<String, Tensor>) -> simclr_train::Result<()> {
+        let Some(m) = &mut self.momentum else {
+            return Ok(());
+        };
+        let strip = |p: &str| -> HashMap<String, Tensor> {
+            state
+                .iter()
+                .filter_map(|(k, t)| k.strip_prefix(p).map(|s| (s.to_string(), t.clone())))
+                .collect()
+        };
+        m.queue.load_state_tensors(&strip("queue/"))?;
+        let enc = strip("momentum_encoder/");
+        let data = m.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in data.iter() {
+            let t = enc.get(k).ok_or_else(|| TrainError::MissingState {
+                key: format!("momentum_encoder/{k}"),
+            })?;
+            v.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// kNN top-1 of `model`'s encoder features (`final_avg_pool`, inference mode).
+pub fn knn_top1(
+    model: &SimclrModel,
+    data: &KnnData,
+    cfg: &KnnConfig,
+    device: &Device,
+) -> simclr_train::Result<f64> {
+    let (bank, bank_labels) =
+        features(model, &data.bank, "final_avg_pool", device).map_err(terr)?;
+    let (queries, query_labels) =
+        features(model, &data.queries, "final_avg_pool", device).map_err(terr)?;
+    let classes = data.bank.dataset().num_classes();
+    let r = knn_evaluate(
+        &bank,
+        &bank_labels,
+        &queries,
+        &query_labels,
+        classes,
+        cfg,
+        KnnVote::Weighted,
+    )
+    .map_err(terr)?;
+    Ok(r.top1())
+}
+
+/// The datasets a pretraining run reads.
+pub struct PretrainData {
+    /// Unlabeled training images (labels feed only the online probe and the kNN bank).
+    pub train: Arc<dyn Dataset>,
+    /// Test images for the kNN monitor.
+    pub test: Option<Arc<dyn Dataset>>,
+}
+
+/// Runs contrastive pretraining into `out_dir` (resuming from its checkpoint when `resume`).
+pub fn run_pretrain(
+    config: &PretrainConfig,
+    data: &PretrainData,
+    out_dir: &std::path::Path,
+    resume: bool,
+    progress: bool,
+    device: &Device,
+) -> simclr_train::Result<TrainSummary> {
+    let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
+    let mut config = config.clone();
+    if config.lineareval_while_pretraining && config.model.num_classes.is_none() {
+        config.model.num_classes = Some(data.train.num_classes());
+    }
+    let mut loader_cfg = LoaderConfig::train(
+        config.train_batch_size,
+        2,
+        config.augment.clone(),
+        config.seed,
+    );
+    loader_cfg.num_threads = config.num_workers;
+    let loader = Loader::new(data.train.clone(), None, loader_cfg).map_err(data_err)?;
+    let knn = match &data.test {
+        Some(test) if config.knn_every_epochs > 0 => {
+            let mut eval = LoaderConfig::eval(256, config.image_size);
+            eval.num_threads = config.num_workers;
+            Some(KnnData {
+                bank: Loader::new(data.train.clone(), None, eval.clone()).map_err(data_err)?,
+                queries: Loader::new(test.clone(), None, eval).map_err(data_err)?,
+            })
+        }
+        _ => None,
+    };
+    let n = data.train.len() as u64;
+    let schedule = config.schedule.build(n, config.train_batch_size as u64)?;
+    let mut task = PretrainTask::new(config.clone(), device, Arc::new(SingleReplica), knn)?;
+    let mut optimizer = build_optimizer(named_vars(&task.varmap), &config.optimizer)?;
+    let trainer = TrainerConfig {
+        out_dir: out_dir.to_path_buf(),
+        stage: "pretrain".into(),
+        total_steps: schedule.total_steps,
+        checkpoint_every: config.checkpoint_every,
+        log_every: 1,
+        resume,
+        progress,
+        extra_meta: vec![(
+            "pretrain_config".into(),
+            serde_json::to_string(&config).map_err(terr)?,
+        )],
+    };
+    let lr = |step: u64| schedule.lr(step);
+    simclr_train::train(&mut task, &loader, optimizer.as_mut(), &lr, &trainer)
+}
+
+/// Where a pretraining run in `out_dir` keeps its checkpoint.
+pub fn checkpoint_path(out_dir: &std::path::Path) -> PathBuf {
+    out_dir.join("checkpoint.safetensors")
+}

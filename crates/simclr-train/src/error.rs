@@ -1,0 +1,70 @@
+//! The error type of this crate.
+
+use candle_core::DType;
+
+/// Everything that can go wrong in the training machinery.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// The optimizers keep their arithmetic and state in f32.
+    #[error("variable `{name}` has dtype {dtype:?}; the optimizers require f32")]
+    UnsupportedDType { name: String, dtype: DType },
+
+    /// Two variables handed to one optimizer share a name.
+    #[error("variable `{0}` appears twice in the optimizer's list")]
+    DuplicateVar(String),
+
+    /// A checkpoint lacks a state tensor the optimizer needs.
+    #[error("optimizer state `{key}` is missing from the checkpoint")]
+    MissingState { key: String },
+
+    /// A checkpointed state tensor does not have the shape of its variable.
+    #[error("optimizer state `{key}` has shape {found:?}, expected {expected:?}")]
+    StateShape {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] simclr_models::CheckpointError),
+
+    /// A file of the run could not be written or read.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
+    /// The data pipeline failed (the message names the file).
+    #[error("data: {0}")]
+    Data(String),
+
+    /// The loss became NaN or infinite: the run stops, the last checkpoint stays as it was.
+    #[error(
+        "{stage}: the loss is {value} at step {step} (epoch {epoch}, batch {batch}); stopping. {}",
+        match .last_checkpoint {
+            Some(p) => format!("The last good checkpoint is {}; lower the learning rate and resume from it.", p.display()),
+            None => "No checkpoint was written yet.".to_string(),
+        }
+    )]
+    NonFiniteLoss {
+        stage: String,
+        step: u64,
+        epoch: usize,
+        batch: usize,
+        value: f64,
+        last_checkpoint: Option<std::path::PathBuf>,
+    },
+
+    /// A hyperparameter or schedule argument is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// `Result` with [`TrainError`].
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,378 @@
+//! The training loop every stage runs: pretraining, fine-tuning, distillation.
+//!
+//! A stage supplies a [`TrainTask`] (its forward pass and loss, plus optional hooks); the loop
+//! owns everything else: the learning-rate schedule, backward and the optimizer step, the
+//! non-finite-loss guard, metrics (JSONL), the progress bar, periodic and final checkpoints, and
+//! resumption.
+//!
+//! A training checkpoint is one safetensors file: the model's variables (so every later stage can
+//! read it as a model) plus the optimizer state and the task's extra state under
+//! `train_state/…`, and in its metadata the step. Everything random in a run derives from
+//! `(seed, epoch, position)` (see `simclr_data::loader`), so the step alone fixes the data position
+//! and the augmentations: a resumed run on CPU repeats the uninterrupted run's losses exactly.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Map, Value};
+use simclr_data::{Batch, Loader};
+use simclr_models::checkpoint::{self, CheckpointMeta};
+use simclr_models::ModelConfig;
+
+use crate::error::{Result, TrainError};
+use crate::optim::Optimizer;
+
+/// What a task's forward pass returns.
+pub struct StepOutput {
+    /// The scalar loss to minimise.
+    pub loss: Tensor,
+    /// Metrics to log for this step (name, value); the loss is logged as `loss`.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// One stage's part of training.
+pub trait TrainTask {
+    /// The forward pass on `batch` at global step `step`.
+    fn forward(&mut self, batch: &Batch, step: u64) -> Result<StepOutput>;
+
+    /// Called after each optimizer step (momentum-encoder EMA, memory-queue pushes, …).
+    fn after_step(&mut self, _step: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called when an epoch ends; returns metrics for the log (e.g. kNN accuracy).
+    fn end_of_epoch(&mut self, _epoch: usize) -> Result<Vec<(String, f64)>> {
+        Ok(Vec::new())
+    }
+
+    /// The variables written as the model.
+    fn varmap(&self) -> &VarMap;
+
+    /// The architecture written in the checkpoint's metadata.
+    fn model_config(&self) -> &ModelConfig;
+
+    /// Extra state saved with the run (memory queue, momentum encoder), by name.
+    fn extra_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    /// Restores [`TrainTask::extra_state`].
+    fn load_extra_state(&mut self, _state: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How the loop runs.
+#[derive(Clone, Debug)]
+pub struct TrainerConfig {
+    /// The stage's output folder (checkpoints, metrics).
+    pub out_dir: PathBuf,
+    /// `pretrain`, `finetune`, `distill`, … (written in checkpoints).
+    pub stage: String,
+    pub total_steps: u64,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Append a metrics row every this many steps.
+    pub log_every: u64,
+    /// Continue from `out_dir`'s checkpoint when there is one.
+    pub resume: bool,
+    /// Draw a progress bar on a terminal.
+    pub progress: bool,
+    /// Extra metadata written into checkpoints (e.g. the run's settings as JSON).
+    pub extra_meta: Vec<(String, String)>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Default)]
+pub struct TrainSummary {
+    pub steps: u64,
+    /// Step the run started from (0, or the resumed step).
+    pub start_step: u64,
+    pub final_loss: f64,
+    /// Per-step losses of this invocation, in order.
+    pub losses: Vec<f64>,
+    pub wall_seconds: f64,
+    pub images_per_second: f64,
+    /// Metrics of the last epoch end, if any.
+    pub last_epoch_metrics: Vec<(String, f64)>,
+    pub checkpoint: PathBuf,
+}
+
+// Both live under `simclr_models::checkpoint::STATE_PREFIX`, which model loaders skip.
+const OPTIM_PREFIX: &str = "train_state/optimizer/";
+const TASK_PREFIX: &str = "train_state/task/";
+
+impl TrainerConfig {
+    /// The running checkpoint: model + training state, rewritten atomically.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.out_dir.join("checkpoint.safetensors")
+    }
+    pub fn metrics_path(&self) -> PathBuf {
+        self.out_dir.join("metrics.jsonl")
+    }
+}
+
+fn save_checkpoint(
+    cfg: &TrainerConfig,
+    task: &dyn TrainTask,
+    optimizer: &dyn Optimizer,
+    step: u64,
+    done: bool,
+) -> Result<PathBuf> {
+    let mut state: Vec<(String, Tensor)> = optimizer
+        .state_tensors()
+        .into_iter()
+        .map(|(k, t)| (format!("{OPTIM_PREFIX}{k}"), t))
+        .collect();
+    state.extend(
+        task.extra_state()?
+            .into_iter()
+            .map(|(k, t)| (format!("{TASK_PREFIX}{k}"), t)),
+    );
+    let mut meta = CheckpointMeta::new(task.model_config().clone(), cfg.stage.clone(), step)
+        .with_extra("complete", if done { "true" } else { "false" })
+        .with_extra("total_steps", cfg.total_steps.to_string());
+    for (k, v) in &cfg.extra_meta {
+        meta = meta.with_extra(k.clone(), v.clone());
+    }
+    let path = cfg.checkpoint_path();
+    checkpoint::save_with_state(&path, task.varmap(), &meta, &state)?;
+    Ok(path)
+}
+
+/// Restores the model, optimizer and task state of `path`; returns its step.
+fn restore(path: &Path, task: &mut dyn TrainTask, optimizer: &mut dyn Optimizer) -> Result<u64> {
+    let device = {
+        let data = task
+            .varmap()
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        data.values()
+            .next()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu)
+    };
+    let (meta, tensors) = checkpoint::load_tensors(path, &device)?;
+    if &meta.config != task.model_config() {
+        return Err(TrainError::InvalidConfig(format!(
+            "{}: written for another architecture ({:?}); use a fresh output folder or the same settings",
+            path.display(),
+            meta.config
+        )));
+    }
+    // Model variables: copy into the task's VarMap in place.
+    {
+        let data = task
+            .varmap()
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (name, var) in data.iter() {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| TrainError::MissingState { key: name.clone() })?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+    }
+    let strip = |prefix: &str| -> HashMap<String, Tensor> {
+        tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|s| (s.to_string(), t.clone())))
+            .collect()
+    };
+    optimizer.load_state_tensors(&strip(OPTIM_PREFIX))?;
+    task.load_extra_state(&strip(TASK_PREFIX))?;
+    Ok(meta.step)
+}
+
+/// Appends rows to the JSONL metrics file; on resume, drops rows past the resumed step so the
+/// file reads as one uninterrupted run.
+struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, keep_until: Option<u64>) -> Result<Self> {
+        let io = |e| TrainError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        if let Some(step) = keep_until {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let kept: String = text
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<Value>(l)
+                            .ok()
+                            .and_then(|v| v.get("step").and_then(Value::as_u64))
+                            .is_some_and(|s| s <= step)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                simclr_data::write_atomic(path, kept.as_bytes())
+                    .map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
+            }
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(MetricsLog { file })
+    }
+
+    fn row(&mut self, fields: Map<String, Value>) {
+        // Metrics are a convenience: a full disk must not kill the run.
+        let _ = writeln!(self.file, "{}", Value::Object(fields));
+    }
+}
+
+fn progress_bar(cfg: &TrainerConfig, start: u64) -> ProgressBar {
+    let pb = ProgressBar::new(cfg.total_steps);
+    if !cfg.progress {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} step  {msg}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_prefix(cfg.stage.clone());
+    pb.set_position(start);
+    pb
+}
+
+/// Runs `task` from step 0 (or the checkpoint in `cfg.out_dir` when resuming) to
+/// `cfg.total_steps`, with `lr(step)` as the learning rate.
+pub fn train(
+    task: &mut dyn TrainTask,
+    loader: &Loader,
+    optimizer: &mut dyn Optimizer,
+    lr: &dyn Fn(u64) -> f64,
+    cfg: &TrainerConfig,
+) -> Result<TrainSummary> {
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::Io {
+        path: cfg.out_dir.clone(),
+        source: e,
+    })?;
+    let ckpt = cfg.checkpoint_path();
+    let start = if cfg.resume && ckpt.is_file() {
+        let s = restore(&ckpt, task, optimizer)?;
+        tracing::info!(stage = %cfg.stage, step = s, "resuming from {}", ckpt.display());
+        s
+    } else {
+        0
+    };
+    let mut log = MetricsLog::open(&cfg.metrics_path(), (start > 0).then_some(start))?;
+    let per_epoch = loader.batches_per_epoch() as u64;
+    let pb = progress_bar(cfg, start);
+    let t0 = Instant::now();
+    let mut summary = TrainSummary {
+        start_step: start,
+        steps: start,
+        ..Default::default()
+    };
+    let mut images = 0usize;
+    let mut step = start;
+    let mut last_saved = (start > 0).then(|| ckpt.clone());
+    while step < cfg.total_steps {
+        let epoch = (step / per_epoch) as usize;
+        let first = (step % per_epoch) as usize;
+        for batch in loader.epoch(epoch, first) {
+            if step >= cfg.total_steps {
+                break;
+            }
+            let batch = batch.map_err(|e| TrainError::Data(e.to_string()))?;
+            let ts = Instant::now();
+            let rate = lr(step);
+            let out = task.forward(&batch, step)?;
+            let loss = out
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    stage: cfg.stage.clone(),
+                    step,
+                    epoch,
+                    batch: batch.index,
+                    value: loss,
+                    last_checkpoint: last_saved.clone(),
+                });
+            }
+            let grads = out.loss.backward()?;
+            let stats = optimizer.step(&grads, rate)?;
+            drop(grads);
+            task.after_step(step)?;
+            step += 1;
+            let n = batch.indices.len();
+            images += n;
+            summary.losses.push(loss);
+            let ips = n as f64 / ts.elapsed().as_secs_f64();
+            let acc = out
+                .metrics
+                .iter()
+                .find(|(k, _)| k.ends_with("acc"))
+                .map(|(_, v)| *v);
+            pb.set_message(format!(
+                "loss {loss:.4}{}  lr {rate:.4}  {ips:.0} img/s",
+                acc.map(|a| format!("  acc {a:.3}")).unwrap_or_default()
+            ));
+            pb.set_position(step);
+            if cfg.log_every > 0 && (step % cfg.log_every == 0 || step == cfg.total_steps) {
+                let mut row = Map::new();
+                row.insert("step".into(), json!(step));
+                row.insert("epoch".into(), json!(epoch));
+                row.insert("lr".into(), json!(rate));
+                row.insert("loss".into(), json!(loss));
+                for (k, v) in &out.metrics {
+                    row.insert(k.clone(), json!(v));
+                }
+                row.insert(
+                    "weight_decay".into(),
+                    json!(stats.weight_decay_loss_value()?),
+                );
+                row.insert("images_per_second".into(), json!(ips));
+                log.row(row);
+            }
+            if cfg.checkpoint_every > 0
+                && step % cfg.checkpoint_every == 0
+                && step < cfg.total_steps
+            {
+                last_saved = Some(save_checkpoint(cfg, task, optimizer, step, false)?);
+            }
+        }
+        if step % per_epoch == 0 && step > start {
+            let metrics = task.end_of_epoch(epoch)?;
+            if !metrics.is_empty() {
+                let mut row = Map::new();
+                row.insert("step".into(), json!(step));
+                row.insert("epoch_end".into(), json!(epoch));
+                let mut shown = Vec::new();
+                for (k, v) in &metrics {
+                    row.insert(k.clone(), json!(v));
+                    shown.push(format!("{k} {v:.4}"));
+                }
+                log.row(row);
+                pb.println(format!("{} epoch {epoch}: {}", cfg.stage, shown.join(", ")));
+                summary.last_epoch_metrics = metrics;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    summary.checkpoint = save_checkpoint(cfg, task, optimizer, step, true)?;
+    summary.steps = step;
+    summary.final_loss = summary.losses.last().copied().unwrap_or(f64::NAN);
+    summary.wall_seconds = t0.elapsed().as_secs_f64();
+    summary.images_per_second = images as f64 / summary.wall_seconds.max(1e-9);
+    Ok(summary)
+}

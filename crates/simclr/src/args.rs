@@ -1,0 +1,109 @@
+//! Flags shared by the subcommands, named after the official code's flags.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
+use simclr_models::ModelConfig;
+
+#[derive(Args, Clone, Debug)]
+pub struct DataArgs {
+    /// fashion-mnist-subset (default), fashion-mnist, mnist, cifar10, cifar100, imagefolder, hf:<owner>/<name>
+    #[arg(long, default_value = "fashion-mnist-subset")]
+    pub dataset: String,
+    /// The dataset's folder (else $SIMCLR_DATA_DIR, else the dataset's usual place).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Network input side; defaults to 28 for (Fashion-)MNIST, 32 for CIFAR, 224 otherwise.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Decoding/augmentation threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub num_workers: usize,
+}
+
+impl DataArgs {
+    pub fn name(&self) -> Result<DatasetName> {
+        Ok(self.dataset.parse()?)
+    }
+
+    pub fn load(&self, split: Split) -> Result<Arc<dyn Dataset>> {
+        let opts = DataOptions {
+            data_dir: self.data_dir.clone(),
+            ..DataOptions::default()
+        };
+        let name = self.name()?;
+        load_dataset(&name, split, &opts).with_context(|| format!("loading {name} ({split:?})"))
+    }
+
+    pub fn image_size(&self) -> Result<usize> {
+        Ok(self.image_size.unwrap_or(match self.name()? {
+            DatasetName::FashionMnistSubset | DatasetName::FashionMnist | DatasetName::Mnist => 28,
+            DatasetName::Cifar10 | DatasetName::Cifar100 => 32,
+            _ => 224,
+        }))
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    #[arg(long, default_value_t = 50)]
+    pub resnet_depth: usize,
+    #[arg(long, default_value_t = 1)]
+    pub width_multiplier: usize,
+    /// Selective kernels (0.0625 for the released SK1 models); also switches on the ResNet-D stem and shortcut.
+    #[arg(long, default_value_t = 0.0)]
+    pub sk_ratio: f64,
+    /// First-stage width before the multiplier (64 in every official model).
+    #[arg(long, default_value_t = 64)]
+    pub base_width: usize,
+    #[arg(long, default_value_t = 3)]
+    pub num_proj_layers: usize,
+    #[arg(long, default_value_t = 128)]
+    pub proj_out_dim: usize,
+    #[arg(long, default_value_t = 0)]
+    pub ft_proj_selector: i32,
+}
+
+impl ModelArgs {
+    pub fn config(&self, image_size: usize, num_classes: Option<usize>) -> Result<ModelConfig> {
+        let c = ModelConfig {
+            resnet_depth: self.resnet_depth,
+            width_multiplier: self.width_multiplier,
+            sk_ratio: self.sk_ratio,
+            base_width: self.base_width,
+            num_proj_layers: self.num_proj_layers,
+            proj_out_dim: self.proj_out_dim,
+            ft_proj_selector: self.ft_proj_selector,
+            num_classes,
+            ..ModelConfig::default()
+        }
+        .with_image_size(image_size);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// `--device cpu|cuda[:N]`: CUDA by default when built with it and a GPU is present.
+pub fn device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        Some("cpu") => Ok(Device::Cpu),
+        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .with_context(|| format!("--device {s}: bad GPU number"))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this binary was built without CUDA (rebuild with --features cuda)");
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        Some(s) => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    }
+}

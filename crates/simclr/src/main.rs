@@ -1,0 +1,347 @@
+//! `simclr`: every stage of SimCLRv2 as a subcommand, with the official flag names.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use clap::{Args, Parser, Subcommand};
+use simclr::args::{device, DataArgs, ModelArgs};
+use simclr_data::{Loader, LoaderConfig, Split};
+use simclr_models::checkpoint;
+use simclr_pretrain::{run_pretrain, PretrainConfig, PretrainData};
+use simclr_train::schedule::LearningRateScaling;
+use simclr_train::OptimizerKind;
+
+#[derive(Parser)]
+#[command(
+    name = "simclr",
+    version,
+    about = "SimCLRv2: contrastive pretraining, fine-tuning, distillation"
+)]
+struct Cli {
+    /// cpu, cuda or cuda:N (default: CUDA when built with it and present, else CPU).
+    #[arg(long, global = true)]
+    device: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Contrastive pretraining (NT-Xent, LARS, warmup + cosine) on unlabeled images.
+    Pretrain(PretrainArgs),
+    /// Top-1/top-5, per-class accuracy, confusion matrix and kNN top-1 of a checkpoint.
+    Eval(EvalArgs),
+    /// Features of a checkpoint's model on a dataset, to a safetensors file.
+    Embed(EmbedArgs),
+    /// Convert official weights (converter .pth, TF1 checkpoint) into this project's checkpoint.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    train_batch_size: usize,
+    #[arg(long, default_value_t = 100)]
+    train_epochs: u64,
+    /// Overrides the step count derived from the epochs.
+    #[arg(long)]
+    train_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.3)]
+    learning_rate: f64,
+    #[arg(long, default_value = "linear")]
+    learning_rate_scaling: LearningRateScaling,
+    #[arg(long, default_value_t = 10.0)]
+    warmup_epochs: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    weight_decay: f64,
+    #[arg(long, value_enum, default_value = "lars")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 0.1)]
+    temperature: f64,
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    hidden_norm: bool,
+    /// Colour distortion strength (default: 1.0, or 0.5 at ≤ 32 px).
+    #[arg(long)]
+    color_jitter_strength: Option<f32>,
+    /// Gaussian blur (default: on above 32 px).
+    #[arg(long, action = clap::ArgAction::Set)]
+    use_blur: Option<bool>,
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    lineareval_while_pretraining: bool,
+    /// SimCLRv2's momentum encoder + memory buffer of negatives.
+    #[arg(long)]
+    use_memory: bool,
+    #[arg(long, default_value_t = 65536)]
+    memory_size: usize,
+    #[arg(long, default_value_t = 0.999)]
+    momentum_ema: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// kNN top-1 on the test split every this many epochs (0: never).
+    #[arg(long, default_value_t = 1)]
+    knn_every_epochs: usize,
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u64,
+    /// Output folder (default: checkpoints/pretrain-<dataset>-<model>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in the output folder.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Also compute kNN top-1 of the encoder features (train split as the bank).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    knn: bool,
+    /// Write the report (JSON) here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// final_avg_pool, proj_head_N, proj_head_output or logits_sup.
+    #[arg(long, default_value = "final_avg_pool")]
+    layer: String,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// A converter file (`r50_1x_sk0.pth`, …) or a TF1 checkpoint (`…/model.ckpt-N` or its `.index`).
+    source: PathBuf,
+    out: PathBuf,
+    /// For TF1 checkpoints: take the `ema_model/` copy.
+    #[arg(long)]
+    ema: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device = device(cli.device.as_deref())?;
+    match cli.command {
+        Command::Pretrain(a) => pretrain(a, &device),
+        Command::Eval(a) => eval(a, &device),
+        Command::Embed(a) => embed(a, &device),
+        Command::Import(a) => import(a, &device),
+    }
+}
+
+fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
+    let image_size = a.data.image_size()?;
+    let train = a.data.load(Split::Train)?;
+    let test = if a.knn_every_epochs > 0 {
+        Some(a.data.load(Split::Test)?)
+    } else {
+        None
+    };
+    let classes = a.lineareval_while_pretraining.then(|| train.num_classes());
+    let model = a.model.config(image_size, classes)?;
+    let mut cfg = PretrainConfig::new(model.clone(), image_size);
+    cfg.train_batch_size = a.train_batch_size;
+    cfg.schedule.train_epochs = a.train_epochs;
+    cfg.schedule.train_steps = a.train_steps;
+    cfg.schedule.learning_rate = a.learning_rate;
+    cfg.schedule.learning_rate_scaling = a.learning_rate_scaling;
+    cfg.schedule.warmup_epochs = a.warmup_epochs;
+    cfg.optimizer.optimizer = a.optimizer;
+    cfg.optimizer.weight_decay = a.weight_decay;
+    cfg.optimizer.momentum = a.momentum;
+    cfg.objective.temperature = a.temperature;
+    cfg.objective.hidden_norm = a.hidden_norm;
+    if let Some(s) = a.color_jitter_strength {
+        cfg.augment.color_jitter_strength = s;
+    }
+    if let Some(b) = a.use_blur {
+        cfg.augment.use_blur = b;
+    }
+    cfg.lineareval_while_pretraining = a.lineareval_while_pretraining;
+    if a.use_memory {
+        cfg.memory = Some(simclr_pretrain::memory::MemoryConfig {
+            queue_size: a.memory_size,
+            ema_decay: a.momentum_ema,
+            ..Default::default()
+        });
+    }
+    cfg.seed = a.seed;
+    cfg.knn_every_epochs = a.knn_every_epochs;
+    cfg.checkpoint_every = a.checkpoint_every;
+    cfg.num_workers = a.data.num_workers;
+    let out = a.out.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "checkpoints/pretrain-{}-{}",
+            a.data.dataset.replace([':', '/'], "_"),
+            model.name()
+        ))
+    });
+    check_writable(&out)?;
+    let summary = run_pretrain(
+        &cfg,
+        &PretrainData { train, test },
+        &out,
+        a.resume,
+        !a.no_progress,
+        device,
+    )?;
+    println!(
+        "pretrained {} steps in {:.0} s ({:.1} images/s); final loss {:.4}{}; checkpoint {}",
+        summary.steps - summary.start_step,
+        summary.wall_seconds,
+        summary.images_per_second,
+        summary.final_loss,
+        summary
+            .last_epoch_metrics
+            .iter()
+            .map(|(k, v)| format!(", {k} {v:.4}"))
+            .collect::<String>(),
+        summary.checkpoint.display()
+    );
+    Ok(())
+}
+
+/// Fails before any work when the output folder cannot be written.
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output folder {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
+    let ckpt = checkpoint::load(&a.checkpoint, device)?;
+    let test = a.data.load(Split::Test)?;
+    let image_size = a.data.image_size()?;
+    let loader = Loader::new(test.clone(), None, LoaderConfig::eval(256, image_size))?;
+    let mut json = serde_json::Map::new();
+    json.insert(
+        "checkpoint".into(),
+        a.checkpoint.display().to_string().into(),
+    );
+    json.insert("stage".into(), ckpt.meta.stage.clone().into());
+    if let Some(classes) = ckpt.meta.config.num_classes {
+        if classes != test.num_classes() {
+            bail!(
+                "{}: its supervised head has {classes} classes but {} has {}",
+                a.checkpoint.display(),
+                a.data.dataset,
+                test.num_classes()
+            );
+        }
+        let report = simclr_eval::evaluate_classifier(&ckpt.model, &loader, device)?;
+        println!("{report}");
+        json.insert("classifier".into(), serde_json::to_value(&report)?);
+    }
+    if a.knn {
+        let train = a.data.load(Split::Train)?;
+        let bank = Loader::new(train, None, LoaderConfig::eval(256, image_size))?;
+        let data = simclr_pretrain::stage::KnnData {
+            bank,
+            queries: loader,
+        };
+        let top1 =
+            simclr_pretrain::stage::knn_top1(&ckpt.model, &data, &Default::default(), device)?;
+        println!(
+            "kNN top-1 (k=200, τ=0.1, final_avg_pool): {:.2}%",
+            100.0 * top1
+        );
+        json.insert("knn_top1".into(), top1.into());
+    }
+    if let Some(path) = a.report {
+        simclr_data::write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
+    let ckpt = checkpoint::load(&a.checkpoint, device)?;
+    let split = match a.split.as_str() {
+        "train" => Split::Train,
+        "test" | "val" => Split::Test,
+        s => bail!("--split {s}: expected train or test"),
+    };
+    let ds = a.data.load(split)?;
+    let loader = Loader::new(ds, None, LoaderConfig::eval(256, a.data.image_size()?))?;
+    let (features, labels) = simclr_eval::features(&ckpt.model, &loader, &a.layer, device)?;
+    let labels = Tensor::new(
+        labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+        &candle_core::Device::Cpu,
+    )?;
+    let tmp = a.out.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(
+        &[
+            ("features".to_string(), features.clone()),
+            ("labels".to_string(), labels),
+        ]
+        .into_iter()
+        .collect(),
+        &tmp,
+    )?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "wrote {} features of dim {} to {}",
+        features.dim(0)?,
+        features.dim(1)?,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn import(a: ImportArgs, device: &candle_core::Device) -> Result<()> {
+    let is_pth = a.source.extension().is_some_and(|e| e == "pth");
+    let imported = if is_pth {
+        if a.ema {
+            bail!("--ema applies to TF1 checkpoints; a converter .pth holds one copy (its name says _ema)");
+        }
+        simclr_models::import_pth(&a.source, device)?
+    } else {
+        bail!(
+            "{}: TF1 checkpoints are not supported yet; use a converter .pth",
+            a.source.display()
+        )
+    };
+    checkpoint::save(&a.out, &imported.varmap, &imported.checkpoint_meta())?;
+    println!(
+        "imported {} ({}) into {}",
+        a.source.display(),
+        imported.config.name(),
+        a.out.display()
+    );
+    Ok(())
+}
