@@ -1,7 +1,7 @@
 //! Project automation, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
 //!
 //! Owns the chores around the crates: recreating the committed dataset subset, running the
-//! benchmarks, and (once the stages exist) the end-to-end pipeline. It holds no ML logic itself.
+//! benchmarks, and the end-to-end pipeline (whose logic lives in the `simclr` crate).
 
 mod embedded;
 
@@ -39,15 +39,51 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Pretrain → fine-tune → distill → evaluate, with a report.
+    /// Pretrain → fine-tune → distill → evaluate (plus the supervised baseline), with a report in
+    /// checkpoints/<run>/report.md.
     Pipeline {
-        #[arg(long = "fraction")]
+        /// Label fractions (repeat for several; they share one pretraining).
+        #[arg(long = "fraction", default_values_t = [0.01])]
         fractions: Vec<f64>,
+        #[arg(long, default_value = "fashion-mnist-subset")]
+        dataset: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Network input side (default: the dataset's: 28 for Fashion-MNIST, 32 for CIFAR, 224 otherwise).
+        #[arg(long)]
+        image_size: Option<usize>,
+        #[arg(long, value_enum, default_value = "default")]
+        preset: simclr::pipeline::Preset,
+        /// Network: r18, r50, r50_2x_sk1, r18_w16 (base width 16), …; default from the preset.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// cpu, cuda or cuda:N (default: CUDA when built with it and present).
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, default_value = "checkpoints")]
+        out: PathBuf,
+        #[arg(long)]
+        no_progress: bool,
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::MakeEmbedded { source, out, check } => embedded::make(&source, &out, check),
         Cmd::Bench { args } => {
@@ -65,15 +101,35 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Pipeline { fractions } => {
-            for f in &fractions {
-                simclr_data::split::validate_fraction(*f)?;
-            }
-            bail!(
-                "the pipeline needs the pretraining, fine-tuning and distillation stages, which are not \
-                 implemented yet; so far this workspace provides the data crate (datasets, splits, \
-                 augmentations, loader)"
-            )
+        Cmd::Pipeline {
+            fractions,
+            dataset,
+            data_dir,
+            image_size,
+            preset,
+            model,
+            seed,
+            device,
+            out,
+            no_progress,
+        } => {
+            let args = simclr::args::DataArgs {
+                dataset: dataset.clone(),
+                data_dir: data_dir.clone(),
+                image_size,
+                num_workers: 0,
+            };
+            let cfg = simclr::pipeline::PipelineConfig::new(
+                preset,
+                &dataset,
+                args.image_size()?,
+                &fractions,
+                model.as_deref(),
+                seed,
+            )?;
+            let device = simclr::args::device(device.as_deref())?;
+            simclr::pipeline::run(&cfg, data_dir, &out, !no_progress, &device)?;
+            Ok(())
         }
     }
 }

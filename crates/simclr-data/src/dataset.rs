@@ -104,6 +104,52 @@ impl Dataset for InMemoryDataset {
     }
 }
 
+/// The images of another dataset at `indices` (a smoke-test subset, a class-balanced sample).
+#[derive(Clone)]
+pub struct SubsetDataset {
+    inner: std::sync::Arc<dyn Dataset>,
+    indices: Vec<usize>,
+}
+
+impl SubsetDataset {
+    /// Errors if an index is beyond the end of `inner`.
+    pub fn new(inner: std::sync::Arc<dyn Dataset>, indices: Vec<usize>) -> Result<Self> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= inner.len()) {
+            return Err(crate::DataError::Config {
+                name: "subset",
+                value: i.to_string(),
+                reason: format!(
+                    "beyond the end of {} ({} images)",
+                    inner.describe(),
+                    inner.len()
+                ),
+            });
+        }
+        Ok(SubsetDataset { inner, indices })
+    }
+}
+
+impl Dataset for SubsetDataset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.inner.label(self.indices[index])
+    }
+    fn class_names(&self) -> &[String] {
+        self.inner.class_names()
+    }
+    fn image(&self, index: usize) -> Result<Image> {
+        self.inner.image(self.indices[index])
+    }
+    fn sample_name(&self, index: usize) -> String {
+        self.inner.sample_name(self.indices[index])
+    }
+    fn describe(&self) -> String {
+        format!("{} images of {}", self.indices.len(), self.inner.describe())
+    }
+}
+
 /// Reads a whole file, naming it in the error.
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| crate::DataError::io(path, e))

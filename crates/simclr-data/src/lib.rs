@@ -20,7 +20,7 @@ pub mod loader;
 pub mod source;
 pub mod split;
 
-pub use dataset::{Dataset, InMemoryDataset};
+pub use dataset::{Dataset, InMemoryDataset, SubsetDataset};
 pub use error::{DataError, Result};
 pub use folder::ImageFolder;
 pub use image::{FImage, Image};

@@ -90,6 +90,7 @@ pub fn embedded_subset_dir() -> Option<PathBuf> {
     [built, PathBuf::from(EMBEDDED_SUBSET)]
         .into_iter()
         .find(|d| idx_split_paths(d, true).is_some())
+        .map(|d| d.canonicalize().unwrap_or(d))
 }
 
 /// Candidate folders for a dataset, in order: `--data-dir`, `$SIMCLR_DATA_DIR` (itself and its

@@ -507,3 +507,33 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, Check
         model,
     })
 }
+
+/// Sets the variables of `varmap` from `tensors` (by name, moved to each variable's device and
+/// dtype), except those `skip` selects. A variable without a tensor of its name and shape is an
+/// error naming it. Returns how many were set.
+pub fn assign_variables(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    skip: impl Fn(&str) -> bool,
+) -> candle_core::Result<usize> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("variable store lock poisoned".into()))?;
+    let mut set = 0;
+    for (name, var) in data.iter().filter(|(n, _)| !skip(n)) {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{name}` is missing")))?;
+        if t.dims() != var.dims() {
+            candle_core::bail!(
+                "tensor `{name}` has shape {:?}, the model expects {:?}",
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        set += 1;
+    }
+    Ok(set)
+}

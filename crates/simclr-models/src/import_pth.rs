@@ -39,8 +39,10 @@ use crate::error::ModelError;
 use crate::model::SimclrModel;
 use crate::params::parameter_shapes;
 use crate::pth::{read_float_tensors, PthReader, StateDictInfo};
+use crate::tf_bundle::TfBundleError;
 
-/// Why an import failed.
+/// Why an import failed (of a converter `.pth` file, or of a TF1 checkpoint with
+/// [`crate::import_tf`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The file could not be opened or read.
@@ -139,6 +141,16 @@ pub enum ImportError {
         /// The candle error.
         source: candle_core::Error,
     },
+    /// A TF tensor bundle could not be read (truncated or corrupt index or data shard, bad
+    /// magic, checksum mismatch, unsupported dtype).
+    #[error(transparent)]
+    Bundle(#[from] TfBundleError),
+    /// The `ema_model/` copy was asked for, but the TF1 checkpoint has none.
+    #[error("{}: the checkpoint has no `ema_model/` copy of the weights; import the online weights instead (ema = false)", .path.display())]
+    NoEmaCopy {
+        /// The index file.
+        path: PathBuf,
+    },
 }
 
 /// What a converter file name says.
@@ -215,6 +227,25 @@ impl SourceName {
     }
 }
 
+/// The format an [`ImportedModel`] was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// A `.pth` file of the TF1 -> PyTorch converter ([`import_pth`]).
+    ConverterPth,
+    /// An official TF1 checkpoint, TF's tensor-bundle format ([`crate::import_tf1`]).
+    Tf1Bundle,
+}
+
+impl SourceFormat {
+    /// The value recorded as `source_format` in checkpoint metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceFormat::ConverterPth => "simclrv2-pytorch-converter",
+            SourceFormat::Tf1Bundle => "tf1-tensor-bundle",
+        }
+    }
+}
+
 /// The result of an import.
 pub struct ImportedModel {
     /// The inferred configuration.
@@ -223,40 +254,52 @@ pub struct ImportedModel {
     pub varmap: VarMap,
     /// The model built on `varmap`.
     pub model: SimclrModel,
-    /// What the file name said.
+    /// What the file name said (for a TF1 checkpoint: its folder name, or what the shapes
+    /// say when the folder is not named `r{depth}_{w}x_sk{0|1}`); `ema` tells whether the
+    /// EMA copy of the weights was imported.
     pub source: SourceName,
-    /// The file imported.
+    /// The file imported (the `.index` file of a TF1 checkpoint).
     pub path: PathBuf,
+    /// The format it was read from.
+    pub format: SourceFormat,
+    /// The training step the source records (`global_step` of a TF1 checkpoint).
+    pub global_step: Option<u64>,
 }
 
 impl ImportedModel {
     /// Checkpoint metadata for the imported weights (stage `import`, step 0, the source
-    /// file recorded as extra fields).
+    /// file, format, EMA choice and, when known, the source's `global_step` recorded as extra
+    /// fields).
     pub fn checkpoint_meta(&self) -> CheckpointMeta {
         let file = self
             .path
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        CheckpointMeta::new(self.config.clone(), "import", 0)
+        let meta = CheckpointMeta::new(self.config.clone(), "import", 0)
             .with_extra("source_file", file)
-            .with_extra("source_format", "simclrv2-pytorch-converter")
-            .with_extra("source_ema", self.source.ema.to_string())
+            .with_extra("source_format", self.format.as_str())
+            .with_extra("source_ema", self.source.ema.to_string());
+        match self.global_step {
+            Some(step) => meta.with_extra("source_global_step", step.to_string()),
+            None => meta,
+        }
     }
 }
 
 type Shapes = BTreeMap<String, Vec<usize>>;
 
-struct Inferred {
-    stem: StemKind,
-    block: BlockKind,
-    blocks: [usize; 4],
-    sk: bool,
-    in_channels: usize,
-    stem_width: usize,
-    num_classes: Option<usize>,
-    num_proj_layers: usize,
-    proj_out_dim: usize,
+/// What the tensor shapes say about the architecture (shared with the TF1 importer).
+pub(crate) struct Inferred {
+    pub(crate) stem: StemKind,
+    pub(crate) block: BlockKind,
+    pub(crate) blocks: [usize; 4],
+    pub(crate) sk: bool,
+    pub(crate) in_channels: usize,
+    pub(crate) stem_width: usize,
+    pub(crate) num_classes: Option<usize>,
+    pub(crate) num_proj_layers: usize,
+    pub(crate) proj_out_dim: usize,
 }
 
 fn unsupported(path: &Path, reason: impl Into<String>) -> ImportError {
@@ -363,7 +406,7 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
     })
 }
 
-fn depth_for(block: BlockKind, blocks: [usize; 4]) -> Option<usize> {
+pub(crate) fn depth_for(block: BlockKind, blocks: [usize; 4]) -> Option<usize> {
     SUPPORTED_DEPTHS.into_iter().find(|&d| {
         let c = ModelConfig {
             resnet_depth: d,
@@ -374,7 +417,7 @@ fn depth_for(block: BlockKind, blocks: [usize; 4]) -> Option<usize> {
 }
 
 /// Builds the configuration from the name and the shapes, checking that they agree.
-fn resolve_config(
+pub(crate) fn resolve_config(
     path: &Path,
     name: &SourceName,
     inf: &Inferred,
@@ -756,5 +799,7 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
         model,
         source: name,
         path: path.to_path_buf(),
+        format: SourceFormat::ConverterPth,
+        global_step: None,
     })
 }

@@ -3,13 +3,15 @@
 //! * [`Conv2d`]: no bias, kernel stored OIHW (`[out, in, kh, kw]`). Stride 1 uses TF `SAME`
 //!   padding and stride > 1 uses TF `FixedPadding` (`(k-1)//2` before, the rest after) then a
 //!   `VALID` convolution; for the odd kernels of the network (1, 3, 7) both are a symmetric
-//!   padding of `(k-1)/2` (reference §1.2). Initialised with [`crate::init::conv_init`].
+//!   padding of `(k-1)/2` (reference §1.2). Initialised with [`crate::init::conv_init`]. On the
+//!   CPU in f32 it runs as im2col + GEMM ([`crate::conv`]).
 //! * [`Dense`]: weight stored `[out, in]` (the candle/PyTorch orientation, i.e. the transpose
 //!   of a TF kernel), optional bias, initialised N(0, 0.01).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::conv::ConvGeometry;
 use crate::init::{conv_init, dense_init};
 
 /// A bias-free 2-D convolution with TF fixed/SAME padding.
@@ -57,7 +59,8 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // SAME (stride 1) and FixedPadding (stride > 1) agree for odd kernels: (k-1)/2 each side.
         let pad = (self.kernel - 1) / 2;
-        x.conv2d(&self.weight, pad, self.stride, 1, 1)
+        let geometry = ConvGeometry::symmetric(self.kernel, self.stride, pad);
+        crate::conv::conv2d(x, &self.weight, geometry)
     }
 }
 

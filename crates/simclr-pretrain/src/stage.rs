@@ -318,9 +318,10 @@ pub fn run_pretrain(
 ) -> simclr_train::Result<TrainSummary> {
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut config = config.clone();
-    if config.lineareval_while_pretraining && config.model.num_classes.is_none() {
-        config.model.num_classes = Some(data.train.num_classes());
-    }
+    // The supervised head is the online probe: it exists exactly when the probe trains.
+    config.model.num_classes = config
+        .lineareval_while_pretraining
+        .then(|| data.train.num_classes());
     let mut loader_cfg = LoaderConfig::train(
         config.train_batch_size,
         2,

@@ -166,20 +166,7 @@ fn restore(path: &Path, task: &mut dyn TrainTask, optimizer: &mut dyn Optimizer)
             meta.config
         )));
     }
-    // Model variables: copy into the task's VarMap in place.
-    {
-        let data = task
-            .varmap()
-            .data()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for (name, var) in data.iter() {
-            let t = tensors
-                .get(name)
-                .ok_or_else(|| TrainError::MissingState { key: name.clone() })?;
-            var.set(&t.to_device(var.device())?)?;
-        }
-    }
+    checkpoint::assign_variables(task.varmap(), &tensors, |_| false)?;
     let strip = |prefix: &str| -> HashMap<String, Tensor> {
         tensors
             .iter()

@@ -1,0 +1,255 @@
+//! The distillation stage.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use simclr_data::augment::AugmentConfig;
+use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
+use simclr_models::checkpoint::{self, assign_variables};
+use simclr_models::{ModelConfig, SimclrModel};
+use simclr_train::optim::{build_optimizer, named_vars, OptimizerSettings};
+use simclr_train::schedule::LrScheduleConfig;
+use simclr_train::{StepOutput, TrainError, TrainSummary, TrainTask, TrainerConfig};
+
+use crate::loss::distillation_loss;
+
+/// Stages whose checkpoints can teach.
+pub const TEACHER_STAGES: [&str; 2] = ["finetune", "supervised"];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DistillConfig {
+    pub image_size: usize,
+    pub train_batch_size: usize,
+    pub schedule: LrScheduleConfig,
+    pub optimizer: OptimizerSettings,
+    /// τ: 0.1 for self-distillation, 1.0 for big-to-small (the paper's defaults).
+    pub temperature: f64,
+    /// Multiply the loss by τ² (the official colab does; the paper's equation does not).
+    pub tau_squared: bool,
+    /// Weight α of the distillation term; `1 − α` weighs cross-entropy on the labelled images
+    /// of each batch. 1.0 (distillation only) is the paper's default.
+    pub alpha: f64,
+    pub augment: AugmentConfig,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub num_workers: usize,
+}
+
+impl DistillConfig {
+    /// The paper's setting: the pretraining schedule, crop + flip, distillation loss only.
+    pub fn new(image_size: usize, self_distillation: bool) -> Self {
+        DistillConfig {
+            image_size,
+            train_batch_size: 4096,
+            schedule: LrScheduleConfig {
+                train_epochs: 400,
+                ..LrScheduleConfig::default()
+            },
+            optimizer: OptimizerSettings {
+                weight_decay: 1e-4,
+                ..OptimizerSettings::default()
+            },
+            temperature: if self_distillation { 0.1 } else { 1.0 },
+            tau_squared: false,
+            alpha: 1.0,
+            augment: AugmentConfig::finetune(image_size),
+            seed: 0,
+            checkpoint_every: 0,
+            num_workers: 0,
+        }
+    }
+}
+
+/// Where the student starts.
+#[derive(Clone, Debug)]
+pub enum StudentInit {
+    /// Random weights of this architecture (its supervised head gets the teacher's classes).
+    Scratch(ModelConfig),
+    /// The weights of a checkpoint (e.g. the pretrained network the teacher came from).
+    Checkpoint(PathBuf),
+}
+
+pub struct DistillTask {
+    teacher: SimclrModel,
+    student: SimclrModel,
+    config: ModelConfig,
+    varmap: VarMap,
+    labelled: HashSet<usize>,
+    cfg: DistillConfig,
+    device: Device,
+}
+
+fn terr(e: impl std::fmt::Display) -> TrainError {
+    TrainError::InvalidConfig(e.to_string())
+}
+
+impl DistillTask {
+    /// Loads the teacher and builds the student; checks stages and class counts before any work.
+    pub fn new(
+        teacher_path: &Path,
+        student: &StudentInit,
+        cfg: &DistillConfig,
+        num_classes: usize,
+        labelled: &[usize],
+        device: &Device,
+    ) -> simclr_train::Result<Self> {
+        let teacher = checkpoint::load(teacher_path, device)?;
+        if !TEACHER_STAGES.contains(&teacher.meta.stage.as_str()) {
+            return Err(TrainError::InvalidConfig(format!(
+                "{}: a checkpoint of stage {:?} cannot teach; use a fine-tuned one ({TEACHER_STAGES:?})",
+                teacher_path.display(),
+                teacher.meta.stage
+            )));
+        }
+        match teacher.meta.config.num_classes {
+            Some(c) if c == num_classes => {}
+            other => {
+                return Err(TrainError::InvalidConfig(format!(
+                    "{}: the teacher predicts {other:?} classes, the dataset has {num_classes}",
+                    teacher_path.display()
+                )))
+            }
+        }
+        let (base, init) = match student {
+            StudentInit::Scratch(c) => (c.clone(), None),
+            StudentInit::Checkpoint(p) => {
+                let (meta, tensors) = checkpoint::load_tensors(p, device)?;
+                (meta.config, Some(tensors))
+            }
+        };
+        let config = ModelConfig {
+            num_classes: Some(num_classes),
+            ft_proj_selector: teacher.meta.config.ft_proj_selector,
+            fine_tune_after_block: -1,
+            ..base
+        };
+        let varmap = VarMap::new();
+        let model = SimclrModel::init(&config, &varmap, cfg.seed, device).map_err(terr)?;
+        if let Some(t) = init {
+            assign_variables(&varmap, &t, |n| n.starts_with("head_supervised"))?;
+        }
+        Ok(DistillTask {
+            teacher: teacher.model,
+            student: model,
+            config,
+            varmap,
+            labelled: labelled.iter().copied().collect(),
+            cfg: cfg.clone(),
+            device: device.clone(),
+        })
+    }
+
+    pub fn student(&self) -> &SimclrModel {
+        &self.student
+    }
+
+    pub fn student_config(&self) -> &ModelConfig {
+        &self.config
+    }
+}
+
+impl TrainTask for DistillTask {
+    fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
+        let x = batch.views[0].to_device(&self.device)?;
+        let missing = || TrainError::InvalidConfig("a model without a supervised head".into());
+        // The teacher labels exactly the view the student sees, in inference mode.
+        let t = self
+            .teacher
+            .forward(&x, false)?
+            .logits_sup
+            .ok_or_else(missing)?
+            .detach();
+        let s = self
+            .student
+            .forward(&x, true)?
+            .logits_sup
+            .ok_or_else(missing)?;
+        let kd = distillation_loss(&s, &t, self.cfg.temperature, self.cfg.tau_squared)?;
+        let mut loss = (kd.clone() * self.cfg.alpha)?;
+        let agree = s
+            .argmax(D::Minus1)?
+            .eq(&t.argmax(D::Minus1)?)?
+            .to_dtype(DType::F64)?
+            .mean_all()?
+            .to_scalar::<f64>()?;
+        let mut metrics = vec![
+            (
+                "distill_loss".to_string(),
+                kd.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ),
+            ("teacher_agreement".to_string(), agree),
+        ];
+        if self.cfg.alpha < 1.0 {
+            let rows: Vec<u32> = (0..batch.indices.len())
+                .filter(|&k| self.labelled.contains(&batch.indices[k]))
+                .map(|k| k as u32)
+                .collect();
+            if !rows.is_empty() {
+                let idx = Tensor::new(rows.as_slice(), &self.device)?;
+                let labels = batch
+                    .labels
+                    .to_device(&self.device)?
+                    .index_select(&idx, 0)?;
+                let ce = candle_nn::loss::cross_entropy(&s.index_select(&idx, 0)?, &labels)?;
+                metrics.push((
+                    "supervised_loss".into(),
+                    ce.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                ));
+                loss = (loss + (ce * (1.0 - self.cfg.alpha))?)?;
+            }
+        }
+        Ok(StepOutput { loss, metrics })
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+}
+
+/// Distils `teacher` into a student on every image of `train` (the unlabeled set).
+#[allow(clippy::too_many_arguments)]
+pub fn run_distill(
+    cfg: &DistillConfig,
+    teacher: &Path,
+    student: &StudentInit,
+    train: Arc<dyn Dataset>,
+    labelled: &[usize],
+    out_dir: &Path,
+    resume: bool,
+    progress: bool,
+    device: &Device,
+) -> simclr_train::Result<(TrainSummary, DistillTask)> {
+    let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
+    let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;
+    let n = train.len() as u64;
+    let batch = cfg.train_batch_size.min(train.len());
+    let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
+    lc.num_threads = cfg.num_workers;
+    let loader = Loader::new(train, None, lc).map_err(data_err)?;
+    let schedule = cfg.schedule.build(n, batch as u64)?;
+    let mut optimizer = build_optimizer(named_vars(&task.varmap), &cfg.optimizer)?;
+    let trainer = TrainerConfig {
+        out_dir: out_dir.to_path_buf(),
+        stage: "distill".into(),
+        total_steps: schedule.total_steps,
+        checkpoint_every: cfg.checkpoint_every,
+        log_every: 1,
+        resume,
+        progress,
+        extra_meta: vec![(
+            "distill_config".into(),
+            serde_json::to_string(cfg).map_err(terr)?,
+        )],
+    };
+    let lr = |s: u64| schedule.lr(s);
+    let summary = simclr_train::train(&mut task, &loader, optimizer.as_mut(), &lr, &trainer)?;
+    Ok((summary, task))
+}

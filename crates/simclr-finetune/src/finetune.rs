@@ -1,0 +1,227 @@
+//! Fine-tuning, linear evaluation and the supervised baseline: one task, three initialisations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, D};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use simclr_data::augment::AugmentConfig;
+use simclr_data::split::check_all_classes_labelled;
+use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
+use simclr_models::checkpoint::{self, assign_variables};
+use simclr_models::{ModelConfig, SimclrModel};
+use simclr_train::optim::{build_optimizer, named_vars, OptimizerKind, OptimizerSettings};
+use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
+use simclr_train::{StepOutput, TrainError, TrainSummary, TrainTask, TrainerConfig};
+
+/// Stages whose checkpoints can be fine-tuned.
+pub const PRETRAINED_STAGES: [&str; 2] = ["pretrain", "import"];
+
+/// Settings with the official names; defaults are the SimCLRv2 1 % recipe (reference §3.5):
+/// LARS, `learning_rate` 0.005 with sqrt scaling (0.16 at batch 1024), no weight decay, no
+/// warmup, `ft_proj_selector` 1, zero-initialised logits layer, crop + flip.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub image_size: usize,
+    pub train_batch_size: usize,
+    pub schedule: LrScheduleConfig,
+    pub optimizer: OptimizerSettings,
+    pub ft_proj_selector: i32,
+    /// -1 trains everything; 4 freezes the encoder (linear evaluation).
+    pub fine_tune_after_block: i32,
+    pub zero_init_logits_layer: bool,
+    pub augment: AugmentConfig,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub num_workers: usize,
+}
+
+/// The paper's fine-tuning epochs: 60 for 1 % labels, 30 for 10 % and 100 %.
+pub fn epochs_for_fraction(fraction: f64) -> u64 {
+    if fraction <= 0.01 + 1e-9 {
+        60
+    } else {
+        30
+    }
+}
+
+impl FinetuneConfig {
+    pub fn new(image_size: usize, fraction: f64) -> Self {
+        FinetuneConfig {
+            image_size,
+            train_batch_size: 1024,
+            schedule: LrScheduleConfig {
+                learning_rate: 0.005,
+                learning_rate_scaling: LearningRateScaling::Sqrt,
+                warmup_epochs: 0.0,
+                train_epochs: epochs_for_fraction(fraction),
+                train_steps: None,
+            },
+            optimizer: OptimizerSettings {
+                optimizer: OptimizerKind::Lars,
+                weight_decay: 0.0,
+                ..OptimizerSettings::default()
+            },
+            ft_proj_selector: 1,
+            fine_tune_after_block: -1,
+            zero_init_logits_layer: true,
+            augment: AugmentConfig::finetune(image_size),
+            seed: 0,
+            checkpoint_every: 0,
+            num_workers: 0,
+        }
+    }
+}
+
+/// Where the network starts.
+#[derive(Clone, Debug)]
+pub enum FinetuneInit {
+    /// A pretrained (or imported) checkpoint: fine-tuning or linear evaluation.
+    Pretrained(PathBuf),
+    /// Random initialisation of this architecture: the supervised baseline.
+    Scratch(ModelConfig),
+}
+
+pub struct FinetuneTask {
+    config: ModelConfig,
+    varmap: VarMap,
+    model: SimclrModel,
+    device: Device,
+}
+
+fn terr(e: impl std::fmt::Display) -> TrainError {
+    TrainError::InvalidConfig(e.to_string())
+}
+
+impl FinetuneTask {
+    /// Builds the network for `num_classes`; checks the checkpoint's stage before any work.
+    pub fn new(
+        init: &FinetuneInit,
+        cfg: &FinetuneConfig,
+        num_classes: usize,
+        device: &Device,
+    ) -> simclr_train::Result<Self> {
+        let (base, pretrained) = match init {
+            FinetuneInit::Pretrained(path) => {
+                let meta = checkpoint::read_meta(path)?;
+                if !PRETRAINED_STAGES.contains(&meta.stage.as_str()) {
+                    return Err(TrainError::InvalidConfig(format!(
+                        "{}: a checkpoint of stage {:?}; fine-tuning starts from one of {PRETRAINED_STAGES:?}",
+                        path.display(),
+                        meta.stage
+                    )));
+                }
+                let (_, tensors) = checkpoint::load_tensors(path, device)?;
+                (meta.config, Some(tensors))
+            }
+            FinetuneInit::Scratch(c) => (c.clone(), None),
+        };
+        let config = ModelConfig {
+            num_classes: Some(num_classes),
+            ft_proj_selector: cfg.ft_proj_selector,
+            fine_tune_after_block: cfg.fine_tune_after_block,
+            ..base
+        };
+        config.validate().map_err(terr)?;
+        let varmap = VarMap::new();
+        let model = SimclrModel::init(&config, &varmap, cfg.seed, device).map_err(terr)?;
+        if let Some(tensors) = pretrained {
+            // The supervised head is new (its input or class count may differ); the official
+            // code zeroes it (`zero_init_logits_layer`).
+            assign_variables(&varmap, &tensors, |n| n.starts_with("head_supervised"))?;
+            if cfg.zero_init_logits_layer {
+                let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+                for (_, v) in data
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("head_supervised"))
+                {
+                    v.set(&v.as_tensor().zeros_like()?)?;
+                }
+            }
+        }
+        Ok(FinetuneTask {
+            config,
+            varmap,
+            model,
+            device: device.clone(),
+        })
+    }
+
+    pub fn model(&self) -> &SimclrModel {
+        &self.model
+    }
+}
+
+impl TrainTask for FinetuneTask {
+    fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
+        let x = batch.views[0].to_device(&self.device)?;
+        let out = self.model.forward(&x, true)?;
+        let logits = out
+            .logits_sup
+            .ok_or_else(|| TrainError::InvalidConfig("the model has no supervised head".into()))?;
+        let labels = batch.labels.to_device(&self.device)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let acc = logits
+            .argmax(D::Minus1)?
+            .eq(&labels)?
+            .to_dtype(DType::F64)?
+            .mean_all()?
+            .to_scalar::<f64>()?;
+        Ok(StepOutput {
+            loss,
+            metrics: vec![("supervised_acc".into(), acc)],
+        })
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+}
+
+/// Trains on the images `labelled` of `train` into `out_dir`, as stage `stage`
+/// (`finetune`, `linear_eval` or `supervised`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_finetune(
+    cfg: &FinetuneConfig,
+    init: &FinetuneInit,
+    stage: &str,
+    train: Arc<dyn Dataset>,
+    labelled: Vec<usize>,
+    out_dir: &Path,
+    resume: bool,
+    progress: bool,
+    device: &Device,
+) -> simclr_train::Result<(TrainSummary, FinetuneTask)> {
+    let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
+    check_all_classes_labelled(train.as_ref(), &labelled).map_err(data_err)?;
+    let mut task = FinetuneTask::new(init, cfg, train.num_classes(), device)?;
+    // Small labelled sets: the batch never exceeds the set (the official batch is 1024).
+    let batch = cfg.train_batch_size.min(labelled.len());
+    let n = labelled.len() as u64;
+    let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
+    lc.num_threads = cfg.num_workers;
+    let loader = Loader::new(train, Some(labelled), lc).map_err(data_err)?;
+    let schedule = cfg.schedule.build(n, batch as u64)?;
+    let mut optimizer = build_optimizer(named_vars(&task.varmap), &cfg.optimizer)?;
+    let trainer = TrainerConfig {
+        out_dir: out_dir.to_path_buf(),
+        stage: stage.to_string(),
+        total_steps: schedule.total_steps,
+        checkpoint_every: cfg.checkpoint_every,
+        log_every: 1,
+        resume,
+        progress,
+        extra_meta: vec![(
+            "finetune_config".into(),
+            serde_json::to_string(cfg).map_err(terr)?,
+        )],
+    };
+    let lr = |s: u64| schedule.lr(s);
+    let summary = simclr_train::train(&mut task, &loader, optimizer.as_mut(), &lr, &trainer)?;
+    Ok((summary, task))
+}

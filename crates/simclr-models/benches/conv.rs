@@ -1,0 +1,250 @@
+//! Convolution throughput on the CPU: candle's `conv2d` against the im2col + GEMM custom ops of
+//! `simclr_models::conv`, and what that does to a SimCLR training step.
+//!
+//! `cargo bench -p simclr-models --bench conv` prints (medians over timed runs after warm-up):
+//!
+//! * GFLOP/s of a 3×3 convolution 128→128 on 16×16, batch 128 (9.66 GFLOP per direction): the
+//!   forward pass, the input gradient and the weight gradient, each timed as the ops its
+//!   backward pass runs (candle: `conv_transpose2d` and the transposed `conv2d` of candle's
+//!   autograd; custom: the GEMMs, `Col2Im` and the layout transposes), and the whole
+//!   forward + `backward()` through autograd;
+//! * images/s of one SimCLR training step's forward + backward (NT-Xent, no optimizer update)
+//!   for an R18-CIFAR model at base width 16 on 28×28, 128 images × 2 views.
+//!
+//! Threads: rayon's default (all cores; set `RAYON_NUM_THREADS` to change it).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
+use simclr_models::conv::{
+    conv2d_with, set_conv_backend, Col2Im, ConvBackend, ConvGeometry, Im2Col, SwapLast2,
+};
+use simclr_models::{ModelConfig, SimclrModel};
+
+type R<T> = candle_core::Result<T>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Median wall time in seconds of `f` over `runs` calls after `warmup` calls.
+fn time<T>(warmup: usize, runs: usize, mut f: impl FnMut() -> R<T>) -> f64 {
+    for _ in 0..warmup {
+        f().expect("warm-up run");
+    }
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                let out = f().expect("timed run");
+                let dt = t.elapsed().as_secs_f64();
+                drop(out);
+                dt
+            })
+            .collect(),
+    )
+}
+
+fn randn(shape: &[usize], std: f64) -> Tensor {
+    Tensor::randn(0f32, std as f32, shape, &Device::Cpu).expect("randn")
+}
+
+struct Conv {
+    n: usize,
+    c: usize,
+    h: usize,
+    o: usize,
+    g: ConvGeometry,
+}
+
+impl Conv {
+    fn flops(&self) -> f64 {
+        let (ho, wo) = self.g.out_size(self.h, self.h).unwrap();
+        2.0 * (self.n * ho * wo * self.o * self.c * self.g.kh * self.g.kw) as f64
+    }
+}
+
+/// Seconds for (forward, input gradient, weight gradient, forward + backward).
+fn bench_candle(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
+    let pad = p.g.pad_top;
+    let s = p.g.stride;
+    let fwd = time(1, 5, || x.conv2d(w, pad, s, 1, 1));
+    // The two ops of candle 0.11's Conv2D backward.
+    let out_size = (gy.dim(2).unwrap() - 1) * s + p.g.kh - 2 * pad;
+    let out_padding = p.h - out_size;
+    let dx = time(1, 5, || gy.conv_transpose2d(w, pad, out_padding, s, 1));
+    let dw = time(1, 5, || {
+        x.transpose(0, 1)?
+            .conv2d(&gy.transpose(0, 1)?, pad, 1, s, 1)?
+            .transpose(0, 1)
+    });
+    let total = time(1, 3, || fwd_bwd(x, w, gy, p.g, ConvBackend::Candle));
+    [fwd, dx, dw, total]
+}
+
+/// Seconds for (forward, input gradient, weight gradient, forward + backward).
+fn bench_custom(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
+    let g = p.g;
+    let (n, c, h, o) = (p.n, p.c, p.h, p.o);
+    let (ho, wo) = g.out_size(h, h).unwrap();
+    let k = g.kh * g.kw * c;
+    let fwd = time(1, 5, || conv2d_with(x, w, g, ConvBackend::Im2colGemm));
+    // The ops autograd runs for the backward of conv2d_with (see simclr_models::conv).
+    let wm = w.permute((0, 2, 3, 1)).unwrap().reshape((o, k)).unwrap();
+    let cols = x
+        .reshape((n, c, h * h))
+        .and_then(|t| t.apply_op1_no_bwd(&SwapLast2))
+        .and_then(|t| t.reshape((n, h, h, c)))
+        .and_then(|t| t.apply_op1_no_bwd(&Im2Col(g)))
+        .unwrap();
+    let gy_rows = |gy: &Tensor| -> R<Tensor> {
+        gy.reshape((n, o, ho * wo))?
+            .apply_op1_no_bwd(&SwapLast2)?
+            .reshape((n * ho * wo, o))
+    };
+    let fold = Col2Im {
+        geometry: g,
+        h,
+        w: h,
+        c,
+    };
+    let dx = time(1, 5, || {
+        gy_rows(gy)?
+            .matmul(&wm)?
+            .apply_op1_no_bwd(&fold)?
+            .reshape((n, h * h, c))?
+            .apply_op1_no_bwd(&SwapLast2)
+    });
+    let dw = time(1, 5, || {
+        cols.t()?
+            .matmul(&gy_rows(gy)?)?
+            .t()?
+            .reshape((o, g.kh, g.kw, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    });
+    let total = time(1, 3, || fwd_bwd(x, w, gy, g, ConvBackend::Im2colGemm));
+    [fwd, dx, dw, total]
+}
+
+/// Forward, then `backward()` of `<y, gy>`; returns both gradients.
+fn fwd_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    g: ConvGeometry,
+    b: ConvBackend,
+) -> R<(Tensor, Tensor)> {
+    let xv = Var::from_tensor(x)?;
+    let wv = Var::from_tensor(w)?;
+    let y = conv2d_with(xv.as_tensor(), wv.as_tensor(), g, b)?;
+    let grads = (y * gy)?.sum_all()?.backward()?;
+    Ok((
+        grads.get(xv.as_tensor()).unwrap().clone(),
+        grads.get(wv.as_tensor()).unwrap().clone(),
+    ))
+}
+
+fn conv_table() {
+    let p = Conv {
+        n: 128,
+        c: 128,
+        h: 16,
+        o: 128,
+        g: ConvGeometry::symmetric(3, 1, 1),
+    };
+    let x = randn(&[p.n, p.c, p.h, p.h], 1.0);
+    let w = randn(&[p.o, p.c, 3, 3], 0.05);
+    let gy = randn(&[p.n, p.o, p.h, p.h], 1.0);
+    let gf = p.flops() / 1e9;
+    println!(
+        "3x3 conv {}->{} on {}x{}, batch {} ({gf:.2} GFLOP per direction), GFLOP/s (ms):",
+        p.c, p.o, p.h, p.h, p.n
+    );
+    let a = bench_candle(&p, &x, &w, &gy);
+    let b = bench_custom(&p, &x, &w, &gy);
+    println!(
+        "  {:<26} {:>18} {:>18} {:>8}",
+        "", "candle conv2d", "im2col + GEMM", "speed-up"
+    );
+    let names = [
+        ("forward", 1.0),
+        ("input gradient", 1.0),
+        ("weight gradient", 1.0),
+        ("forward + backward()", 3.0),
+    ];
+    for (i, (name, mult)) in names.iter().enumerate() {
+        let f = gf * mult;
+        println!(
+            "  {name:<26} {:>8.1} ({:>6.1}) {:>8.1} ({:>6.1}) {:>7.2}x",
+            f / a[i],
+            a[i] * 1e3,
+            f / b[i],
+            b[i] * 1e3,
+            a[i] / b[i]
+        );
+    }
+}
+
+/// NT-Xent (temperature 0.1) of 2·B projections whose rows i and i + B are the two views.
+fn nt_xent(z: &Tensor) -> R<Tensor> {
+    let n2 = z.dim(0)?;
+    let b = n2 / 2;
+    let h = z.broadcast_div(&z.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let sim = (h.matmul(&h.t()?)? / 0.1)?;
+    let mask = (Tensor::eye(n2, DType::F32, z.device())? * 1e9)?;
+    let logits = (sim - mask)?;
+    let targets: Vec<u32> = (0..n2).map(|i| ((i + b) % n2) as u32).collect();
+    let targets = Tensor::new(targets.as_slice(), z.device())?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
+}
+
+fn step_table() {
+    let images = 128;
+    let size = 28;
+    let config = ModelConfig {
+        resnet_depth: 18,
+        base_width: 16,
+        num_classes: None,
+        ..ModelConfig::default()
+    }
+    .with_image_size(size);
+    let varmap = VarMap::new();
+    let model = SimclrModel::init(&config, &varmap, 0, &Device::Cpu).expect("model");
+    let x = Tensor::rand(0f32, 1f32, (2 * images, 3, size, size), &Device::Cpu).expect("x");
+    let step = || -> R<f32> {
+        let out = model.forward(&x, true)?;
+        let loss = nt_xent(&out.proj_head_output)?;
+        let grads = loss.backward()?;
+        drop(grads);
+        loss.to_scalar::<f32>()
+    };
+    println!(
+        "SimCLR step (forward + backward, NT-Xent), R18-CIFAR base width 16, {size}x{size}, \
+         {images} images x 2 views:"
+    );
+    let mut rates = Vec::new();
+    for (name, backend) in [
+        ("candle conv2d", ConvBackend::Candle),
+        ("im2col + GEMM", ConvBackend::Im2colGemm),
+    ] {
+        set_conv_backend(backend);
+        let t = time(1, 5, step);
+        let rate = images as f64 / t;
+        rates.push(rate);
+        println!(
+            "  {name:<26} {rate:>8.1} images/s  ({:.0} ms a step)",
+            t * 1e3
+        );
+    }
+    println!("  speed-up {:.2}x", rates[1] / rates[0]);
+}
+
+fn main() {
+    println!("threads: {}", rayon::current_num_threads());
+    conv_table();
+    step_table();
+}

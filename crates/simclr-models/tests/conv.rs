@@ -1,0 +1,263 @@
+//! The im2col + GEMM convolution against candle's `conv2d`: forward values and the gradients
+//! with respect to the input and the kernel, over random shapes; and the adjointness of the
+//! unfold (`Im2Col`) and the fold (`Col2Im`).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{pseudo_random, rel_err, values};
+use simclr_models::conv::{conv2d_with, Col2Im, ConvBackend, ConvGeometry, Im2Col, SwapLast2};
+
+const TOL: f64 = 1e-4;
+
+/// Output, input gradient and kernel gradient of `sum(conv(x, w) * r)`. With
+/// [`ConvBackend::Candle`] this is candle's `conv2d` (explicitly padded and cropped where the
+/// padding is asymmetric or the two axes leave different remainders).
+fn run(
+    x: &Tensor,
+    w: &Tensor,
+    r_seed: u64,
+    g: ConvGeometry,
+    backend: ConvBackend,
+) -> (Tensor, Tensor, Tensor) {
+    let xv = Var::from_tensor(x).unwrap();
+    let wv = Var::from_tensor(w).unwrap();
+    let y = conv2d_with(xv.as_tensor(), wv.as_tensor(), g, backend).unwrap();
+    let r = pseudo_random(y.dims(), r_seed, -1.0, 1.0);
+    let loss = (&y * &r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let gx = grads.get(xv.as_tensor()).expect("input gradient").clone();
+    let gw = grads.get(wv.as_tensor()).expect("kernel gradient").clone();
+    (y, gx, gw)
+}
+
+/// (batch, in channels, height, width, out channels, geometry)
+type Case = (usize, usize, usize, usize, usize, ConvGeometry);
+
+fn check(cases: &[Case]) {
+    for (idx, &(n, c, h, w, o, g)) in cases.iter().enumerate() {
+        let seed = 1000 + idx as u64 * 7;
+        let x = pseudo_random(&[n, c, h, w], seed, -1.0, 1.0);
+        let k = pseudo_random(&[o, c, g.kh, g.kw], seed + 1, -0.5, 0.5);
+        let (y0, gx0, gw0) = run(&x, &k, seed + 2, g, ConvBackend::Candle);
+        let (y1, gx1, gw1) = run(&x, &k, seed + 2, g, ConvBackend::Im2colGemm);
+        let what = format!("case {idx}: x {:?} w {:?} {g:?}", x.dims(), k.dims());
+        assert_eq!(y1.dims(), y0.dims(), "{what}: output shape");
+        assert!(y1.is_contiguous(), "{what}: output not contiguous");
+        let (ey, ex, ew) = (rel_err(&y1, &y0), rel_err(&gx1, &gx0), rel_err(&gw1, &gw0));
+        assert!(ey < TOL, "{what}: forward rel err {ey:e}");
+        assert!(ex < TOL, "{what}: input gradient rel err {ex:e}");
+        assert!(ew < TOL, "{what}: kernel gradient rel err {ew:e}");
+    }
+}
+
+#[test]
+fn matches_candle_conv2d_3x3() {
+    let s = ConvGeometry::symmetric;
+    check(&[
+        (1, 3, 9, 9, 5, s(3, 1, 1)),
+        (2, 5, 7, 11, 13, s(3, 1, 1)),
+        (3, 13, 11, 9, 6, s(3, 2, 1)),
+        (1, 17, 16, 16, 9, s(3, 2, 1)),
+        (4, 6, 5, 5, 10, s(3, 1, 0)),
+        (2, 7, 1, 1, 3, s(3, 1, 1)),
+        (2, 9, 2, 3, 4, s(3, 2, 1)),
+    ]);
+}
+
+#[test]
+fn matches_candle_conv2d_1x1() {
+    let s = ConvGeometry::symmetric;
+    check(&[
+        (1, 3, 9, 9, 5, s(1, 1, 0)),
+        (3, 13, 7, 5, 11, s(1, 1, 0)),
+        (2, 10, 9, 9, 17, s(1, 2, 0)),
+        (3, 5, 8, 6, 7, s(1, 2, 0)),
+    ]);
+}
+
+#[test]
+fn matches_candle_conv2d_7x7() {
+    let s = ConvGeometry::symmetric;
+    check(&[
+        (2, 3, 15, 13, 8, s(7, 2, 3)),
+        (1, 5, 9, 9, 6, s(7, 1, 3)),
+        (3, 3, 5, 5, 4, s(7, 2, 3)),
+    ]);
+}
+
+#[test]
+fn matches_candle_conv2d_asymmetric_padding() {
+    // TF SAME padding of an even input at stride 2 pads (0, 1); larger totals pad (p, p + 1).
+    let g = |k: usize, stride: usize, top: usize, left: usize, bottom: usize, right: usize| {
+        ConvGeometry {
+            kh: k,
+            kw: k,
+            stride,
+            pad_top: top,
+            pad_left: left,
+            pad_bottom: bottom,
+            pad_right: right,
+        }
+    };
+    check(&[
+        (2, 5, 8, 8, 6, g(3, 2, 0, 0, 1, 1)),
+        (1, 7, 10, 12, 3, g(7, 2, 2, 3, 3, 2)),
+        (3, 4, 9, 7, 5, g(3, 1, 2, 0, 0, 2)),
+        (2, 3, 6, 6, 2, g(1, 1, 1, 0, 0, 1)),
+    ]);
+}
+
+#[test]
+fn larger_batch_matches() {
+    // Enough rows for the parallel split to cut inside images and across them.
+    let s = ConvGeometry::symmetric;
+    check(&[
+        (9, 19, 13, 13, 21, s(3, 1, 1)),
+        (8, 11, 14, 15, 12, s(3, 2, 1)),
+    ]);
+}
+
+#[test]
+fn other_dtypes_fall_back_to_candle() {
+    let x = pseudo_random(&[2, 3, 5, 5], 1, -1.0, 1.0)
+        .to_dtype(DType::F64)
+        .unwrap();
+    let w = pseudo_random(&[4, 3, 3, 3], 2, -1.0, 1.0)
+        .to_dtype(DType::F64)
+        .unwrap();
+    let g = ConvGeometry::symmetric(3, 1, 1);
+    let y = conv2d_with(&x, &w, g, ConvBackend::Im2colGemm).unwrap();
+    let y0 = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    assert_eq!(y.dtype(), DType::F64);
+    assert!(rel_err(&y, &y0) < 1e-12);
+}
+
+#[test]
+fn mismatched_kernel_is_an_error() {
+    let x = Tensor::zeros((1, 3, 5, 5), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let g = ConvGeometry::symmetric(3, 1, 1);
+    assert!(conv2d_with(&x, &w, g, ConvBackend::Im2colGemm).is_err());
+    let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d_with(
+        &x,
+        &w,
+        ConvGeometry::symmetric(5, 1, 1),
+        ConvBackend::Im2colGemm
+    )
+    .is_err());
+}
+
+/// `<a, b>` accumulated in f64.
+fn dot_f64(a: &Tensor, b: &Tensor) -> f64 {
+    values(a).iter().zip(values(b)).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn col2im_is_the_adjoint_of_im2col() {
+    let geometries = [
+        ConvGeometry::symmetric(3, 1, 1),
+        ConvGeometry::symmetric(3, 2, 1),
+        ConvGeometry::symmetric(7, 2, 3),
+        ConvGeometry::symmetric(1, 2, 0),
+        ConvGeometry {
+            kh: 3,
+            kw: 5,
+            stride: 2,
+            pad_top: 0,
+            pad_left: 2,
+            pad_bottom: 1,
+            pad_right: 3,
+        },
+    ];
+    for (idx, &g) in geometries.iter().enumerate() {
+        let (n, h, w, c) = (3, 9, 8, 5);
+        let seed = 50 + idx as u64;
+        let x = pseudo_random(&[n, h, w, c], seed, -1.0, 1.0);
+        let cols = x.apply_op1_no_bwd(&Im2Col(g)).unwrap();
+        let (ho, wo) = g.out_size(h, w).unwrap();
+        assert_eq!(cols.dims(), &[n * ho * wo, g.kh * g.kw * c]);
+        let y = pseudo_random(cols.dims(), seed + 100, -1.0, 1.0);
+        let folded = y
+            .apply_op1_no_bwd(&Col2Im {
+                geometry: g,
+                h,
+                w,
+                c,
+            })
+            .unwrap();
+        assert_eq!(folded.dims(), x.dims());
+        let (lhs, rhs) = (dot_f64(&cols, &y), dot_f64(&x, &folded));
+        // col2im's sums are rounded to f32 once per element.
+        let scale: f64 = values(&x)
+            .iter()
+            .zip(values(&folded))
+            .map(|(a, b)| (a * b).abs())
+            .sum();
+        assert!(
+            (lhs - rhs).abs() <= 1e-6 * scale,
+            "{g:?}: <im2col(x), y> = {lhs} but <x, col2im(y)> = {rhs}"
+        );
+
+        // Im2Col's backward is Col2Im, and the other way round.
+        let xv = Var::from_tensor(&x).unwrap();
+        let loss = (xv.as_tensor().apply_op1(Im2Col(g)).unwrap() * &y)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gx = loss
+            .backward()
+            .unwrap()
+            .get(xv.as_tensor())
+            .unwrap()
+            .clone();
+        assert_eq!(values(&gx), values(&folded));
+        let yv = Var::from_tensor(&y).unwrap();
+        let fold = Col2Im {
+            geometry: g,
+            h,
+            w,
+            c,
+        };
+        let loss = (yv.as_tensor().apply_op1(fold).unwrap() * &x)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gy = loss
+            .backward()
+            .unwrap()
+            .get(yv.as_tensor())
+            .unwrap()
+            .clone();
+        assert_eq!(values(&gy), values(&cols));
+    }
+}
+
+#[test]
+fn im2col_rows_hold_the_windows() {
+    // One image, one channel, 3x3 kernel, padding 1: row (ho, wo) is the 3x3 neighbourhood.
+    let x = Tensor::arange(1f32, 13., &Device::Cpu)
+        .unwrap()
+        .reshape((1, 3, 4, 1))
+        .unwrap();
+    let cols = x
+        .apply_op1_no_bwd(&Im2Col(ConvGeometry::symmetric(3, 1, 1)))
+        .unwrap();
+    assert_eq!(cols.dims(), &[12, 9]);
+    let rows = cols.to_vec2::<f32>().unwrap();
+    assert_eq!(rows[0], [0., 0., 0., 0., 1., 2., 0., 5., 6.]);
+    assert_eq!(rows[5], [1., 2., 3., 5., 6., 7., 9., 10., 11.]);
+    assert_eq!(rows[11], [7., 8., 0., 11., 12., 0., 0., 0., 0.]);
+}
+
+#[test]
+fn swap_last2_is_a_transpose() {
+    for &(b, r, c) in &[(1, 1, 1), (2, 3, 5), (3, 33, 70), (1, 100, 7), (2, 64, 64)] {
+        let x = pseudo_random(&[b, r, c], (b * r * c) as u64, -1.0, 1.0);
+        let t = x.apply_op1(SwapLast2).unwrap();
+        let reference = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        assert_eq!(values(&t), values(&reference), "{b}x{r}x{c}");
+        assert_eq!(t.dims(), &[b, c, r]);
+    }
+}
