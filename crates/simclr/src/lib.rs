@@ -7,3 +7,17 @@
 pub mod args;
 pub mod pipeline;
 pub mod report;
+
+/// An error and its causes on one line, each cause once: library errors often already quote
+/// their source (`file: No such file or directory`), which `{:#}` would print twice.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}

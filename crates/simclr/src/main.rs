@@ -30,6 +30,11 @@ struct Cli {
 enum Command {
     /// Contrastive pretraining (NT-Xent, LARS, warmup + cosine) on unlabeled images.
     Pretrain(PretrainArgs),
+    /// Fine-tune a pretrained checkpoint on a labelled fraction (or train the supervised
+    /// baseline from scratch with --from-scratch, or linear evaluation with --fine-tune-after-block 4).
+    Finetune(FinetuneArgs),
+    /// Distil a fine-tuned teacher into a student on the unlabeled images.
+    Distill(DistillArgs),
     /// Top-1/top-5, per-class accuracy, confusion matrix and kNN top-1 of a checkpoint.
     Eval(EvalArgs),
     /// Features of a checkpoint's model on a dataset, to a safetensors file.
@@ -99,6 +104,123 @@ struct PretrainArgs {
     no_progress: bool,
 }
 
+/// The labelled subset: a fraction drawn per class, or an official-format split file.
+#[derive(Args)]
+struct LabelArgs {
+    /// Fraction of each class that keeps its label (0.01, 0.1, …).
+    #[arg(long, default_value_t = 0.01)]
+    fraction: f64,
+    /// A split file (`1percent.txt` format) instead of --fraction.
+    #[arg(long)]
+    split_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl LabelArgs {
+    fn indices(&self, train: &dyn simclr_data::Dataset) -> Result<Vec<usize>> {
+        Ok(match &self.split_file {
+            Some(p) => simclr_data::split::read_split_file(p, train)?,
+            None => simclr_data::split::class_balanced_subset(
+                &train.labels(),
+                train.num_classes(),
+                self.fraction,
+                self.seed,
+            )?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// The pretrained (or imported) checkpoint.
+    #[arg(long, required_unless_present = "from_scratch")]
+    checkpoint: Option<PathBuf>,
+    /// Train the network of --resnet-depth … from random weights: the supervised baseline.
+    #[arg(long)]
+    from_scratch: bool,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    labels: LabelArgs,
+    #[arg(long, default_value_t = 1024)]
+    train_batch_size: usize,
+    /// Default: 60 for 1 % labels, 30 otherwise.
+    #[arg(long)]
+    train_epochs: Option<u64>,
+    #[arg(long)]
+    train_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.005)]
+    learning_rate: f64,
+    #[arg(long, default_value = "sqrt")]
+    learning_rate_scaling: LearningRateScaling,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, value_enum, default_value = "lars")]
+    optimizer: OptimizerKind,
+    /// -1 trains everything; 4 freezes the encoder (linear evaluation).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    fine_tune_after_block: i32,
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    zero_init_logits_layer: bool,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct DistillArgs {
+    /// The fine-tuned teacher.
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Start the student from this checkpoint (e.g. the pretrained one); default: from scratch
+    /// with the teacher's architecture, or --resnet-depth … with --student-from-flags.
+    #[arg(long)]
+    student_checkpoint: Option<PathBuf>,
+    /// Build the student from the model flags (big-to-small distillation).
+    #[arg(long)]
+    student_from_flags: bool,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    labels: LabelArgs,
+    /// τ (default 0.1 for self-distillation, 1.0 with --student-from-flags).
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    tau_squared: bool,
+    /// Weight of the distillation term; 1 − α weighs cross-entropy on labelled images.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    #[arg(long, default_value_t = 512)]
+    train_batch_size: usize,
+    #[arg(long, default_value_t = 400)]
+    train_epochs: u64,
+    #[arg(long)]
+    train_steps: Option<u64>,
+    #[arg(long, default_value_t = 0.3)]
+    learning_rate: f64,
+    #[arg(long, default_value = "linear")]
+    learning_rate_scaling: LearningRateScaling,
+    #[arg(long, default_value_t = 10.0)]
+    warmup_epochs: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
 #[derive(Args)]
 struct EvalArgs {
     #[arg(long)]
@@ -147,7 +269,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", simclr::error_report(&e));
         std::process::exit(1);
     }
 }
@@ -156,6 +278,8 @@ fn run(cli: Cli) -> Result<()> {
     let device = device(cli.device.as_deref())?;
     match cli.command {
         Command::Pretrain(a) => pretrain(a, &device),
+        Command::Finetune(a) => finetune(a, &device),
+        Command::Distill(a) => distill(a, &device),
         Command::Eval(a) => eval(a, &device),
         Command::Embed(a) => embed(a, &device),
         Command::Import(a) => import(a, &device),
@@ -230,6 +354,122 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
             .map(|(k, v)| format!(", {k} {v:.4}"))
             .collect::<String>(),
         summary.checkpoint.display()
+    );
+    Ok(())
+}
+
+fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
+    use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
+    let image_size = a.data.image_size()?;
+    let train = a.data.load(Split::Train)?;
+    let labelled = a.labels.indices(train.as_ref())?;
+    let mut cfg = FinetuneConfig::new(image_size, a.labels.fraction);
+    cfg.train_batch_size = a.train_batch_size;
+    if let Some(e) = a.train_epochs {
+        cfg.schedule.train_epochs = e;
+    }
+    cfg.schedule.train_steps = a.train_steps;
+    cfg.schedule.learning_rate = a.learning_rate;
+    cfg.schedule.learning_rate_scaling = a.learning_rate_scaling;
+    cfg.optimizer.optimizer = a.optimizer;
+    cfg.optimizer.weight_decay = a.weight_decay;
+    cfg.ft_proj_selector = a
+        .model
+        .ft_proj_selector
+        .max(if a.from_scratch { 0 } else { 1 });
+    cfg.fine_tune_after_block = a.fine_tune_after_block;
+    cfg.zero_init_logits_layer = a.zero_init_logits_layer;
+    cfg.seed = a.labels.seed;
+    cfg.num_workers = a.data.num_workers;
+    let (init, stage) = match (&a.checkpoint, a.from_scratch) {
+        (_, true) => (
+            FinetuneInit::Scratch(a.model.config(image_size, None)?),
+            "supervised",
+        ),
+        (Some(p), false) => (
+            FinetuneInit::Pretrained(p.clone()),
+            if a.fine_tune_after_block >= 4 {
+                "linear_eval"
+            } else {
+                "finetune"
+            },
+        ),
+        (None, false) => bail!("--checkpoint is required unless --from-scratch"),
+    };
+    check_writable(&a.out)?;
+    simclr_data::split::write_split_file(
+        &a.out.join("labelled_split.txt"),
+        train.as_ref(),
+        &labelled,
+    )?;
+    let (s, _) = run_finetune(
+        &cfg,
+        &init,
+        stage,
+        train,
+        labelled,
+        &a.out,
+        a.resume,
+        !a.no_progress,
+        device,
+    )?;
+    println!(
+        "{stage}: {} steps in {:.0} s; final loss {:.4}; checkpoint {}",
+        s.steps,
+        s.wall_seconds,
+        s.final_loss,
+        s.checkpoint.display()
+    );
+    Ok(())
+}
+
+fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
+    use simclr_distill::{run_distill, DistillConfig, StudentInit};
+    let image_size = a.data.image_size()?;
+    let train = a.data.load(Split::Train)?;
+    let labelled = if a.alpha < 1.0 {
+        a.labels.indices(train.as_ref())?
+    } else {
+        Vec::new()
+    };
+    let student = match (&a.student_checkpoint, a.student_from_flags) {
+        (Some(p), _) => StudentInit::Checkpoint(p.clone()),
+        (None, true) => StudentInit::Scratch(a.model.config(image_size, None)?),
+        (None, false) => StudentInit::Scratch(checkpoint::read_meta(&a.teacher)?.config),
+    };
+    let mut cfg = DistillConfig::new(image_size, !a.student_from_flags);
+    if let Some(t) = a.temperature {
+        cfg.temperature = t;
+    }
+    cfg.tau_squared = a.tau_squared;
+    cfg.alpha = a.alpha;
+    cfg.train_batch_size = a.train_batch_size;
+    cfg.schedule.train_epochs = a.train_epochs;
+    cfg.schedule.train_steps = a.train_steps;
+    cfg.schedule.learning_rate = a.learning_rate;
+    cfg.schedule.learning_rate_scaling = a.learning_rate_scaling;
+    cfg.schedule.warmup_epochs = a.warmup_epochs;
+    cfg.optimizer.weight_decay = a.weight_decay;
+    cfg.seed = a.labels.seed;
+    cfg.num_workers = a.data.num_workers;
+    check_writable(&a.out)?;
+    let (s, _) = run_distill(
+        &cfg,
+        &a.teacher,
+        &student,
+        train,
+        &labelled,
+        &a.out,
+        a.resume,
+        !a.no_progress,
+        device,
+    )?;
+    println!(
+        "distill: {} steps in {:.0} s; final loss {:.4}; checkpoint {}",
+        s.steps,
+        s.wall_seconds,
+        s.final_loss,
+        s.checkpoint.display()
     );
     Ok(())
 }
@@ -332,10 +572,7 @@ fn import(a: ImportArgs, device: &candle_core::Device) -> Result<()> {
         }
         simclr_models::import_pth(&a.source, device)?
     } else {
-        bail!(
-            "{}: TF1 checkpoints are not supported yet; use a converter .pth",
-            a.source.display()
-        )
+        simclr_models::import_tf1(&a.source, a.ema, device)?
     };
     checkpoint::save(&a.out, &imported.varmap, &imported.checkpoint_meta())?;
     println!(
