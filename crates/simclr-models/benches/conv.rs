@@ -4,10 +4,10 @@
 //! `cargo bench -p simclr-models --bench conv` prints (medians over timed runs after warm-up):
 //!
 //! * GFLOP/s of a 3×3 convolution 128→128 on 16×16, batch 128 (9.66 GFLOP per direction): the
-//!   forward pass, the input gradient and the weight gradient, each timed as the ops its
-//!   backward pass runs (candle: `conv_transpose2d` and the transposed `conv2d` of candle's
-//!   autograd; custom: the GEMMs, `Col2Im` and the layout transposes), and the whole
-//!   forward + `backward()` through autograd;
+//!   forward pass, the input gradient and the weight gradient, each timed as the op its
+//!   backward pass runs (candle: the `conv_transpose2d` and the transposed `conv2d` of candle's
+//!   autograd; custom: `ConvInputGrad` and `ConvKernelGrad`), and the whole forward +
+//!   `backward()` through autograd;
 //! * images/s of one SimCLR training step's forward + backward (NT-Xent, no optimizer update)
 //!   for an R18-CIFAR model at base width 16 on 28×28, 128 images × 2 views.
 //!
@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use simclr_models::conv::{
-    conv2d_with, set_conv_backend, Col2Im, ConvBackend, ConvGeometry, Im2Col, SwapLast2,
+    conv2d_with, set_conv_backend, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
 };
 use simclr_models::{ModelConfig, SimclrModel};
 
@@ -87,44 +87,15 @@ fn bench_candle(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
 /// Seconds for (forward, input gradient, weight gradient, forward + backward).
 fn bench_custom(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
     let g = p.g;
-    let (n, c, h, o) = (p.n, p.c, p.h, p.o);
-    let (ho, wo) = g.out_size(h, h).unwrap();
-    let k = g.kh * g.kw * c;
     let fwd = time(1, 5, || conv2d_with(x, w, g, ConvBackend::Im2colGemm));
-    // The ops autograd runs for the backward of conv2d_with (see simclr_models::conv).
-    let wm = w.permute((0, 2, 3, 1)).unwrap().reshape((o, k)).unwrap();
-    let cols = x
-        .reshape((n, c, h * h))
-        .and_then(|t| t.apply_op1_no_bwd(&SwapLast2))
-        .and_then(|t| t.reshape((n, h, h, c)))
-        .and_then(|t| t.apply_op1_no_bwd(&Im2Col(g)))
-        .unwrap();
-    let gy_rows = |gy: &Tensor| -> R<Tensor> {
-        gy.reshape((n, o, ho * wo))?
-            .apply_op1_no_bwd(&SwapLast2)?
-            .reshape((n * ho * wo, o))
-    };
-    let fold = Col2Im {
+    // The two ops of Conv2dGemm's backward.
+    let input_grad = ConvInputGrad {
         geometry: g,
-        h,
-        w: h,
-        c,
+        h: p.h,
+        w: p.h,
     };
-    let dx = time(1, 5, || {
-        gy_rows(gy)?
-            .matmul(&wm)?
-            .apply_op1_no_bwd(&fold)?
-            .reshape((n, h * h, c))?
-            .apply_op1_no_bwd(&SwapLast2)
-    });
-    let dw = time(1, 5, || {
-        cols.t()?
-            .matmul(&gy_rows(gy)?)?
-            .t()?
-            .reshape((o, g.kh, g.kw, c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
-    });
+    let dx = time(1, 5, || gy.apply_op2_no_bwd(w, &input_grad));
+    let dw = time(1, 5, || x.apply_op2_no_bwd(gy, &ConvKernelGrad(g)));
     let total = time(1, 3, || fwd_bwd(x, w, gy, g, ConvBackend::Im2colGemm));
     [fwd, dx, dw, total]
 }

@@ -1,32 +1,40 @@
-//! 2-D convolution on the CPU as im2col + GEMM, built from candle custom ops.
+//! 2-D convolution on the CPU as im2col + GEMM, as candle custom ops.
 //!
 //! Why this exists: candle 0.11's CPU convolution is slow where training spends its time. Its
 //! input gradient is a direct dot-product loop rather than a GEMM (about 13 GFLOP/s, nearly half
 //! of a ResNet training step), and its forward pass and weight gradient use a scalar,
-//! single-threaded im2col (30–40 GFLOP/s). Here the convolution is rewritten as
+//! single-threaded im2col (30–40 GFLOP/s).
 //!
-//! ```text
-//! x (NCHW) --transpose--> NHWC --Im2Col--> cols [N·Ho·Wo, kh·kw·C]
-//! y = cols · Wᵀ           (W reordered to [O, kh·kw·C], candle's matmul = the `gemm` crate)
-//! y [N, Ho·Wo, O] --transpose--> NCHW
-//! ```
+//! Here all three are GEMMs of the `gemm` crate (the kernels behind candle's own `matmul`) over
+//! unfolded windows. The batch is cut into chunks of whole images (enough images that a chunk
+//! has a few hundred output pixels); each rayon task unfolds its chunk into a scratch matrix
+//! `colsᵀ [C·kh·kw, pixels]` ([`Im2Col`]'s layout, rows in `(c, i, j)` order so an OIHW kernel is
+//! already the `[O, C·kh·kw]` matrix, each row filled by contiguous runs along the image row),
+//! and multiplies:
 //!
-//! so the forward pass, the input gradient (`grad · W`, then [`Col2Im`], the adjoint of
-//! [`Im2Col`]) and the weight gradient (`colsᵀ · grad`) are all GEMMs, and candle's autograd
-//! differentiates the composition. The unfold works on NHWC so that every window row it copies
-//! is one contiguous run of `kw·C` floats. 1×1 stride-1 unpadded convolutions skip the unfold.
+//! * forward: `y = W · colsᵀ`, written straight into the NCHW output;
+//! * input gradient: `colsᵀ-grad = Wᵀ · gy`, folded back into the image by [`Col2Im`] (the
+//!   adjoint of the unfold; a task owns its images, so no two threads add into the same pixel);
+//! * weight gradient: `gW += gy · cols`, recomputing the chunk's unfold instead of keeping it from
+//!   the forward pass, and summing per-thread partial kernels at the end.
+//!
+//! Nothing bigger than a chunk is ever unfolded, so the memory of a convolution layer in the
+//! autograd graph is that of its input and output, as with candle's own op. 1×1 stride-1 unpadded
+//! convolutions of single-image chunks multiply the image itself.
 //!
 //! Only f32 tensors on the CPU take this path; anything else (other dtypes, CUDA, Metal) falls
 //! back to candle's own `conv2d`, as does everything when [`ConvBackend::Candle`] is selected
-//! (environment variable `SIMCLR_CONV=candle`, or [`set_conv_backend`]).
+//! (environment variable `SIMCLR_CONV=candle`, or [`set_conv_backend`]). The custom op has no
+//! second-order gradient.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Roughly how many output floats one parallel task should produce.
-const TASK_FLOATS: usize = 1 << 14;
+/// A chunk holds whole images and at least this many output pixels (when the batch has them).
+const CHUNK_PIXELS: usize = 256;
 
 /// The window of a 2-D convolution: kernel size, stride and explicit (possibly asymmetric) zero
 /// padding, as TF `SAME`/fixed padding produce it. Dilation is 1.
@@ -76,10 +84,7 @@ impl ConvGeometry {
         if self.stride == 0 || self.kh == 0 || self.kw == 0 || hp < self.kh || wp < self.kw {
             bail!("conv geometry {self:?} does not fit a {h}x{w} input")
         }
-        Ok((
-            (hp - self.kh) / self.stride + 1,
-            (wp - self.kw) / self.stride + 1,
-        ))
+        Ok(((hp - self.kh) / self.stride + 1, (wp - self.kw) / self.stride + 1))
     }
 
     fn is_pointwise(&self) -> bool {
@@ -89,14 +94,27 @@ impl ConvGeometry {
             && self.pad_top + self.pad_left + self.pad_bottom + self.pad_right == 0
     }
 
-    /// For output column `wo`: the first input column of the window (may be negative) and the
-    /// range `jlo..jhi` of kernel columns that fall inside the input of width `w`.
+    /// Input row (or column) under output index `o` and kernel tap `t`, if inside `0..len`.
     #[inline]
-    fn col_range(&self, wo: usize, w: usize) -> (isize, usize, usize) {
-        let w0 = (wo * self.stride) as isize - self.pad_left as isize;
-        let jlo = (-w0).max(0) as usize;
-        let jhi = (w as isize - w0).clamp(0, self.kw as isize) as usize;
-        (w0, jlo, jhi.max(jlo))
+    fn tap(&self, o: usize, t: usize, pad_before: usize, len: usize) -> Option<usize> {
+        (o * self.stride + t)
+            .checked_sub(pad_before)
+            .filter(|&v| v < len)
+    }
+
+    /// For kernel column `j`: the output columns `lo..hi` whose tap `j` is inside an input row
+    /// of width `w` (the others read padding).
+    #[inline]
+    fn valid_cols(&self, j: usize, w: usize, wo: usize) -> (usize, usize) {
+        let s = self.stride;
+        // wo * s + j - pad_left >= 0  and  < w
+        let lo = self.pad_left.saturating_sub(j).div_ceil(s).min(wo);
+        let hi = if w + self.pad_left > j {
+            ((w + self.pad_left - j).div_ceil(s)).min(wo)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
     }
 }
 
@@ -105,16 +123,16 @@ impl ConvGeometry {
 pub enum ConvBackend {
     /// candle's own `Tensor::conv2d` (the reference).
     Candle,
-    /// im2col + GEMM custom ops (f32 on the CPU; other cases fall back to candle).
+    /// The im2col + GEMM custom ops (f32 on the CPU; other cases fall back to candle).
     Im2colGemm,
 }
 
-/// 0: not read yet, 1: candle, 2: im2col + GEMM.
+/// 0: not chosen yet, 1: candle, 2: im2col + GEMM.
 static BACKEND: AtomicU8 = AtomicU8::new(0);
 
-/// The backend [`conv2d`] uses: set by [`set_conv_backend`], else read once from the
-/// environment variable `SIMCLR_CONV` (`candle` selects candle's convolution), else
-/// [`ConvBackend::Im2colGemm`].
+/// The backend [`conv2d`] uses: the one set by [`set_conv_backend`], else the one named by the
+/// environment variable `SIMCLR_CONV` when first asked (`candle` selects candle's
+/// convolution), else [`ConvBackend::Im2colGemm`].
 pub fn conv_backend() -> ConvBackend {
     match BACKEND.load(Ordering::Relaxed) {
         1 => ConvBackend::Candle,
@@ -124,7 +142,7 @@ pub fn conv_backend() -> ConvBackend {
                 Ok(v) if v.eq_ignore_ascii_case("candle") => ConvBackend::Candle,
                 _ => ConvBackend::Im2colGemm,
             };
-            // Keep an explicit choice made meanwhile by another thread.
+            // An explicit choice made meanwhile by another thread wins.
             let _ = BACKEND.compare_exchange(0, code(b), Ordering::Relaxed, Ordering::Relaxed);
             conv_backend()
         }
@@ -171,7 +189,7 @@ pub fn conv2d_with(
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32;
     if custom {
-        conv2d_gemm(x, w, geometry)
+        x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dGemm(geometry))
     } else {
         conv2d_candle(x, w, geometry)
     }
@@ -198,28 +216,300 @@ fn conv2d_candle(x: &Tensor, w: &Tensor, g: ConvGeometry) -> Result<Tensor> {
         .conv2d(w, 0, g.stride, 1, 1)
 }
 
-fn conv2d_gemm(x: &Tensor, w: &Tensor, g: ConvGeometry) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let o = w.dim(0)?;
-    let (ho, wo) = g.out_size(h, wd)?;
-    let k = g.kh * g.kw * c;
-    // NCHW -> NHWC.
-    let xh = x
-        .reshape((n, c, h * wd))?
-        .apply_op1(SwapLast2)?
-        .reshape((n, h, wd, c))?;
-    // OIHW -> [O, kh·kw·C] in the (i, j, c) order of the unfolded rows.
-    let wm = w.permute((0, 2, 3, 1))?.reshape((o, k))?;
-    let cols = if g.is_pointwise() {
-        xh.reshape((n * h * wd, c))?
-    } else {
-        xh.apply_op1(Im2Col(g))?
-    };
-    let y = cols.matmul(&wm.t()?)?; // [N·Ho·Wo, O]
-    y.reshape((n, ho * wo, o))?
-        .apply_op1(SwapLast2)?
-        .reshape((n, o, ho, wo))
+// ---------------------------------------------------------------------------------------------
+// Kernels on one image.
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    ho: usize,
+    wo: usize,
+    g: ConvGeometry,
 }
+
+impl Dims {
+    fn new(g: ConvGeometry, (n, c, h, w): (usize, usize, usize, usize), o: usize) -> Result<Self> {
+        let (ho, wo) = g.out_size(h, w)?;
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            o,
+            ho,
+            wo,
+            g,
+        })
+    }
+
+    /// Rows of the unfolded matrix: `C·kh·kw`.
+    fn k(&self) -> usize {
+        self.c * self.g.kh * self.g.kw
+    }
+
+    /// Output pixels per image.
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn image_in(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Images per chunk.
+    fn chunk_images(&self) -> usize {
+        CHUNK_PIXELS.div_ceil(self.p()).clamp(1, self.n.max(1))
+    }
+}
+
+/// Writes the unfold of one CHW image into columns `col0..col0 + Ho·Wo` of the row-major
+/// `[C·kh·kw, ld]` matrix `dst` (every entry of those columns is written, zeros for padding).
+fn im2col_image(d: &Dims, x: &[f32], dst: &mut [f32], ld: usize, col0: usize) {
+    let g = d.g;
+    let (h, w, wo) = (d.h, d.w, d.wo);
+    let mut row = 0;
+    for c in 0..d.c {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let out = &mut dst[row * ld + col0..row * ld + col0 + d.p()];
+                row += 1;
+                let (lo, hi) = g.valid_cols(j, w, wo);
+                for (oh, o) in out.chunks_exact_mut(wo).enumerate() {
+                    let Some(hi_row) = g.tap(oh, i, g.pad_top, h) else {
+                        o.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[hi_row * w..(hi_row + 1) * w];
+                    o[..lo].fill(0.0);
+                    o[hi..].fill(0.0);
+                    if lo < hi {
+                        let first = lo * g.stride + j - g.pad_left;
+                        if g.stride == 1 {
+                            o[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        } else {
+                            for (v, s) in o[lo..hi].iter_mut().zip(src[first..].iter().step_by(g.stride)) {
+                                *v = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the fold of columns `col0..col0 + Ho·Wo` of the row-major `[C·kh·kw, ld]` matrix `src`
+/// into one CHW image `dx` (entries that fall on padding are dropped).
+fn col2im_image(d: &Dims, src: &[f32], ld: usize, col0: usize, dx: &mut [f32]) {
+    let g = d.g;
+    let (h, w, wo) = (d.h, d.w, d.wo);
+    let mut row = 0;
+    for c in 0..d.c {
+        let plane = &mut dx[c * h * w..(c + 1) * h * w];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let from = &src[row * ld + col0..row * ld + col0 + d.p()];
+                row += 1;
+                let (lo, hi) = g.valid_cols(j, w, wo);
+                if lo >= hi {
+                    continue;
+                }
+                for (oh, s) in from.chunks_exact(wo).enumerate() {
+                    let Some(hi_row) = g.tap(oh, i, g.pad_top, h) else {
+                        continue;
+                    };
+                    let dst = &mut plane[hi_row * w..(hi_row + 1) * w];
+                    let first = lo * g.stride + j - g.pad_left;
+                    if g.stride == 1 {
+                        for (v, s) in dst[first..first + hi - lo].iter_mut().zip(&s[lo..hi]) {
+                            *v += *s;
+                        }
+                    } else {
+                        for (v, s) in dst[first..].iter_mut().step_by(g.stride).zip(&s[lo..hi]) {
+                            *v += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A strided matrix view: element `(r, c)` is at `r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct Strides {
+    rs: usize,
+    cs: usize,
+}
+
+fn last_index(rows: usize, cols: usize, s: Strides) -> usize {
+    (rows - 1) * s.rs + (cols - 1) * s.cs
+}
+
+/// `dst (m×n) = [dst +] a (m×k) · b (k×n)` with the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    ds: Strides,
+    accumulate: bool,
+    a: &[f32],
+    as_: Strides,
+    b: &[f32],
+    bs: Strides,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(last_index(m, n, ds) < dst.len(), "gemm: dst out of bounds");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                for c in 0..n {
+                    dst[r * ds.rs + c * ds.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    assert!(last_index(m, k, as_) < a.len(), "gemm: lhs out of bounds");
+    assert!(last_index(k, n, bs) < b.len(), "gemm: rhs out of bounds");
+    // SAFETY: the asserts above keep every element the strides address inside its slice; dst
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            ds.cs as isize,
+            ds.rs as isize,
+            accumulate,
+            a.as_ptr(),
+            as_.cs as isize,
+            as_.rs as isize,
+            b.as_ptr(),
+            bs.cs as isize,
+            bs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Per-thread buffers of a chunk: the unfold and a second matrix.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    other: Vec<f32>,
+}
+
+/// Number of chunks, and whether to run them in parallel with single-threaded GEMMs (else
+/// serially with multi-threaded GEMMs, when there are too few chunks to keep the threads busy).
+fn chunk_plan(d: &Dims) -> (usize, bool) {
+    let chunks = d.n.div_ceil(d.chunk_images());
+    let threads = rayon::current_num_threads();
+    (chunks, threads == 1 || chunks >= 2 * threads)
+}
+
+fn gemm_parallelism(parallel_chunks: bool) -> Parallelism {
+    if parallel_chunks {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+/// Runs `f(first image, output chunk, GEMM parallelism, scratch)` over the chunks of `out`
+/// (whole images of `per_image` floats each).
+fn for_each_chunk<F>(d: &Dims, out: &mut [f32], per_image: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], Parallelism, &mut Scratch) + Sync,
+{
+    let gi = d.chunk_images();
+    let (_, parallel) = chunk_plan(d);
+    let par = gemm_parallelism(parallel);
+    if per_image == 0 || out.is_empty() {
+        return;
+    }
+    if parallel {
+        out.par_chunks_mut(gi * per_image)
+            .enumerate()
+            .for_each_init(Scratch::default, |scratch, (ci, o)| f(ci * gi, o, par, scratch));
+    } else {
+        let mut scratch = Scratch::default();
+        for (ci, o) in out.chunks_mut(gi * per_image).enumerate() {
+            f(ci * gi, o, par, &mut scratch);
+        }
+    }
+}
+
+/// Unfolds images `n0..n0 + count` of `x` into `cols` as `[K, count·P]`; returns the row length
+/// `count·P`.
+fn unfold_chunk(d: &Dims, x: &[f32], n0: usize, count: usize, cols: &mut Vec<f32>) -> usize {
+    let ld = count * d.p();
+    cols.resize(d.k() * ld, 0.0);
+    for b in 0..count {
+        let img = &x[(n0 + b) * d.image_in()..(n0 + b + 1) * d.image_in()];
+        im2col_image(d, img, cols, ld, b * d.p());
+    }
+    ld
+}
+
+/// The chunk's unfold as `(matrix, row length)`: the image itself for a single image of a
+/// pointwise convolution, else [`unfold_chunk`] into `cols`.
+fn chunk_cols<'a>(
+    d: &Dims,
+    x: &'a [f32],
+    n0: usize,
+    count: usize,
+    cols: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    if count == 1 && d.g.is_pointwise() {
+        (&x[n0 * d.image_in()..(n0 + 1) * d.image_in()], d.p())
+    } else {
+        let ld = unfold_chunk(d, x, n0, count, cols);
+        (&cols[..], ld)
+    }
+}
+
+/// Images `n0..n0 + count` of the output gradient `gy` (`[N, O, P]`) as one `[O, count·P]`
+/// matrix: `(matrix, row length)`, copied into `buf` unless `count == 1`.
+fn chunk_grad<'a>(
+    d: &Dims,
+    gy: &'a [f32],
+    n0: usize,
+    count: usize,
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    let (o, p) = (d.o, d.p());
+    if count == 1 {
+        return (&gy[n0 * o * p..(n0 + 1) * o * p], p);
+    }
+    let ld = count * p;
+    buf.resize(o * ld, 0.0);
+    for b in 0..count {
+        let img = &gy[(n0 + b) * o * p..(n0 + b + 1) * o * p];
+        for (oc, row) in img.chunks_exact(p).enumerate() {
+            buf[oc * ld + b * p..oc * ld + (b + 1) * p].copy_from_slice(row);
+        }
+    }
+    (&buf[..], ld)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The custom ops.
 
 fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
@@ -231,196 +521,277 @@ fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Res
     }
 }
 
-/// Unfolds an NHWC f32 tensor `[N, H, W, C]` into the matrix `[N·Ho·Wo, kh·kw·C]` whose row
-/// `(n, ho, wo)` holds the window of output pixel `(ho, wo)` of image `n` in `(i, j, c)` order
-/// (kernel row, kernel column, channel), with zeros where the window covers padding. Its
-/// gradient is [`Col2Im`]. CPU only.
+/// The convolution itself: `(x [N, C, H, W], w [O, C, kh, kw]) -> y [N, O, Ho, Wo]`, f32,
+/// contiguous inputs, CPU. Its backward runs [`ConvInputGrad`] and [`ConvKernelGrad`].
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dGemm(pub ConvGeometry);
+
+impl CustomOp2 for Conv2dGemm {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), xs, xl)?;
+        let w = contiguous_f32(self.name(), ws, wl)?;
+        let (o, ci, kh, kw) = wl.shape().dims4()?;
+        let d = Dims::new(self.0, xl.shape().dims4()?, o)?;
+        if ci != d.c || kh != d.g.kh || kw != d.g.kw {
+            bail!("conv2d: kernel {:?} does not match input {:?}", wl.dims(), xl.dims())
+        }
+        let (p, k) = (d.p(), d.k());
+        let mut y = vec![0f32; d.n * o * p];
+        for_each_chunk(&d, &mut y, o * p, |n0, out, par, scratch| {
+            let count = out.len() / (o * p);
+            let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
+            // y [O, ld] = W · colsᵀ, computed as [ld, O] (ld contiguous) = cols · Wᵀ.
+            let (dst, dld) = if count == 1 {
+                (&mut out[..], p)
+            } else {
+                scratch.other.resize(o * ld, 0.0);
+                (&mut scratch.other[..], ld)
+            };
+            let ds = Strides { rs: 1, cs: dld };
+            let cs = Strides { rs: 1, cs: ld };
+            gemm_f32((ld, o, k), dst, ds, false, cols, cs, w, Strides { rs: 1, cs: k }, par);
+            if count > 1 {
+                // [O, count·P] -> count images [O, P].
+                for (b, img) in out.chunks_exact_mut(o * p).enumerate() {
+                    for (oc, row) in img.chunks_exact_mut(p).enumerate() {
+                        row.copy_from_slice(&scratch.other[oc * ld + b * p..oc * ld + (b + 1) * p]);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((d.n, o, d.ho, d.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &ConvInputGrad {
+                geometry: self.0,
+                h,
+                w: wd,
+            })?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &ConvKernelGrad(self.0))?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// Gradient of [`Conv2dGemm`] with respect to its input: `(gy [N, O, Ho, Wo], w [O, C, kh,
+/// kw]) -> gx [N, C, H, W]` (a transposed convolution). CPU, f32, contiguous inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvInputGrad {
+    /// The window of the forward convolution.
+    pub geometry: ConvGeometry,
+    /// Input height of the forward convolution.
+    pub h: usize,
+    /// Input width of the forward convolution.
+    pub w: usize,
+}
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gy = contiguous_f32(self.name(), gs, gl)?;
+        let w = contiguous_f32(self.name(), ws, wl)?;
+        let (n, o, ho, wo) = gl.shape().dims4()?;
+        let (o2, c, _, _) = wl.shape().dims4()?;
+        let d = Dims::new(self.geometry, (n, c, self.h, self.w), o)?;
+        if o2 != o || (d.ho, d.wo) != (ho, wo) {
+            bail!("conv2d input grad: {:?} and kernel {:?} do not match", gl.dims(), wl.dims())
+        }
+        let (p, k) = (d.p(), d.k());
+        let mut gx = vec![0f32; n * d.image_in()];
+        for_each_chunk(&d, &mut gx, d.image_in(), |n0, out, par, scratch| {
+            let count = out.len() / d.image_in();
+            let (g, ld) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
+            // cols-grad [K, ld] = Wᵀ · g, computed as [ld, K] (ld contiguous) = gᵀ · W.
+            scratch.cols.resize(k * ld, 0.0);
+            let ds = Strides { rs: 1, cs: ld };
+            let gs = Strides { rs: 1, cs: ld };
+            let ws = Strides { rs: k, cs: 1 };
+            gemm_f32((ld, k, o), &mut scratch.cols, ds, false, g, gs, w, ws, par);
+            for (b, img) in out.chunks_exact_mut(d.image_in()).enumerate() {
+                col2im_image(&d, &scratch.cols, ld, b * p, img);
+            }
+        });
+        Ok((CpuStorage::F32(gx), Shape::from((n, c, self.h, self.w))))
+    }
+}
+
+/// Gradient of [`Conv2dGemm`] with respect to its kernel: `(x [N, C, H, W], gy [N, O, Ho, Wo])
+/// -> gw [O, C, kh, kw]`. CPU, f32, contiguous inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvKernelGrad(pub ConvGeometry);
+
+impl CustomOp2 for ConvKernelGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), xs, xl)?;
+        let gy = contiguous_f32(self.name(), gs, gl)?;
+        let (n, o, ho, wo) = gl.shape().dims4()?;
+        let d = Dims::new(self.0, xl.shape().dims4()?, o)?;
+        if n != d.n || (d.ho, d.wo) != (ho, wo) {
+            bail!("conv2d kernel grad: {:?} and {:?} do not match", xl.dims(), gl.dims())
+        }
+        let k = d.k();
+        let gi = d.chunk_images();
+        let (chunks, parallel) = chunk_plan(&d);
+        let par = gemm_parallelism(parallel);
+        // gW [O, K] (K contiguous) += g [O, ld] · cols [ld, K], computed as [K, O] = colsᵀ · gᵀ.
+        let accumulate = |acc: &mut [f32], ci: usize, scratch: &mut Scratch| {
+            let n0 = ci * gi;
+            let count = gi.min(n - n0);
+            let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
+            let (g, gld) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
+            let ds = Strides { rs: 1, cs: k };
+            let cs = Strides { rs: ld, cs: 1 };
+            let gs = Strides { rs: 1, cs: gld };
+            gemm_f32((k, o, ld), acc, ds, true, cols, cs, g, gs, par);
+        };
+        let gw = if parallel {
+            (0..chunks)
+                .into_par_iter()
+                .fold(
+                    || (vec![0f32; o * k], Scratch::default()),
+                    |(mut acc, mut scratch), ci| {
+                        accumulate(&mut acc, ci, &mut scratch);
+                        (acc, scratch)
+                    },
+                )
+                .map(|(acc, _)| acc)
+                .reduce_with(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                    a
+                })
+                .unwrap_or_else(|| vec![0f32; o * k])
+        } else {
+            let mut acc = vec![0f32; o * k];
+            let mut scratch = Scratch::default();
+            for ci in 0..chunks {
+                accumulate(&mut acc, ci, &mut scratch);
+            }
+            acc
+        };
+        Ok((CpuStorage::F32(gw), Shape::from((o, d.c, d.g.kh, d.g.kw))))
+    }
+}
+
+/// Unfolds an NCHW f32 tensor `[N, C, H, W]` into `[N, C·kh·kw, Ho·Wo]`: entry
+/// `(n, (c, i, j), (ho, wo))` is the input pixel under kernel tap `(i, j)` of output pixel
+/// `(ho, wo)` in channel `c` (zero on padding), so `conv2d(x, w)[n] = w.reshape(O, C·kh·kw) ·
+/// im2col(x)[n]`. The layout [`Conv2dGemm`] unfolds its chunks into. Its gradient is [`Col2Im`].
+/// CPU only.
 #[derive(Debug, Clone, Copy)]
 pub struct Im2Col(pub ConvGeometry);
 
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
-        "im2col-nhwc"
+        "im2col"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(self.name(), storage, layout)?;
-        let (n, h, w, c) = layout.shape().dims4()?;
-        let g = self.0;
-        let (ho, wo) = g.out_size(h, w)?;
-        let k = g.kh * g.kw * c;
-        let row = wo * k; // floats per output row (n, ho)
-        let mut out = vec![0f32; n * ho * row];
-        if row > 0 {
-            let min_len = TASK_FLOATS.div_ceil(row);
-            out.par_chunks_mut(row)
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(r, dst)| {
-                    let (b, oh) = (r / ho, r % ho);
-                    let img = &x[b * h * w * c..(b + 1) * h * w * c];
-                    for i in 0..g.kh {
-                        let hi = (oh * g.stride + i) as isize - g.pad_top as isize;
-                        if hi < 0 || hi >= h as isize {
-                            continue;
-                        }
-                        let src = &img[hi as usize * w * c..(hi as usize + 1) * w * c];
-                        for ow in 0..wo {
-                            let (w0, jlo, jhi) = g.col_range(ow, w);
-                            if jhi == jlo {
-                                continue;
-                            }
-                            let s0 = (w0 + jlo as isize) as usize * c;
-                            let d0 = ow * k + (i * g.kw + jlo) * c;
-                            let len = (jhi - jlo) * c;
-                            dst[d0..d0 + len].copy_from_slice(&src[s0..s0 + len]);
-                        }
-                    }
-                });
+        let d = Dims::new(self.0, layout.shape().dims4()?, 0)?;
+        let (p, k) = (d.p(), d.k());
+        let mut out = vec![0f32; d.n * k * p];
+        if k * p > 0 {
+            out.par_chunks_mut(k * p)
+                .zip(x.par_chunks(d.image_in().max(1)))
+                .for_each(|(dst, img)| im2col_image(&d, img, dst, p, 0));
         }
-        Ok((CpuStorage::F32(out), Shape::from((n * ho * wo, k))))
+        Ok((CpuStorage::F32(out), Shape::from((d.n, k, p))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (_, h, w, c) = arg.dims4()?;
+        let (_, c, h, w) = arg.dims4()?;
         let g = grad_res.contiguous()?.apply_op1(Col2Im {
             geometry: self.0,
+            c,
             h,
             w,
-            c,
         })?;
         Ok(Some(g))
     }
 }
 
-/// The adjoint of [`Im2Col`]: folds `[N·Ho·Wo, kh·kw·C]` back into an NHWC `[N, H, W, C]`
-/// tensor, summing the entries of every window that covers the same input pixel (padding
-/// entries are dropped). CPU only.
+/// The adjoint of [`Im2Col`]: folds `[N, C·kh·kw, Ho·Wo]` back into an NCHW `[N, C, H, W]`
+/// tensor, summing the entries of all windows that cover the same input pixel (entries on
+/// padding are dropped). CPU only.
 #[derive(Debug, Clone, Copy)]
 pub struct Col2Im {
     /// The window of the convolution.
     pub geometry: ConvGeometry,
+    /// Channels.
+    pub c: usize,
     /// Input height.
     pub h: usize,
     /// Input width.
     pub w: usize,
-    /// Channels.
-    pub c: usize,
 }
 
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
-        "col2im-nhwc"
+        "col2im"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = contiguous_f32(self.name(), storage, layout)?;
-        let (rows, k) = layout.shape().dims2()?;
-        let Self {
-            geometry: g,
-            h,
-            w,
-            c,
-        } = *self;
-        let (ho, wo) = g.out_size(h, w)?;
-        if k != g.kh * g.kw * c || ho * wo == 0 || rows % (ho * wo) != 0 {
-            bail!("col2im: a [{rows}, {k}] matrix does not unfold {h}x{w}x{c} with {g:?}")
+        let (n, k, p) = layout.shape().dims3()?;
+        let d = Dims::new(self.geometry, (n, self.c, self.h, self.w), 0)?;
+        if k != d.k() || p != d.p() {
+            bail!("col2im: [{n}, {k}, {p}] is not an unfold of {}x{}x{} with {:?}", d.c, d.h, d.w, d.g)
         }
-        let n = rows / (ho * wo);
-        let row = w * c; // floats per output row (n, hi)
-        let mut out = vec![0f32; n * h * row];
-        if row > 0 {
-            let min_len = TASK_FLOATS.div_ceil(row);
-            // Each task owns whole input rows and gathers every window entry that lands there,
-            // so no two threads write the same element.
-            out.par_chunks_mut(row)
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(r, dst)| {
-                    let (b, hi) = (r / h, r % h);
-                    for i in 0..g.kh {
-                        let t = (hi + g.pad_top) as isize - i as isize;
-                        if t < 0 || t as usize % g.stride != 0 {
-                            continue;
-                        }
-                        let oh = t as usize / g.stride;
-                        if oh >= ho {
-                            continue;
-                        }
-                        let src = &cols[(b * ho + oh) * wo * k..(b * ho + oh + 1) * wo * k];
-                        for ow in 0..wo {
-                            let (w0, jlo, jhi) = g.col_range(ow, w);
-                            if jhi == jlo {
-                                continue;
-                            }
-                            let d0 = (w0 + jlo as isize) as usize * c;
-                            let s0 = ow * k + (i * g.kw + jlo) * c;
-                            let len = (jhi - jlo) * c;
-                            for (d, s) in dst[d0..d0 + len].iter_mut().zip(&src[s0..s0 + len]) {
-                                *d += *s;
-                            }
-                        }
-                    }
-                });
+        let mut out = vec![0f32; n * d.image_in()];
+        if k * p > 0 && d.image_in() > 0 {
+            out.par_chunks_mut(d.image_in())
+                .zip(cols.par_chunks(k * p))
+                .for_each(|(img, src)| col2im_image(&d, src, p, 0, img));
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, h, w, c))))
+        Ok((CpuStorage::F32(out), Shape::from((n, self.c, self.h, self.w))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            grad_res.contiguous()?.apply_op1(Im2Col(self.geometry))?,
-        ))
-    }
-}
-
-/// Batched transpose of the last two axes of a contiguous f32 `[B, R, C]` tensor into a
-/// contiguous `[B, C, R]` one (NCHW <-> NHWC with `R, C = C, H·W` or the reverse). It is its own
-/// adjoint. CPU only.
-#[derive(Debug, Clone, Copy)]
-pub struct SwapLast2;
-
-const TILE: usize = 32;
-
-impl CustomOp1 for SwapLast2 {
-    fn name(&self) -> &'static str {
-        "swap-last-2"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(self.name(), storage, layout)?;
-        let (b, r, c) = layout.shape().dims3()?;
-        let mut out = vec![0f32; b * r * c];
-        if r > 0 && c > 0 {
-            // A task writes TILE output rows (input columns) of one matrix.
-            let blocks = c.div_ceil(TILE);
-            let min_len = TASK_FLOATS.div_ceil(TILE * r);
-            let mut chunks: Vec<&mut [f32]> = Vec::with_capacity(b * blocks);
-            for m in out.chunks_mut(r * c) {
-                chunks.extend(m.chunks_mut(TILE * r));
-            }
-            chunks
-                .into_par_iter()
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(t, dst)| {
-                    let (m, cb) = (t / blocks, (t % blocks) * TILE);
-                    let src = &x[m * r * c..(m + 1) * r * c];
-                    let nc = dst.len() / r;
-                    for rb in (0..r).step_by(TILE) {
-                        let re = (rb + TILE).min(r);
-                        for j in 0..nc {
-                            let d = &mut dst[j * r + rb..j * r + re];
-                            for (ri, v) in d.iter_mut().enumerate() {
-                                *v = src[(rb + ri) * c + cb + j];
-                            }
-                        }
-                    }
-                });
-        }
-        Ok((CpuStorage::F32(out), Shape::from((b, c, r))))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1(SwapLast2)?))
+        Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.geometry))?))
     }
 }

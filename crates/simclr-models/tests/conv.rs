@@ -6,7 +6,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{pseudo_random, rel_err, values};
-use simclr_models::conv::{conv2d_with, Col2Im, ConvBackend, ConvGeometry, Im2Col, SwapLast2};
+use simclr_models::conv::{
+    conv2d_with, Col2Im, Conv2dGemm, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
+    Im2Col,
+};
 
 const TOL: f64 = 1e-4;
 
@@ -110,11 +113,19 @@ fn matches_candle_conv2d_asymmetric_padding() {
 
 #[test]
 fn larger_batch_matches() {
-    // Enough rows for the parallel split to cut inside images and across them.
+    // The batch is cut into chunks of whole images holding >= 256 output pixels, run in parallel
+    // when there are enough of them: cover one-image and many-image chunks, a short last chunk,
+    // and the serial path with multi-threaded GEMMs.
     let s = ConvGeometry::symmetric;
     check(&[
         (9, 19, 13, 13, 21, s(3, 1, 1)),
         (8, 11, 14, 15, 12, s(3, 2, 1)),
+        (70, 5, 4, 4, 7, s(3, 1, 1)),
+        (37, 6, 7, 7, 9, s(1, 2, 0)),
+        (6, 3, 17, 17, 4, s(3, 1, 1)),
+        (5, 4, 16, 16, 3, s(1, 1, 0)),
+        (33, 9, 4, 4, 5, s(1, 1, 0)),
+        (2, 3, 29, 31, 8, s(7, 2, 3)),
     ]);
 }
 
@@ -172,21 +183,15 @@ fn col2im_is_the_adjoint_of_im2col() {
         },
     ];
     for (idx, &g) in geometries.iter().enumerate() {
-        let (n, h, w, c) = (3, 9, 8, 5);
+        let (n, c, h, w) = (3, 5, 9, 8);
         let seed = 50 + idx as u64;
-        let x = pseudo_random(&[n, h, w, c], seed, -1.0, 1.0);
+        let x = pseudo_random(&[n, c, h, w], seed, -1.0, 1.0);
         let cols = x.apply_op1_no_bwd(&Im2Col(g)).unwrap();
         let (ho, wo) = g.out_size(h, w).unwrap();
-        assert_eq!(cols.dims(), &[n * ho * wo, g.kh * g.kw * c]);
+        assert_eq!(cols.dims(), &[n, g.kh * g.kw * c, ho * wo]);
         let y = pseudo_random(cols.dims(), seed + 100, -1.0, 1.0);
-        let folded = y
-            .apply_op1_no_bwd(&Col2Im {
-                geometry: g,
-                h,
-                w,
-                c,
-            })
-            .unwrap();
+        let fold = Col2Im { geometry: g, c, h, w };
+        let folded = y.apply_op1_no_bwd(&fold).unwrap();
         assert_eq!(folded.dims(), x.dims());
         let (lhs, rhs) = (dot_f64(&cols, &y), dot_f64(&x, &folded));
         // col2im's sums are rounded to f32 once per element.
@@ -236,28 +241,69 @@ fn col2im_is_the_adjoint_of_im2col() {
 
 #[test]
 fn im2col_rows_hold_the_windows() {
-    // One image, one channel, 3x3 kernel, padding 1: row (ho, wo) is the 3x3 neighbourhood.
+    // One 3x4 single-channel image, 3x3 kernel, padding 1: column (ho, wo) of the unfold is the
+    // 3x3 neighbourhood of pixel (ho, wo), row (i, j) the image shifted by (i - 1, j - 1).
     let x = Tensor::arange(1f32, 13., &Device::Cpu)
         .unwrap()
-        .reshape((1, 3, 4, 1))
+        .reshape((1, 1, 3, 4))
         .unwrap();
     let cols = x
         .apply_op1_no_bwd(&Im2Col(ConvGeometry::symmetric(3, 1, 1)))
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .t()
+        .unwrap()
+        .to_vec2::<f32>()
         .unwrap();
-    assert_eq!(cols.dims(), &[12, 9]);
-    let rows = cols.to_vec2::<f32>().unwrap();
-    assert_eq!(rows[0], [0., 0., 0., 0., 1., 2., 0., 5., 6.]);
-    assert_eq!(rows[5], [1., 2., 3., 5., 6., 7., 9., 10., 11.]);
-    assert_eq!(rows[11], [7., 8., 0., 11., 12., 0., 0., 0., 0.]);
+    assert_eq!(cols.len(), 12);
+    assert_eq!(cols[0], [0., 0., 0., 0., 1., 2., 0., 5., 6.]);
+    assert_eq!(cols[5], [1., 2., 3., 5., 6., 7., 9., 10., 11.]);
+    assert_eq!(cols[11], [7., 8., 0., 11., 12., 0., 0., 0., 0.]);
+    // Stride 2 without padding on a 5x5 image: the four 3x3 windows at (0,0), (0,2), (2,0), (2,2).
+    let x = Tensor::arange(0f32, 25., &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 5, 5))
+        .unwrap();
+    let cols = x
+        .apply_op1_no_bwd(&Im2Col(ConvGeometry::symmetric(3, 2, 0)))
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .t()
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(cols[3], [12., 13., 14., 17., 18., 19., 22., 23., 24.]);
 }
 
 #[test]
-fn swap_last2_is_a_transpose() {
-    for &(b, r, c) in &[(1, 1, 1), (2, 3, 5), (3, 33, 70), (1, 100, 7), (2, 64, 64)] {
-        let x = pseudo_random(&[b, r, c], (b * r * c) as u64, -1.0, 1.0);
-        let t = x.apply_op1(SwapLast2).unwrap();
-        let reference = x.transpose(1, 2).unwrap().contiguous().unwrap();
-        assert_eq!(values(&t), values(&reference), "{b}x{r}x{c}");
-        assert_eq!(t.dims(), &[b, c, r]);
-    }
+fn gradient_ops_match_autograd_of_the_convolution() {
+    // ConvInputGrad and ConvKernelGrad called directly equal the gradients that backward()
+    // routes through Conv2dGemm (and those match candle in the tests above).
+    let g = ConvGeometry::symmetric(3, 2, 1);
+    let x = pseudo_random(&[5, 6, 9, 7], 7, -1.0, 1.0);
+    let w = pseudo_random(&[4, 6, 3, 3], 8, -1.0, 1.0);
+    let (y, gx, gw) = run(&x, &w, 9, g, ConvBackend::Im2colGemm);
+    let y2 = x.apply_op2_no_bwd(&w, &Conv2dGemm(g)).unwrap();
+    assert_eq!(values(&y), values(&y2));
+    let r = pseudo_random(y.dims(), 9, -1.0, 1.0);
+    let op = ConvInputGrad { geometry: g, h: 9, w: 7 };
+    assert_eq!(values(&r.apply_op2_no_bwd(&w, &op).unwrap()), values(&gx));
+    let gw2 = x.apply_op2_no_bwd(&r, &ConvKernelGrad(g)).unwrap();
+    assert!(rel_err(&gw2, &gw) < 1e-6);
+}
+
+#[test]
+fn only_the_tracked_argument_gets_a_gradient() {
+    // A constant input (the images) skips the input gradient and still trains the kernel.
+    let g = ConvGeometry::symmetric(3, 1, 1);
+    let x = pseudo_random(&[2, 3, 6, 6], 11, -1.0, 1.0);
+    let w = Var::from_tensor(&pseudo_random(&[4, 3, 3, 3], 12, -1.0, 1.0)).unwrap();
+    let y = conv2d_with(&x, w.as_tensor(), g, ConvBackend::Im2colGemm).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none());
+    let y0 = x.conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap();
+    let g0 = y0.sum_all().unwrap().backward().unwrap();
+    assert!(rel_err(grads.get(w.as_tensor()).unwrap(), g0.get(w.as_tensor()).unwrap()) < TOL);
 }

@@ -1,0 +1,76 @@
+//! Training-step throughput of contrastive pretraining: forward of both views, NT-Xent (+ the
+//! online probe), backward and a LARS step — images/s (each image = two views), median of timed
+//! steps after a warm-up step. `cargo bench -p simclr-pretrain`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use simclr_data::Batch;
+use simclr_models::ModelConfig;
+use simclr_pretrain::stage::{PretrainConfig, PretrainTask};
+use simclr_pretrain::SingleReplica;
+use simclr_train::optim::{build_optimizer, named_vars};
+use simclr_train::TrainTask;
+
+fn bench(name: &str, base_width: usize, side: usize, batch: usize, runs: usize) {
+    let model = ModelConfig {
+        resnet_depth: 18,
+        base_width,
+        num_classes: Some(10),
+        ..Default::default()
+    }
+    .with_image_size(side);
+    let cfg = PretrainConfig::new(model, side);
+    let mut task =
+        PretrainTask::new(cfg, &Device::Cpu, Arc::new(SingleReplica), None).expect("task");
+    let mut opt = build_optimizer(named_vars(TrainTask::varmap(&task)), &Default::default())
+        .expect("optimizer");
+    let view = || Tensor::rand(0f32, 1.0, (batch, 3, side, side), &Device::Cpu).expect("view");
+    let labels = Tensor::new(
+        (0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .expect("labels");
+    let b = Batch {
+        views: vec![view(), view()],
+        labels,
+        indices: (0..batch).collect(),
+        epoch: 0,
+        index: 0,
+    };
+    let mut times = Vec::new();
+    for i in 0..runs + 1 {
+        let t = Instant::now();
+        let out = task.forward(&b, i as u64).expect("forward");
+        let grads = out.loss.backward().expect("backward");
+        opt.step(&grads, 0.1).expect("step");
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let t = times[times.len() / 2];
+    println!(
+        "{name:<52} {:>7.1} images/s ({:.2} s per step)",
+        batch as f64 / t,
+        t
+    );
+}
+
+fn main() {
+    bench(
+        "pretrain step R18-CIFAR 32x32 batch 128 (x2 views)",
+        64,
+        32,
+        128,
+        3,
+    );
+    bench(
+        "pretrain step R18-CIFAR w16 28x28 batch 256 (x2 views)",
+        16,
+        28,
+        256,
+        3,
+    );
+}
