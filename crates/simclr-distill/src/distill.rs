@@ -121,6 +121,7 @@ impl DistillTask {
                 (meta.config, Some(tensors))
             }
         };
+        let (base_classes, base_selector) = (base.num_classes, base.ft_proj_selector);
         let config = ModelConfig {
             num_classes: Some(num_classes),
             ft_proj_selector: teacher.meta.config.ft_proj_selector,
@@ -130,7 +131,13 @@ impl DistillTask {
         let varmap = VarMap::new();
         let model = SimclrModel::init(&config, &varmap, cfg.seed, device).map_err(terr)?;
         if let Some(t) = init {
-            assign_variables(&varmap, &t, |n| n.starts_with("head_supervised"))?;
+            // The checkpoint's supervised head is kept when it predicts the same classes from
+            // the same input (a teacher's own weights); otherwise the student's head is new.
+            let same_head =
+                base_classes == Some(num_classes) && base_selector == config.ft_proj_selector;
+            assign_variables(&varmap, &t, |n| {
+                !same_head && n.starts_with("head_supervised")
+            })?;
         }
         Ok(DistillTask {
             teacher: teacher.model,

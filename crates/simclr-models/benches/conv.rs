@@ -70,12 +70,12 @@ impl Conv {
 fn bench_candle(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
     let pad = p.g.pad_top;
     let s = p.g.stride;
-    let fwd = time(1, 5, || x.conv2d(w, pad, s, 1, 1));
+    let fwd = time(1, 7, || x.conv2d(w, pad, s, 1, 1));
     // The two ops of candle 0.11's Conv2D backward.
     let out_size = (gy.dim(2).unwrap() - 1) * s + p.g.kh - 2 * pad;
     let out_padding = p.h - out_size;
-    let dx = time(1, 5, || gy.conv_transpose2d(w, pad, out_padding, s, 1));
-    let dw = time(1, 5, || {
+    let dx = time(1, 7, || gy.conv_transpose2d(w, pad, out_padding, s, 1));
+    let dw = time(1, 7, || {
         x.transpose(0, 1)?
             .conv2d(&gy.transpose(0, 1)?, pad, 1, s, 1)?
             .transpose(0, 1)
@@ -87,15 +87,15 @@ fn bench_candle(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
 /// Seconds for (forward, input gradient, weight gradient, forward + backward).
 fn bench_custom(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
     let g = p.g;
-    let fwd = time(1, 5, || conv2d_with(x, w, g, ConvBackend::Im2colGemm));
+    let fwd = time(1, 7, || conv2d_with(x, w, g, ConvBackend::Im2colGemm));
     // The two ops of Conv2dGemm's backward.
     let input_grad = ConvInputGrad {
         geometry: g,
         h: p.h,
         w: p.h,
     };
-    let dx = time(1, 5, || gy.apply_op2_no_bwd(w, &input_grad));
-    let dw = time(1, 5, || x.apply_op2_no_bwd(gy, &ConvKernelGrad(g)));
+    let dx = time(1, 7, || gy.apply_op2_no_bwd(w, &input_grad));
+    let dw = time(1, 7, || x.apply_op2_no_bwd(gy, &ConvKernelGrad(g)));
     let total = time(1, 3, || fwd_bwd(x, w, gy, g, ConvBackend::Im2colGemm));
     [fwd, dx, dw, total]
 }
@@ -203,7 +203,7 @@ fn step_table() {
         ("im2col + GEMM", ConvBackend::Im2colGemm),
     ] {
         set_conv_backend(backend);
-        let t = time(1, 5, step);
+        let t = time(1, 7, step);
         let rate = images as f64 / t;
         rates.push(rate);
         println!(

@@ -190,7 +190,12 @@ fn col2im_is_the_adjoint_of_im2col() {
         let (ho, wo) = g.out_size(h, w).unwrap();
         assert_eq!(cols.dims(), &[n, g.kh * g.kw * c, ho * wo]);
         let y = pseudo_random(cols.dims(), seed + 100, -1.0, 1.0);
-        let fold = Col2Im { geometry: g, c, h, w };
+        let fold = Col2Im {
+            geometry: g,
+            c,
+            h,
+            w,
+        };
         let folded = y.apply_op1_no_bwd(&fold).unwrap();
         assert_eq!(folded.dims(), x.dims());
         let (lhs, rhs) = (dot_f64(&cols, &y), dot_f64(&x, &folded));
@@ -288,7 +293,11 @@ fn gradient_ops_match_autograd_of_the_convolution() {
     let y2 = x.apply_op2_no_bwd(&w, &Conv2dGemm(g)).unwrap();
     assert_eq!(values(&y), values(&y2));
     let r = pseudo_random(y.dims(), 9, -1.0, 1.0);
-    let op = ConvInputGrad { geometry: g, h: 9, w: 7 };
+    let op = ConvInputGrad {
+        geometry: g,
+        h: 9,
+        w: 7,
+    };
     assert_eq!(values(&r.apply_op2_no_bwd(&w, &op).unwrap()), values(&gx));
     let gw2 = x.apply_op2_no_bwd(&r, &ConvKernelGrad(g)).unwrap();
     assert!(rel_err(&gw2, &gw) < 1e-6);
@@ -305,5 +314,10 @@ fn only_the_tracked_argument_gets_a_gradient() {
     assert!(grads.get(&x).is_none());
     let y0 = x.conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap();
     let g0 = y0.sum_all().unwrap().backward().unwrap();
-    assert!(rel_err(grads.get(w.as_tensor()).unwrap(), g0.get(w.as_tensor()).unwrap()) < TOL);
+    assert!(
+        rel_err(
+            grads.get(w.as_tensor()).unwrap(),
+            g0.get(w.as_tensor()).unwrap()
+        ) < TOL
+    );
 }
