@@ -96,7 +96,9 @@ pub struct TrainSummary {
     pub final_loss: f64,
     /// Per-step losses of this invocation, in order.
     pub losses: Vec<f64>,
+    /// Training time of the whole run, earlier invocations included (from the checkpoint).
     pub wall_seconds: f64,
+    /// Images per second over the whole run.
     pub images_per_second: f64,
     /// Metrics of the last epoch end, if any.
     pub last_epoch_metrics: Vec<(String, f64)>,
@@ -123,6 +125,7 @@ fn save_checkpoint(
     optimizer: &dyn Optimizer,
     step: u64,
     done: bool,
+    totals: (f64, u64),
 ) -> Result<PathBuf> {
     let mut state: Vec<(String, Tensor)> = optimizer
         .state_tensors()
@@ -136,7 +139,10 @@ fn save_checkpoint(
     );
     let mut meta = CheckpointMeta::new(task.model_config().clone(), cfg.stage.clone(), step)
         .with_extra("complete", if done { "true" } else { "false" })
-        .with_extra("total_steps", cfg.total_steps.to_string());
+        .with_extra("total_steps", cfg.total_steps.to_string())
+        // Training time and images over every invocation, so a resumed run reports the whole.
+        .with_extra("train_seconds", format!("{:.3}", totals.0))
+        .with_extra("train_images", totals.1.to_string());
     for (k, v) in &cfg.extra_meta {
         meta = meta.with_extra(k.clone(), v.clone());
     }
@@ -146,7 +152,12 @@ fn save_checkpoint(
 }
 
 /// Restores the model, optimizer and task state of `path`; returns its step.
-fn restore(path: &Path, task: &mut dyn TrainTask, optimizer: &mut dyn Optimizer) -> Result<u64> {
+/// Restores a run; returns its step and the training seconds and images so far.
+fn restore(
+    path: &Path,
+    task: &mut dyn TrainTask,
+    optimizer: &mut dyn Optimizer,
+) -> Result<(u64, (f64, u64))> {
     let device = {
         let data = task
             .varmap()
@@ -175,7 +186,17 @@ fn restore(path: &Path, task: &mut dyn TrainTask, optimizer: &mut dyn Optimizer)
     };
     optimizer.load_state_tensors(&strip(OPTIM_PREFIX))?;
     task.load_extra_state(&strip(TASK_PREFIX))?;
-    Ok(meta.step)
+    let seconds = meta
+        .extra
+        .get("train_seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let images = meta
+        .extra
+        .get("train_images")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((meta.step, (seconds, images)))
 }
 
 /// Appends rows to the JSONL metrics file; on resume, drops rows past the resumed step so the
@@ -252,12 +273,18 @@ pub fn train(
         source: e,
     })?;
     let ckpt = cfg.checkpoint_path();
-    let start = if cfg.resume && ckpt.is_file() {
-        let s = restore(&ckpt, task, optimizer)?;
+    let (start, before) = if cfg.resume && ckpt.is_file() {
+        let (s, before) = restore(&ckpt, task, optimizer)?;
         tracing::info!(stage = %cfg.stage, step = s, "resuming from {}", ckpt.display());
-        s
+        (s, before)
     } else {
-        0
+        (0, (0.0, 0))
+    };
+    let totals = |t0: &Instant, images: usize| {
+        (
+            before.0 + t0.elapsed().as_secs_f64(),
+            before.1 + images as u64,
+        )
     };
     let mut log = MetricsLog::open(&cfg.metrics_path(), (start > 0).then_some(start))?;
     let per_epoch = loader.batches_per_epoch() as u64;
@@ -335,7 +362,14 @@ pub fn train(
                 && step % cfg.checkpoint_every == 0
                 && step < cfg.total_steps
             {
-                last_saved = Some(save_checkpoint(cfg, task, optimizer, step, false)?);
+                last_saved = Some(save_checkpoint(
+                    cfg,
+                    task,
+                    optimizer,
+                    step,
+                    false,
+                    totals(&t0, images),
+                )?);
             }
         }
         if step % per_epoch == 0 && step > start {
@@ -356,10 +390,11 @@ pub fn train(
         }
     }
     pb.finish_and_clear();
-    summary.checkpoint = save_checkpoint(cfg, task, optimizer, step, true)?;
+    let (seconds, all_images) = totals(&t0, images);
+    summary.checkpoint = save_checkpoint(cfg, task, optimizer, step, true, (seconds, all_images))?;
     summary.steps = step;
     summary.final_loss = summary.losses.last().copied().unwrap_or(f64::NAN);
-    summary.wall_seconds = t0.elapsed().as_secs_f64();
-    summary.images_per_second = images as f64 / summary.wall_seconds.max(1e-9);
+    summary.wall_seconds = seconds;
+    summary.images_per_second = all_images as f64 / seconds.max(1e-9);
     Ok(summary)
 }

@@ -147,11 +147,16 @@ impl PipelineConfig {
                     c.schedule.train_epochs = if f <= 0.01 { 60 } else { 8 };
                 }
                 distill.train_batch_size = 256;
-                distill.schedule.train_epochs = 1;
                 distill.schedule.learning_rate = 0.005;
                 distill.schedule.learning_rate_scaling = LearningRateScaling::Sqrt;
                 distill.schedule.warmup_epochs = 0.0;
                 distill.optimizer.weight_decay = 0.0;
+                // At τ = 0.1 the gradient reaching the logits is 10× a cross-entropy's; LARS
+                // adapts the encoder's steps but not those of BN and the head, which then
+                // diverged (measured: teacher agreement 0.95 → 0.56 in one epoch). τ² restores
+                // the cross-entropy scale (docs/stages.md, docs/results.md).
+                distill.tau_squared = true;
+                distill.schedule.train_epochs = 1;
             }
             Preset::Smoke => {
                 train_subset = Some(256);
@@ -171,7 +176,20 @@ impl PipelineConfig {
             }
         }
         pretrain.model = m;
-        let baseline = finetune.clone();
+        // The supervised baseline: same network, labelled images, augmentation and epochs, with
+        // the official supervised recipe (Nesterov momentum, lr 0.1·B/256, weight decay 1e-4,
+        // cosine; reference §3.5) since LARS without weight decay is a fine-tuning recipe.
+        let baseline = finetune
+            .iter()
+            .map(|c| {
+                let mut b = c.clone();
+                b.optimizer.optimizer = simclr_train::OptimizerKind::Momentum;
+                b.optimizer.weight_decay = 1e-4;
+                b.schedule.learning_rate = 0.1;
+                b.schedule.learning_rate_scaling = LearningRateScaling::Linear;
+                b
+            })
+            .collect();
         Ok(PipelineConfig {
             preset,
             dataset: dataset.to_string(),
@@ -186,22 +204,43 @@ impl PipelineConfig {
         })
     }
 
-    /// `<dataset>-<preset>-<model>-<hash>`: the same settings always land in the same folder.
+    /// `<dataset>-<preset>-<model>-<hash>`, the hash covering the data and the pretraining: the
+    /// same pretraining always lands in the same folder, whatever the later stages do.
     pub fn run_name(&self) -> String {
-        let text = serde_json::to_string(self).unwrap_or_default();
-        // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
-        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        let key = json!({
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "train_subset": self.train_subset,
+            "test_subset": self.test_subset,
+            "pretrain": self.pretrain,
         });
         format!(
-            "{}-{:?}-{}-{:08x}",
+            "{}-{:?}-{}-{}",
             self.dataset.replace([':', '/'], "_"),
             self.preset,
             self.pretrain.model.name(),
-            hash as u32
+            short_hash(&key)
         )
         .to_lowercase()
     }
+}
+
+/// 8 hex digits of FNV-1a over the JSON form: stable across Rust versions, unlike `DefaultHasher`.
+pub fn short_hash(value: &impl Serialize) -> String {
+    let text = serde_json::to_string(value).unwrap_or_default();
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{:08x}", hash as u32)
+}
+
+/// A stage's folder: its name and the hash of its settings, so changing one stage's settings
+/// retrains that stage only (and every stage that depends on it, through `upstream`).
+fn stage_dir(parent: &Path, stage: &str, settings: &impl Serialize, upstream: &str) -> PathBuf {
+    parent.join(format!(
+        "{stage}-{}",
+        short_hash(&json!({ "settings": settings, "upstream": upstream }))
+    ))
 }
 
 /// One trained model's numbers in the report.
@@ -335,13 +374,14 @@ pub fn run(
         let labelled = splits[k].clone();
         write_split_file(&dir.join("labelled_split.txt"), train.as_ref(), &labelled)?;
 
+        let ft_dir = stage_dir(&dir, "finetune", &cfg.finetune[k], "");
         let (ft, ft_task) = run_finetune(
             &cfg.finetune[k],
             &FinetuneInit::Pretrained(pre_ckpt.clone()),
             "finetune",
             train.clone(),
             labelled.clone(),
-            &dir.join("finetune"),
+            &ft_dir,
             true,
             progress,
             device,
@@ -355,7 +395,7 @@ pub fn run(
             "supervised",
             train.clone(),
             labelled.clone(),
-            &dir.join("baseline"),
+            &stage_dir(&dir, "baseline", &cfg.baseline[k], ""),
             true,
             progress,
             device,
@@ -375,7 +415,7 @@ pub fn run(
             &student,
             train.clone(),
             &labelled,
-            &dir.join("distill"),
+            &stage_dir(&dir, "distill", &cfg.distill, &ft_dir.display().to_string()),
             true,
             progress,
             device,

@@ -20,7 +20,11 @@ fn loss_curve(metrics: &Path) -> Vec<(f64, f64)> {
     };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get("loss")?.as_f64()?)))
+        // Pretraining logs the contrastive loss apart from the probe's: chart that one.
+        .filter_map(|v| {
+            let loss = v.get("contrast_loss").or_else(|| v.get("loss"))?.as_f64()?;
+            Some((v.get("step")?.as_f64()?, loss))
+        })
         .collect()
 }
 
@@ -179,22 +183,17 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
         "pretrain".to_string(),
         loss_curve(&run_dir.join("pretrain/metrics.jsonl")),
     )];
-    for &f in &fractions {
-        for (m, sub) in [
-            ("finetune", "finetune"),
-            ("baseline", "baseline"),
-            ("distill", "distill"),
-        ] {
-            series.push((
-                format!("{m} {}%", f * 100.0),
-                loss_curve(&run_dir.join(format!("fraction-{f}/{sub}/metrics.jsonl"))),
-            ));
-        }
+    // Each stage's metrics sit next to its checkpoint.
+    for r in results {
+        series.push((
+            format!("{} {}%", r.stage, r.fraction.unwrap_or(1.0) * 100.0),
+            loss_curve(&r.checkpoint.with_file_name("metrics.jsonl")),
+        ));
     }
     // The contrastive loss lives on another scale: its own chart.
     simclr_data::write_atomic(
         &run_dir.join("loss_pretrain.svg"),
-        line_chart("Pretraining loss (NT-Xent + probe)", &series[..1]).as_bytes(),
+        line_chart("Pretraining contrastive loss (NT-Xent)", &series[..1]).as_bytes(),
     )?;
     simclr_data::write_atomic(
         &run_dir.join("loss_stages.svg"),
