@@ -11,9 +11,9 @@ use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_models::checkpoint::{self, assign_variables};
 use simclr_models::{ModelConfig, SimclrModel};
-use simclr_train::optim::{build_optimizer, named_vars, OptimizerSettings};
+use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
-use simclr_train::{StepOutput, TrainError, TrainSummary, TrainTask, TrainerConfig};
+use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
 
 use crate::loss::distillation_loss;
 
@@ -236,27 +236,21 @@ pub fn run_distill(
 ) -> simclr_train::Result<(TrainSummary, DistillTask)> {
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;
-    let n = train.len() as u64;
     let batch = cfg.train_batch_size.min(train.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.num_workers;
     let loader = Loader::new(train, None, lc).map_err(data_err)?;
-    let schedule = cfg.schedule.build(n, batch as u64)?;
-    let mut optimizer = build_optimizer(named_vars(&task.varmap), &cfg.optimizer)?;
-    let trainer = TrainerConfig {
-        out_dir: out_dir.to_path_buf(),
-        stage: "distill".into(),
-        total_steps: schedule.total_steps,
-        checkpoint_every: cfg.checkpoint_every,
-        log_every: 1,
+    let run = StageRun {
+        stage: "distill",
+        out_dir,
         resume,
         progress,
+        checkpoint_every: cfg.checkpoint_every,
         extra_meta: vec![(
             "distill_config".into(),
-            serde_json::to_string(cfg).map_err(terr)?,
+            serde_json::to_string(&cfg).map_err(terr)?,
         )],
     };
-    let lr = |s: u64| schedule.lr(s);
-    let summary = simclr_train::train(&mut task, &loader, optimizer.as_mut(), &lr, &trainer)?;
+    let summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
     Ok((summary, task))
 }

@@ -11,9 +11,9 @@ use simclr_data::split::check_all_classes_labelled;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_models::checkpoint::{self, assign_variables};
 use simclr_models::{ModelConfig, SimclrModel};
-use simclr_train::optim::{build_optimizer, named_vars, OptimizerKind, OptimizerSettings};
+use simclr_train::optim::{OptimizerKind, OptimizerSettings};
 use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
-use simclr_train::{StepOutput, TrainError, TrainSummary, TrainTask, TrainerConfig};
+use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
 
 /// Stages whose checkpoints can be fine-tuned.
 pub const PRETRAINED_STAGES: [&str; 2] = ["pretrain", "import"];
@@ -202,26 +202,20 @@ pub fn run_finetune(
     let mut task = FinetuneTask::new(init, cfg, train.num_classes(), device)?;
     // Small labelled sets: the batch never exceeds the set (the official batch is 1024).
     let batch = cfg.train_batch_size.min(labelled.len());
-    let n = labelled.len() as u64;
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.num_workers;
     let loader = Loader::new(train, Some(labelled), lc).map_err(data_err)?;
-    let schedule = cfg.schedule.build(n, batch as u64)?;
-    let mut optimizer = build_optimizer(named_vars(&task.varmap), &cfg.optimizer)?;
-    let trainer = TrainerConfig {
-        out_dir: out_dir.to_path_buf(),
-        stage: stage.to_string(),
-        total_steps: schedule.total_steps,
-        checkpoint_every: cfg.checkpoint_every,
-        log_every: 1,
+    let run = StageRun {
+        stage,
+        out_dir,
         resume,
         progress,
+        checkpoint_every: cfg.checkpoint_every,
         extra_meta: vec![(
             "finetune_config".into(),
-            serde_json::to_string(cfg).map_err(terr)?,
+            serde_json::to_string(&cfg).map_err(terr)?,
         )],
     };
-    let lr = |s: u64| schedule.lr(s);
-    let summary = simclr_train::train(&mut task, &loader, optimizer.as_mut(), &lr, &trainer)?;
+    let summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
     Ok((summary, task))
 }

@@ -12,9 +12,9 @@ use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_eval::{features, knn_evaluate, KnnConfig, KnnVote};
 use simclr_models::{ForwardOptions, ModelConfig, SimclrModel};
-use simclr_train::optim::{build_optimizer, named_vars, OptimizerSettings};
+use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
-use simclr_train::{StepOutput, TrainError, TrainSummary, TrainTask, TrainerConfig};
+use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
 
 use crate::collective::{Collective, SingleReplica};
 use crate::memory::{
@@ -341,25 +341,19 @@ pub fn run_pretrain(
         }
         _ => None,
     };
-    let n = data.train.len() as u64;
-    let schedule = config.schedule.build(n, config.train_batch_size as u64)?;
     let mut task = PretrainTask::new(config.clone(), device, Arc::new(SingleReplica), knn)?;
-    let mut optimizer = build_optimizer(named_vars(&task.varmap), &config.optimizer)?;
-    let trainer = TrainerConfig {
-        out_dir: out_dir.to_path_buf(),
-        stage: "pretrain".into(),
-        total_steps: schedule.total_steps,
-        checkpoint_every: config.checkpoint_every,
-        log_every: 1,
+    let run = StageRun {
+        stage: "pretrain",
+        out_dir,
         resume,
         progress,
+        checkpoint_every: config.checkpoint_every,
         extra_meta: vec![(
             "pretrain_config".into(),
             serde_json::to_string(&config).map_err(terr)?,
         )],
     };
-    let lr = |step: u64| schedule.lr(step);
-    simclr_train::train(&mut task, &loader, optimizer.as_mut(), &lr, &trainer)
+    run_stage(&mut task, &loader, &config.schedule, &config.optimizer, run)
 }
 
 /// Where a pretraining run in `out_dir` keeps its checkpoint.

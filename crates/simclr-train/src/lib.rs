@@ -54,4 +54,4 @@ pub use schedule::{
     scaled_lr, train_steps, warmup_steps, LearningRateScaling, LrScheduleConfig, WarmupCosine,
 };
 pub use simclr_models::{param_group, ParamGroup};
-pub use trainer::{train, StepOutput, TrainSummary, TrainTask, TrainerConfig};
+pub use trainer::{run_stage, train, StageRun, StepOutput, TrainSummary, TrainTask, TrainerConfig};

@@ -398,3 +398,40 @@ pub fn train(
     summary.images_per_second = all_images as f64 / seconds.max(1e-9);
     Ok(summary)
 }
+
+/// What a stage adds to [`train`]: its name, folder and options.
+pub struct StageRun<'a> {
+    pub stage: &'a str,
+    pub out_dir: &'a Path,
+    pub resume: bool,
+    pub progress: bool,
+    pub checkpoint_every: u64,
+    /// The stage's settings, written into its checkpoints.
+    pub extra_meta: Vec<(String, String)>,
+}
+
+/// The common tail of every stage: the schedule for the loader's images and batch, the
+/// optimizer over the task's variables, and [`train`].
+pub fn run_stage(
+    task: &mut dyn TrainTask,
+    loader: &Loader,
+    schedule: &crate::schedule::LrScheduleConfig,
+    optimizer: &crate::optim::OptimizerSettings,
+    run: StageRun,
+) -> Result<TrainSummary> {
+    let batch = loader.config().batch_size as u64;
+    let schedule = schedule.build(loader.num_images() as u64, batch)?;
+    let mut optimizer =
+        crate::optim::build_optimizer(crate::optim::named_vars(task.varmap()), optimizer)?;
+    let cfg = TrainerConfig {
+        out_dir: run.out_dir.to_path_buf(),
+        stage: run.stage.to_string(),
+        total_steps: schedule.total_steps,
+        checkpoint_every: run.checkpoint_every,
+        log_every: 1,
+        resume: run.resume,
+        progress: run.progress,
+        extra_meta: run.extra_meta,
+    };
+    train(task, loader, optimizer.as_mut(), &|s| schedule.lr(s), &cfg)
+}
