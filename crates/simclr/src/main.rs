@@ -261,17 +261,7 @@ struct ImportArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {}", simclr::error_report(&e));
-        std::process::exit(1);
-    }
+    simclr::main_with(|| run(Cli::parse()));
 }
 
 fn run(cli: Cli) -> Result<()> {
