@@ -199,6 +199,29 @@ pub fn build_optimizer(
 
 // ---- helpers shared by the optimizers ----
 
+/// One state slot per variable (a momentum buffer), keyed by `key(variable name)`.
+fn slot_tensors(
+    vars: &[NamedVar],
+    slots: &[Tensor],
+    key: impl Fn(&str) -> String,
+) -> Vec<(String, Tensor)> {
+    vars.iter()
+        .zip(slots)
+        .map(|(v, s)| (key(&v.name), s.clone()))
+        .collect()
+}
+
+/// Reads back what [`slot_tensors`] wrote; every slot must be present with its variable's shape.
+fn load_slots(
+    map: &HashMap<String, Tensor>,
+    vars: &[NamedVar],
+    key: impl Fn(&str) -> String,
+) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| load_slot(map, &key(&v.name), v.var.as_tensor()))
+        .collect()
+}
+
 /// Drops moving statistics, checks dtypes and name uniqueness.
 fn prepare_vars(vars: Vec<NamedVar>) -> Result<Vec<NamedVar>> {
     let mut seen = HashSet::new();

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use simclr_models::ParamGroup;
 
 use super::{
-    check_hyper, first_device, load_slot, prepare_vars, sum_scalars, zeros_like_var, NamedVar,
-    Optimizer, StepStats,
+    check_hyper, first_device, load_slots, prepare_vars, slot_tensors, sum_scalars, zeros_like_var,
+    NamedVar, Optimizer, StepStats,
 };
 use crate::error::Result;
 
@@ -113,20 +113,11 @@ impl Optimizer for MomentumSgd {
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.vars
-            .iter()
-            .zip(&self.momentum)
-            .map(|(v, buf)| (Self::state_key(&v.name), buf.clone()))
-            .collect()
+        slot_tensors(&self.vars, &self.momentum, Self::state_key)
     }
 
     fn load_state_tensors(&mut self, map: &HashMap<String, Tensor>) -> Result<()> {
-        let loaded = self
-            .vars
-            .iter()
-            .map(|v| load_slot(map, &Self::state_key(&v.name), v.var.as_tensor()))
-            .collect::<Result<Vec<_>>>()?;
-        self.momentum = loaded;
+        self.momentum = load_slots(map, &self.vars, Self::state_key)?;
         Ok(())
     }
 
