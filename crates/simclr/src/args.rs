@@ -8,6 +8,8 @@ use candle_core::Device;
 use clap::Args;
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
 use simclr_models::ModelConfig;
+use simclr_train::optim::{OptimizerKind, OptimizerSettings};
+use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct DataArgs {
@@ -84,6 +86,62 @@ impl ModelArgs {
         .with_image_size(image_size);
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// Batch, schedule and optimizer flags shared by the training subcommands. A flag left unset
+/// keeps the stage's own default (the official value, set by the stage's config constructor).
+#[derive(Args, Clone, Debug)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub train_batch_size: Option<usize>,
+    #[arg(long)]
+    pub train_epochs: Option<u64>,
+    /// Overrides the step count derived from the epochs.
+    #[arg(long)]
+    pub train_steps: Option<u64>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// linear (base·B/256) or sqrt (base·√B).
+    #[arg(long)]
+    pub learning_rate_scaling: Option<LearningRateScaling>,
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerKind>,
+    #[arg(long)]
+    pub momentum: Option<f64>,
+}
+
+impl TrainArgs {
+    /// Overwrites the stage defaults with the flags that were given.
+    pub fn apply(
+        &self,
+        batch: &mut usize,
+        schedule: &mut LrScheduleConfig,
+        optimizer: &mut OptimizerSettings,
+    ) {
+        fn set<T: Clone>(slot: &mut T, flag: &Option<T>) {
+            if let Some(v) = flag {
+                *slot = v.clone();
+            }
+        }
+        set(batch, &self.train_batch_size);
+        set(&mut schedule.train_epochs, &self.train_epochs);
+        if self.train_steps.is_some() {
+            schedule.train_steps = self.train_steps;
+        }
+        set(&mut schedule.learning_rate, &self.learning_rate);
+        set(
+            &mut schedule.learning_rate_scaling,
+            &self.learning_rate_scaling,
+        );
+        set(&mut schedule.warmup_epochs, &self.warmup_epochs);
+        set(&mut optimizer.weight_decay, &self.weight_decay);
+        set(&mut optimizer.optimizer, &self.optimizer);
+        set(&mut optimizer.momentum, &self.momentum);
     }
 }
 

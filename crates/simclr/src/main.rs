@@ -5,12 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
-use simclr::args::{device, DataArgs, ModelArgs};
+use simclr::args::{device, DataArgs, ModelArgs, TrainArgs};
 use simclr_data::{Loader, LoaderConfig, Split};
 use simclr_models::checkpoint;
 use simclr_pretrain::{run_pretrain, PretrainConfig, PretrainData};
-use simclr_train::schedule::LearningRateScaling;
-use simclr_train::OptimizerKind;
 
 #[derive(Parser)]
 #[command(
@@ -46,28 +44,11 @@ enum Command {
 #[derive(Args)]
 struct PretrainArgs {
     #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value_t = 512)]
-    train_batch_size: usize,
-    #[arg(long, default_value_t = 100)]
-    train_epochs: u64,
-    /// Overrides the step count derived from the epochs.
-    #[arg(long)]
-    train_steps: Option<u64>,
-    #[arg(long, default_value_t = 0.3)]
-    learning_rate: f64,
-    #[arg(long, default_value = "linear")]
-    learning_rate_scaling: LearningRateScaling,
-    #[arg(long, default_value_t = 10.0)]
-    warmup_epochs: f64,
-    #[arg(long, default_value_t = 1e-6)]
-    weight_decay: f64,
-    #[arg(long, value_enum, default_value = "lars")]
-    optimizer: OptimizerKind,
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
     #[arg(long, default_value_t = 0.1)]
     temperature: f64,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -133,6 +114,8 @@ impl LabelArgs {
 
 #[derive(Args)]
 struct FinetuneArgs {
+    #[command(flatten)]
+    train: TrainArgs,
     /// The pretrained (or imported) checkpoint.
     #[arg(long, required_unless_present = "from_scratch")]
     checkpoint: Option<PathBuf>,
@@ -145,21 +128,6 @@ struct FinetuneArgs {
     model: ModelArgs,
     #[command(flatten)]
     labels: LabelArgs,
-    #[arg(long, default_value_t = 1024)]
-    train_batch_size: usize,
-    /// Default: 60 for 1 % labels, 30 otherwise.
-    #[arg(long)]
-    train_epochs: Option<u64>,
-    #[arg(long)]
-    train_steps: Option<u64>,
-    #[arg(long, default_value_t = 0.005)]
-    learning_rate: f64,
-    #[arg(long, default_value = "sqrt")]
-    learning_rate_scaling: LearningRateScaling,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    #[arg(long, value_enum, default_value = "lars")]
-    optimizer: OptimizerKind,
     /// -1 trains everything; 4 freezes the encoder (linear evaluation).
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     fine_tune_after_block: i32,
@@ -175,6 +143,8 @@ struct FinetuneArgs {
 
 #[derive(Args)]
 struct DistillArgs {
+    #[command(flatten)]
+    train: TrainArgs,
     /// The fine-tuned teacher.
     #[arg(long)]
     teacher: PathBuf,
@@ -199,20 +169,6 @@ struct DistillArgs {
     /// Weight of the distillation term; 1 − α weighs cross-entropy on labelled images.
     #[arg(long, default_value_t = 1.0)]
     alpha: f64,
-    #[arg(long, default_value_t = 512)]
-    train_batch_size: usize,
-    #[arg(long, default_value_t = 400)]
-    train_epochs: u64,
-    #[arg(long)]
-    train_steps: Option<u64>,
-    #[arg(long, default_value_t = 0.3)]
-    learning_rate: f64,
-    #[arg(long, default_value = "linear")]
-    learning_rate_scaling: LearningRateScaling,
-    #[arg(long, default_value_t = 10.0)]
-    warmup_epochs: f64,
-    #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f64,
     #[arg(long)]
     out: PathBuf,
     #[arg(long)]
@@ -287,15 +243,11 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
     let classes = a.lineareval_while_pretraining.then(|| train.num_classes());
     let model = a.model.config(image_size, classes)?;
     let mut cfg = PretrainConfig::new(model.clone(), image_size);
-    cfg.train_batch_size = a.train_batch_size;
-    cfg.schedule.train_epochs = a.train_epochs;
-    cfg.schedule.train_steps = a.train_steps;
-    cfg.schedule.learning_rate = a.learning_rate;
-    cfg.schedule.learning_rate_scaling = a.learning_rate_scaling;
-    cfg.schedule.warmup_epochs = a.warmup_epochs;
-    cfg.optimizer.optimizer = a.optimizer;
-    cfg.optimizer.weight_decay = a.weight_decay;
-    cfg.optimizer.momentum = a.momentum;
+    a.train.apply(
+        &mut cfg.train_batch_size,
+        &mut cfg.schedule,
+        &mut cfg.optimizer,
+    );
     cfg.objective.temperature = a.temperature;
     cfg.objective.hidden_norm = a.hidden_norm;
     if let Some(s) = a.color_jitter_strength {
@@ -354,15 +306,11 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     let train = a.data.load(Split::Train)?;
     let labelled = a.labels.indices(train.as_ref())?;
     let mut cfg = FinetuneConfig::new(image_size, a.labels.fraction);
-    cfg.train_batch_size = a.train_batch_size;
-    if let Some(e) = a.train_epochs {
-        cfg.schedule.train_epochs = e;
-    }
-    cfg.schedule.train_steps = a.train_steps;
-    cfg.schedule.learning_rate = a.learning_rate;
-    cfg.schedule.learning_rate_scaling = a.learning_rate_scaling;
-    cfg.optimizer.optimizer = a.optimizer;
-    cfg.optimizer.weight_decay = a.weight_decay;
+    a.train.apply(
+        &mut cfg.train_batch_size,
+        &mut cfg.schedule,
+        &mut cfg.optimizer,
+    );
     cfg.ft_proj_selector = a
         .model
         .ft_proj_selector
@@ -433,13 +381,11 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
     }
     cfg.tau_squared = a.tau_squared;
     cfg.alpha = a.alpha;
-    cfg.train_batch_size = a.train_batch_size;
-    cfg.schedule.train_epochs = a.train_epochs;
-    cfg.schedule.train_steps = a.train_steps;
-    cfg.schedule.learning_rate = a.learning_rate;
-    cfg.schedule.learning_rate_scaling = a.learning_rate_scaling;
-    cfg.schedule.warmup_epochs = a.warmup_epochs;
-    cfg.optimizer.weight_decay = a.weight_decay;
+    a.train.apply(
+        &mut cfg.train_batch_size,
+        &mut cfg.schedule,
+        &mut cfg.optimizer,
+    );
     cfg.seed = a.labels.seed;
     cfg.num_workers = a.data.num_workers;
     check_writable(&a.out)?;
