@@ -11,10 +11,67 @@
 //!   Keras' unfused BN and TF1's cross-replica BN feed the moving variance with the biased
 //!   variance. (PyTorch's BN would use the unbiased one; TF's *fused* kernel too, but the
 //!   official global-BN path is never fused.) Gradients flow through the batch statistics.
+//!   With [`BnMode::global`] the statistics are over every replica's batch: the per-channel
+//!   sums of `x` and `x²` are all-reduced through the collective, as the official
+//!   cross-replica BN does, and the gradient goes back through the same all-reduce.
+//! * The passes over the activation run as fused kernels ([`crate::bn_ops`]); a ReLU that
+//!   follows a BN is fused into it ([`BatchNorm::forward_relu`]).
 //! * Inference mode uses the moving statistics; they receive no gradient (they are detached).
 
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use simclr_collective::Collective;
+
+use crate::bn_ops::{bn_apply, channel_moments, moments_to_stats, stats_dtype};
+
+/// Which statistics a BN layer normalises with.
+///
+/// `bool` converts into it: `true` is training mode on this replica's batch alone, `false`
+/// inference mode.
+#[derive(Clone, Copy, Default)]
+pub struct BnMode<'a> {
+    /// Batch statistics (and moving-average updates) instead of the moving statistics.
+    pub train: bool,
+    /// In training mode, the replicas whose batches the statistics are computed over (global
+    /// BN); `None` is this replica alone.
+    pub replicas: Option<&'a dyn Collective>,
+}
+
+impl<'a> BnMode<'a> {
+    /// Training mode with statistics over every replica's batch.
+    pub fn global(replicas: &'a dyn Collective) -> Self {
+        Self {
+            train: true,
+            replicas: Some(replicas),
+        }
+    }
+
+    /// The same mode, or inference mode where `frozen`.
+    pub fn unless_frozen(self, frozen: bool) -> Self {
+        Self {
+            train: self.train && !frozen,
+            ..self
+        }
+    }
+}
+
+impl From<bool> for BnMode<'_> {
+    fn from(train: bool) -> Self {
+        Self {
+            train,
+            replicas: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for BnMode<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BnMode")
+            .field("train", &self.train)
+            .field("world_size", &self.replicas.map_or(1, |c| c.world_size()))
+            .finish()
+    }
+}
 
 /// Shape-independent options of one BN layer.
 #[derive(Debug, Clone, Copy)]
@@ -110,52 +167,54 @@ impl BatchNorm {
         self.moving_variance.as_tensor().detach()
     }
 
-    fn bshape(&self, rank: usize) -> Vec<usize> {
-        let mut s = vec![1; rank];
-        s[1] = self.channels;
-        s
-    }
-
     /// Normalises `x`; in training mode with batch statistics (and updates the moving ones),
     /// otherwise with the moving statistics.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let rank = x.rank();
-        if rank < 2 || x.dim(1)? != self.channels {
+    pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        self.forward_act(x, mode.into(), false)
+    }
+
+    /// `relu(self.forward(x, mode))`, fused into one pass.
+    pub fn forward_relu<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        self.forward_act(x, mode.into(), true)
+    }
+
+    fn forward_act(&self, x: &Tensor, mode: BnMode, relu: bool) -> Result<Tensor> {
+        if x.rank() < 2 || x.dim(1)? != self.channels {
             candle_core::bail!(
                 "BatchNorm over {} channels got a tensor of shape {:?}",
                 self.channels,
                 x.shape()
             )
         }
-        let bshape = self.bshape(rank);
-        let gamma = self.gamma.reshape(bshape.as_slice())?;
-        let y = if train {
-            let dims: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-            let mean = x.mean_keepdim(dims.as_slice())?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(dims.as_slice())?;
-            let inv = (var.clone() + self.opts.eps)?.sqrt()?.recip()?;
+        let sd = stats_dtype(x.dtype());
+        let stats = if mode.train {
+            let local = channel_moments(x)?;
+            let (moments, world) = match mode.replicas {
+                Some(c) => (c.all_reduce_sum(&local)?, c.world_size()),
+                None => (local, 1),
+            };
+            // Every replica holds a batch of the same shape (the collective's contract).
+            let count = world * x.elem_count() / self.channels;
+            let (stats, mean, var) = moments_to_stats(&moments, count, self.opts.eps, sd)?;
             self.update_moving(&mean, &var)?;
-            centered.broadcast_mul(&inv.broadcast_mul(&gamma)?)?
+            stats
         } else {
-            let mm = self
-                .moving_mean
-                .as_tensor()
-                .detach()
-                .reshape(bshape.as_slice())?;
+            let mm = self.moving_mean.as_tensor().detach().to_dtype(sd)?;
             let mv = self
                 .moving_variance
                 .as_tensor()
                 .detach()
-                .reshape(bshape.as_slice())?;
-            let inv = (mv + self.opts.eps)?.sqrt()?.recip()?;
-            x.broadcast_sub(&mm.to_dtype(x.dtype())?)?
-                .broadcast_mul(&inv.to_dtype(x.dtype())?.broadcast_mul(&gamma)?)?
+                .to_dtype(DType::F64)?;
+            let inv = (mv + self.opts.eps)?.sqrt()?.recip()?.to_dtype(sd)?;
+            Tensor::stack(&[mm, inv], 0)?
         };
-        match &self.beta {
-            Some(b) => y.broadcast_add(&b.reshape(bshape.as_slice())?),
-            None => Ok(y),
-        }
+        let gamma = self.gamma.to_dtype(sd)?;
+        let beta = match &self.beta {
+            Some(b) => b.to_dtype(sd)?,
+            None => gamma.zeros_like()?.detach(),
+        };
+        let affine = Tensor::stack(&[gamma, beta], 0)?;
+        bn_apply(x, &stats, &affine, relu)
     }
 
     fn update_moving(&self, mean: &Tensor, var: &Tensor) -> Result<()> {

@@ -14,7 +14,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::batch_norm::{BatchNorm, BatchNormOptions};
+use crate::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
 use crate::config::{ModelConfig, ProjHeadMode};
 use crate::layers::Dense;
 
@@ -70,15 +70,18 @@ impl ProjectionHead {
     }
 
     /// `hiddens_list` for the head input `h` (`[N, feature_dim]`).
-    pub fn forward(&self, h: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+    pub fn forward<'a>(&self, h: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Vec<Tensor>> {
+        let mode: BnMode = mode.into();
         let mut hiddens = Vec::with_capacity(self.layers.len() + 1);
         hiddens.push(h.clone());
         let mut y = h.clone();
         for layer in &self.layers {
-            y = layer.bn.forward(&layer.dense.forward(&y)?, train)?;
-            if layer.relu {
-                y = y.relu()?;
-            }
+            let z = layer.dense.forward(&y)?;
+            y = if layer.relu {
+                layer.bn.forward_relu(&z, mode)?
+            } else {
+                layer.bn.forward(&z, mode)?
+            };
             hiddens.push(y.clone());
         }
         Ok(hiddens)

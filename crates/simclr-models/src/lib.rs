@@ -40,6 +40,7 @@
 //! ```
 
 pub mod batch_norm;
+pub mod bn_ops;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;
@@ -57,6 +58,7 @@ pub mod resnet;
 pub mod sk;
 pub mod tf_bundle;
 
+pub use batch_norm::BnMode;
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
 pub use config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
 pub use error::ModelError;

@@ -5,7 +5,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use simclr_collective::Collective;
 
+use crate::batch_norm::BnMode;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::heads::{ProjectionHead, SupervisedHead};
@@ -14,7 +16,7 @@ use crate::resnet::{ResNet, ResNetEndpoints};
 
 /// How to run a forward pass.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ForwardOptions {
+pub struct ForwardOptions<'a> {
     /// Training mode: BN uses (and updates) batch statistics outside the frozen parts.
     pub train: bool,
     /// Detach the supervised head's input, as the official online linear probe does during
@@ -26,14 +28,27 @@ pub struct ForwardOptions {
     /// activations) and gives no gradient to the encoder; training passes always keep it
     /// outside the frozen parts.
     pub keep_graph: bool,
+    /// Global BN: in training mode, compute BN statistics over the batches of every replica
+    /// of this collective (the official `global_bn`); `None` is this replica's batch alone.
+    pub replicas: Option<&'a dyn Collective>,
 }
 
-impl ForwardOptions {
+impl ForwardOptions<'_> {
     /// Training (`true`) or inference mode, nothing else.
     pub fn mode(train: bool) -> Self {
         Self {
             train,
             ..Self::default()
+        }
+    }
+}
+
+impl<'a> ForwardOptions<'a> {
+    /// The BN mode these options select.
+    pub fn bn_mode(&self) -> BnMode<'a> {
+        BnMode {
+            train: self.train,
+            replicas: self.replicas,
         }
     }
 }
@@ -146,7 +161,9 @@ impl SimclrModel {
 
     /// Forward pass with explicit options.
     pub fn forward_with(&self, x: &Tensor, opts: ForwardOptions) -> Result<ModelOutput> {
-        let h = self.resnet.forward_with(x, opts.train, opts.keep_graph)?;
+        let h = self
+            .resnet
+            .forward_with(x, opts.bn_mode(), opts.keep_graph)?;
         self.heads(h, opts)
     }
 
@@ -158,13 +175,13 @@ impl SimclrModel {
     ) -> Result<(ResNetEndpoints, ModelOutput)> {
         let e = self
             .resnet
-            .forward_endpoints(x, opts.train, opts.keep_graph)?;
+            .forward_endpoints(x, opts.bn_mode(), opts.keep_graph)?;
         let out = self.heads(e.final_avg_pool.clone(), opts)?;
         Ok((e, out))
     }
 
     fn heads(&self, h: Tensor, opts: ForwardOptions) -> Result<ModelOutput> {
-        let hiddens = self.projection_head.forward(&h, opts.train)?;
+        let hiddens = self.projection_head.forward(&h, opts.bn_mode())?;
         let proj_head_output = match hiddens.last() {
             Some(t) => t.clone(),
             None => candle_core::bail!("empty hiddens list"),

@@ -14,7 +14,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::batch_norm::{BatchNorm, BatchNormOptions};
+use crate::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
 use crate::config::{BlockKind, ModelConfig, StemKind};
 use crate::layers::Conv2d;
 use crate::pool::{avg_pool_fixed_valid, avg_pool_same, global_avg_pool, max_pool_same};
@@ -80,7 +80,8 @@ impl Stem {
     }
 
     /// Runs the stem and returns its taps.
-    pub fn forward_taps(&self, x: &Tensor, train: bool) -> Result<StemOutput> {
+    pub fn forward_taps<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<StemOutput> {
+        let mode: BnMode = mode.into();
         let mut y = x.clone();
         let mut initial_conv = None;
         let n = self.layers.len();
@@ -89,7 +90,7 @@ impl Stem {
             if i + 1 == n {
                 initial_conv = Some(c.clone());
             }
-            y = bn.forward(&c, train)?.relu()?;
+            y = bn.forward_relu(&c, mode)?;
         }
         if self.max_pool {
             // The windows-based (differentiable) path only where a gradient can flow.
@@ -106,8 +107,9 @@ impl Stem {
     }
 
     /// Runs the stem.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.forward_taps(x, train)?.output)
+    pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
+        Ok(self.forward_taps(x, mode)?.output)
     }
 }
 
@@ -152,13 +154,13 @@ impl Projection {
         Ok(Self { pool, conv, bn })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
         let x = match self.pool {
             ShortcutPool::None => x.clone(),
             ShortcutPool::Same => avg_pool_same(x, 2, 1, x.track_op())?,
             ShortcutPool::FixedValid(s) => avg_pool_fixed_valid(x, 2, s, x.track_op())?,
         };
-        self.bn.forward(&self.conv.forward(&x)?, train)
+        self.bn.forward(&self.conv.forward(&x)?, mode)
     }
 }
 
@@ -244,15 +246,17 @@ impl Block {
     }
 
     /// The shortcut branch alone (identity for blocks without projection).
-    pub fn shortcut(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn shortcut<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
         match &self.projection {
-            Some(p) => p.forward(x, train),
+            Some(p) => p.forward(x, mode),
             None => Ok(x.clone()),
         }
     }
 
     /// The residual branch alone (ends with the zero-initialised BN, no ReLU).
-    pub fn residual(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn residual<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
         match &self.main {
             MainPath::Basic {
                 conv1,
@@ -260,8 +264,8 @@ impl Block {
                 conv2,
                 bn2,
             } => {
-                let y = bn1.forward(&conv1.forward(x)?, train)?.relu()?;
-                bn2.forward(&conv2.forward(&y)?, train)
+                let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
+                bn2.forward(&conv2.forward(&y)?, mode)
             }
             MainPath::Bottleneck {
                 conv1,
@@ -270,20 +274,21 @@ impl Block {
                 conv3,
                 bn3,
             } => {
-                let y = bn1.forward(&conv1.forward(x)?, train)?.relu()?;
+                let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
                 let y = match middle.as_ref() {
-                    Middle::Conv(conv, bn) => bn.forward(&conv.forward(&y)?, train)?.relu()?,
-                    Middle::Sk(sk) => sk.forward(&y, train)?,
+                    Middle::Conv(conv, bn) => bn.forward_relu(&conv.forward(&y)?, mode)?,
+                    Middle::Sk(sk) => sk.forward(&y, mode)?,
                 };
-                bn3.forward(&conv3.forward(&y)?, train)
+                bn3.forward(&conv3.forward(&y)?, mode)
             }
         }
     }
 
     /// `relu(residual(x) + shortcut(x))`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let sc = self.shortcut(x, train)?;
-        (self.residual(x, train)? + sc)?.relu()
+    pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
+        let sc = self.shortcut(x, mode)?;
+        (self.residual(x, mode)? + sc)?.relu()
     }
 }
 
@@ -324,10 +329,11 @@ impl BlockGroup {
     }
 
     /// Runs every block.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
         let mut y = x.clone();
         for b in &self.blocks {
-            y = b.forward(&y, train)?;
+            y = b.forward(&y, mode)?;
         }
         Ok(y)
     }
@@ -393,7 +399,7 @@ impl ResNet {
     fn run(
         &self,
         x: &Tensor,
-        train: bool,
+        mode: BnMode,
         keep_graph: bool,
         keep_endpoints: bool,
     ) -> Result<(Tensor, Option<ResNetEndpoints>)> {
@@ -409,8 +415,10 @@ impl ResNet {
         // `keep_graph`) are detached after every block: candle keeps the inputs of each op
         // alive through the autograd graph, so without this an inference pass would hold
         // every activation of the network until its output is dropped.
-        let no_graph = !train && !keep_graph;
-        let taps = self.stem.forward_taps(x, train && !self.stem_frozen)?;
+        let no_graph = !mode.train && !keep_graph;
+        let taps = self
+            .stem
+            .forward_taps(x, mode.unless_frozen(self.stem_frozen))?;
         let mut y = taps.output;
         if self.stem_frozen || no_graph {
             y = y.detach();
@@ -423,7 +431,7 @@ impl ResNet {
         let mut groups_out = Vec::new();
         for (group, frozen) in self.groups.iter().zip(self.frozen) {
             for block in group.blocks() {
-                y = block.forward(&y, train && !frozen)?;
+                y = block.forward(&y, mode.unless_frozen(frozen))?;
                 if frozen || no_graph {
                     y = y.detach();
                 }
@@ -449,23 +457,31 @@ impl ResNet {
     /// Frozen parts (`fine_tune_after_block`) run BN in inference mode and are detached. An
     /// inference pass (`train = false`) builds no autograd graph through the encoder; use
     /// [`ResNet::forward_with`] with `keep_graph` to differentiate one.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.run(x, train, false, false)?.0)
+    pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
+        Ok(self.run(x, mode, false, false)?.0)
     }
 
     /// Like [`ResNet::forward`]; `keep_graph` keeps the autograd graph of an inference pass.
-    pub fn forward_with(&self, x: &Tensor, train: bool, keep_graph: bool) -> Result<Tensor> {
-        Ok(self.run(x, train, keep_graph, false)?.0)
+    pub fn forward_with<'a>(
+        &self,
+        x: &Tensor,
+        mode: impl Into<BnMode<'a>>,
+        keep_graph: bool,
+    ) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
+        Ok(self.run(x, mode, keep_graph, false)?.0)
     }
 
     /// Like [`ResNet::forward_with`], keeping every endpoint.
-    pub fn forward_endpoints(
+    pub fn forward_endpoints<'a>(
         &self,
         x: &Tensor,
-        train: bool,
+        mode: impl Into<BnMode<'a>>,
         keep_graph: bool,
     ) -> Result<ResNetEndpoints> {
-        match self.run(x, train, keep_graph, true)?.1 {
+        let mode: BnMode = mode.into();
+        match self.run(x, mode, keep_graph, true)?.1 {
             Some(e) => Ok(e),
             None => candle_core::bail!("endpoints were not kept"),
         }

@@ -12,7 +12,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::batch_norm::{BatchNorm, BatchNormOptions};
+use crate::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
 use crate::layers::Conv2d;
 
 /// Selective-kernel convolution (`SK_Conv2D`).
@@ -52,16 +52,16 @@ impl SkConv {
     }
 
     /// Applies the SK conv; `train` selects batch or moving BN statistics.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
+        let mode: BnMode = mode.into();
         let f = self.filters;
-        let y = self.bn.forward(&self.conv.forward(x)?, train)?.relu()?;
+        let y = self.bn.forward_relu(&self.conv.forward(x)?, mode)?;
         let a = y.narrow(1, 0, f)?;
         let b = y.narrow(1, f, f)?;
         let g = (&a + &b)?.mean_keepdim((2, 3))?;
         let g = self
             .mix_bn
-            .forward(&self.mix_reduce.forward(&g)?, train)?
-            .relu()?;
+            .forward_relu(&self.mix_reduce.forward(&g)?, mode)?;
         let m = self.mix_expand.forward(&g)?;
         let logits = Tensor::stack(&[m.narrow(1, 0, f)?, m.narrow(1, f, f)?], 0)?;
         let w = candle_nn::ops::softmax(&logits, 0)?;

@@ -4,10 +4,9 @@
 //!
 //! * the objective: NT-Xent exactly as the official `add_contrastive_loss` (reference §2.1),
 //!   with its logged metrics `contrast_acc` and `contrast_entropy` ([`objective`]);
-//! * the collective interface through which data-parallel replicas exchange tensors, so that
+//! * the use of the collectives (`simclr-collective`, re-exported here) through which
 //!   negatives are gathered across replicas and their gradients are sent back home
-//!   (reference §2.2), with a single-replica implementation and an in-process thread
-//!   simulation of several replicas ([`collective`]);
+//!   (reference §2.2);
 //! * SimCLRv2's optional momentum encoder and memory buffer of negatives: the EMA update of the
 //!   weights, the FIFO queue of keys and the contrastive loss that uses both (reference §2.4;
 //!   [`memory`]);
@@ -33,15 +32,14 @@
 //! # Ok(()) }
 //! ```
 
-pub mod collective;
 pub mod memory;
 pub mod objective;
 pub mod stage;
 
-pub use collective::{Collective, SingleReplica, ThreadGroup, ThreadReplica};
 pub use memory::{
     copy_variables, ema_update, ema_update_with, is_bn_statistic, memory_contrastive_loss,
     BnStatisticsPolicy, MemoryConfig, MemoryLossOutput, MemoryQueue,
 };
 pub use objective::{l2_normalize, nt_xent, ContrastiveOutput, NtXentConfig};
+pub use simclr_collective::{Collective, SingleReplica, ThreadGroup, ThreadReplica};
 pub use stage::{run_pretrain, PretrainConfig, PretrainData, PretrainTask};

@@ -53,10 +53,10 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::collective::Collective;
 use crate::objective::{
     half_rows, l2_normalize, two_way_contrastive, ContrastiveOutput, NtXentConfig,
 };
+use simclr_collective::Collective;
 
 /// Settings of the momentum encoder and the memory buffer (paper defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -34,7 +34,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::collective::Collective;
+use simclr_collective::Collective;
 
 /// The constant the official code subtracts from the self-similarity logits.
 pub const LARGE_NUM: f64 = 1e9;

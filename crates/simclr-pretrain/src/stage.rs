@@ -16,11 +16,11 @@ use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
 
-use crate::collective::{Collective, SingleReplica};
 use crate::memory::{
     copy_variables, ema_update, memory_contrastive_loss, MemoryConfig, MemoryQueue,
 };
 use crate::objective::{nt_xent, NtXentConfig};
+use simclr_collective::{Collective, SingleReplica};
 
 /// Every setting of a pretraining run, with the official flag names.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,6 +32,10 @@ pub struct PretrainConfig {
     pub optimizer: OptimizerSettings,
     pub objective: NtXentConfig,
     pub augment: AugmentConfig,
+    /// BN statistics over the two-view batch of every replica (the official `global_bn`);
+    /// `false` normalises with each replica's own batch.
+    #[serde(default = "default_true")]
+    pub global_bn: bool,
     /// Train the supervised head on stop-gradient features as the official tf2 code does.
     pub lineareval_while_pretraining: bool,
     /// SimCLRv2's momentum encoder + memory buffer; `None` trains plain SimCLR.
@@ -42,6 +46,10 @@ pub struct PretrainConfig {
     pub knn: KnnConfig,
     pub checkpoint_every: u64,
     pub num_workers: usize,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl PretrainConfig {
@@ -55,6 +63,7 @@ impl PretrainConfig {
             optimizer: OptimizerSettings::default(),
             objective: NtXentConfig::default(),
             augment: AugmentConfig::pretrain(image_size),
+            global_bn: true,
             lineareval_while_pretraining: true,
             memory: None,
             seed: 0,
@@ -142,8 +151,10 @@ impl PretrainTask {
 impl TrainTask for PretrainTask {
     fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
         let x = Tensor::cat(&[&batch.views[0], &batch.views[1]], 0)?.to_device(&self.device)?;
+        let replicas = self.config.global_bn.then_some(self.collective.as_ref());
         let opts = ForwardOptions {
             stop_gradient_supervised_input: true,
+            replicas,
             ..ForwardOptions::mode(true)
         };
         let out = self.model.forward_with(&x, opts)?;
@@ -155,7 +166,15 @@ impl TrainTask for PretrainTask {
                 self.collective.as_ref(),
             )?,
             Some(m) => {
-                let keys = m.model.forward(&x, true)?.proj_head_output.detach();
+                let key_opts = ForwardOptions {
+                    replicas,
+                    ..ForwardOptions::mode(true)
+                };
+                let keys = m
+                    .model
+                    .forward_with(&x, key_opts)?
+                    .proj_head_output
+                    .detach();
                 let negatives = if m.queue.is_empty() {
                     None
                 } else {
@@ -227,6 +246,10 @@ impl TrainTask for PretrainTask {
 
     fn varmap(&self) -> &VarMap {
         &self.varmap
+    }
+
+    fn replicas(&self) -> Option<&dyn Collective> {
+        Some(self.collective.as_ref())
     }
 
     fn model_config(&self) -> &ModelConfig {

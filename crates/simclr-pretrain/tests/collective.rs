@@ -9,19 +9,8 @@ use simclr_pretrain::{
     ThreadReplica,
 };
 
-/// Runs `f(replica)` on one thread per replica and returns the results in rank order.
 fn run_replicas<T: Send>(world: usize, f: impl Fn(ThreadReplica) -> T + Sync) -> Vec<T> {
-    let replicas = ThreadGroup::new(world);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = replicas
-            .into_iter()
-            .map(|r| {
-                let f = &f;
-                s.spawn(move || f(r))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    ThreadGroup::run(world, f)
 }
 
 #[test]
@@ -269,4 +258,164 @@ fn memory_loss_two_replicas_equal_one_replica() {
         // Every replica enqueues the same gathered keys as one replica on the whole batch.
         assert_matrix_close(&res.2, &single_keys, 1e-15, "gathered keys");
     }
+}
+
+type Named = Vec<(String, Tensor)>;
+
+/// One SimCLR step of a whole model (global BN in the encoder and the projection head,
+/// NT-Xent over the gathered projections, the loss divided by the world size, gradients summed
+/// over the replicas): the loss, every trainable gradient and every BN moving statistic.
+fn model_step(
+    x: &Tensor,
+    replica: Option<&ThreadReplica>,
+) -> (f64, Named, Named) {
+    let dtype = x.dtype();
+    use simclr_models::{ForwardOptions, ModelConfig, SimclrModel};
+    let config = ModelConfig {
+        resnet_depth: 18,
+        cifar_stem: true,
+        base_width: 4,
+        num_classes: None,
+        proj_out_dim: 8,
+        ..ModelConfig::default()
+    };
+    let varmap = candle_nn::VarMap::new();
+    let vb = simclr_models::init::SeededInit::var_builder(&varmap, 7, dtype, &Device::Cpu);
+    let model = SimclrModel::new(&config, vb).unwrap();
+    let opts = ForwardOptions {
+        replicas: replica.map(|r| r as &dyn Collective),
+        ..ForwardOptions::mode(true)
+    };
+    let out = model.forward_with(x, opts).unwrap();
+    let single = SingleReplica;
+    let c: &dyn Collective = match replica {
+        Some(r) => r,
+        None => &single,
+    };
+    let loss = nt_xent(&out.proj_head_output, &NtXentConfig::default(), c)
+        .unwrap()
+        .loss;
+    let loss = (loss / c.world_size() as f64).unwrap();
+    let mut grads = loss.backward().unwrap();
+    let vars = simclr_train::named_vars(&varmap);
+    simclr_train::all_reduce_gradients(&mut grads, &vars, c).unwrap();
+    let total = scalar(&c.all_reduce_sum(&loss).unwrap());
+    let g = vars
+        .iter()
+        .map(|v| {
+            (
+                v.name.clone(),
+                grads.get(v.var.as_tensor()).unwrap().clone(),
+            )
+        })
+        .collect();
+    let data = varmap.data().lock().unwrap();
+    let mut stats: Vec<(String, Tensor)> = data
+        .iter()
+        .filter(|(k, _)| k.contains("moving_"))
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    stats.sort_by(|a, b| a.0.cmp(&b.0));
+    (total, g, stats)
+}
+
+/// Every element within `rel` of the largest magnitude in `want` (all tensors together).
+fn assert_tensors_close(got: &[(String, Tensor)], want: &[(String, Tensor)], rel: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: count");
+    let scale = want
+        .iter()
+        .map(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .fold(1e-12, f64::max);
+    for ((n, a), (m, b)) in got.iter().zip(want) {
+        assert_eq!(n, m);
+        let a: Vec<f64> = a
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f64> = b
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= rel * scale, "{what} {n}[{i}]: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn whole_model_with_global_bn_two_replicas_equal_one_replica_on_the_combined_batch() {
+    // f32 runs the fused BN kernels; f64 the candle-op reference path, to a tighter tolerance.
+    check_whole_model(DType::F32, 1e-4);
+    check_whole_model(DType::F64, 1e-9);
+}
+
+fn check_whole_model(dtype: DType, rel: f64) {
+    // Combined batch: views a = [a0; a1] then b = [b0; b1]; replica r holds [a_r; b_r].
+    let n = 3;
+    let mut rng = Rng::new(77);
+    let mut img = |count: usize| -> Tensor {
+        let v: Vec<f32> = (0..count * 3 * 12 * 12)
+            .map(|_| rng.uniform() as f32)
+            .collect();
+        Tensor::from_vec(v, (count, 3, 12, 12), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let a = img(2 * n);
+    let b = img(2 * n);
+    let whole = Tensor::cat(&[&a, &b], 0).unwrap();
+    let (loss1, grads1, stats1) = model_step(&whole, None);
+    let parts = run_replicas(2, |r| {
+        let k = r.rank();
+        let x = Tensor::cat(
+            &[
+                a.narrow(0, k * n, n).unwrap(),
+                b.narrow(0, k * n, n).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        model_step(&x, Some(&r))
+    });
+    for (loss, grads, stats) in &parts {
+        assert_close(*loss, loss1, rel, "loss");
+        assert_tensors_close(grads, &grads1, rel, "gradient");
+        assert_tensors_close(stats, &stats1, rel, "BN statistic");
+    }
+    // The check has teeth: without global BN the replicas' statistics differ from the whole's.
+    let x0 = Tensor::cat(&[a.narrow(0, 0, n).unwrap(), b.narrow(0, 0, n).unwrap()], 0).unwrap();
+    let local = model_step(&x0, None).2;
+    let differs = local.iter().zip(&stats1).any(|((_, x), (_, y))| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            > 1e-4
+    });
+    assert!(
+        differs,
+        "per-replica BN should not match the combined batch"
+    );
 }

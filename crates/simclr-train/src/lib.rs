@@ -47,8 +47,9 @@ pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use optim::{
-    build_optimizer, named_vars, AdamW, AdamWConfig, Lars, LarsConfig, LarsRule, LarsRules,
-    MomentumConfig, MomentumSgd, NamedVar, Optimizer, OptimizerKind, OptimizerSettings, StepStats,
+    all_reduce_gradients, build_optimizer, named_vars, AdamW, AdamWConfig, Lars, LarsConfig,
+    LarsRule, LarsRules, MomentumConfig, MomentumSgd, NamedVar, Optimizer, OptimizerKind,
+    OptimizerSettings, StepStats,
 };
 pub use schedule::{
     scaled_lr, train_steps, warmup_steps, LearningRateScaling, LrScheduleConfig, WarmupCosine,

@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use simclr_collective::Collective;
 use simclr_models::{param_group, ParamGroup};
 
 use crate::error::{Result, TrainError};
@@ -68,6 +69,30 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<NamedVar> {
         .collect();
     vars.sort_by(|a, b| a.name.cmp(&b.name));
     vars
+}
+
+/// Sums the gradient of every variable in `vars` over the replicas of `replicas`, in place
+/// (data parallelism: each replica's loss is its share of the global mean, so the sum is the
+/// gradient of the global loss). Every replica must pass the same variables in the same order
+/// ([`named_vars`] sorts them); a variable without a gradient contributes zeros.
+pub fn all_reduce_gradients(
+    grads: &mut GradStore,
+    vars: &[NamedVar],
+    replicas: &dyn Collective,
+) -> Result<()> {
+    if replicas.world_size() == 1 {
+        return Ok(());
+    }
+    for v in vars {
+        let t = v.var.as_tensor();
+        let local = match grads.get(t) {
+            Some(g) => g.detach(),
+            None => t.zeros_like()?.detach(),
+        };
+        let total = replicas.all_reduce_sum(&local)?;
+        grads.insert(t, total);
+    }
+    Ok(())
 }
 
 /// What one optimizer step did, for logging.

@@ -20,12 +20,13 @@ use candle_core::Tensor;
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
+use simclr_collective::Collective;
 use simclr_data::{Batch, Loader};
 use simclr_models::checkpoint::{self, CheckpointMeta};
 use simclr_models::ModelConfig;
 
 use crate::error::{Result, TrainError};
-use crate::optim::Optimizer;
+use crate::optim::{all_reduce_gradients, named_vars, Optimizer};
 
 /// What a task's forward pass returns.
 pub struct StepOutput {
@@ -55,6 +56,12 @@ pub trait TrainTask {
 
     /// The architecture written in the checkpoint's metadata.
     fn model_config(&self) -> &ModelConfig;
+
+    /// The data-parallel group this task runs in, if it is one of several replicas: the loop
+    /// then sums the gradients over the replicas before each optimizer step.
+    fn replicas(&self) -> Option<&dyn Collective> {
+        None
+    }
 
     /// Extra state saved with the run (memory queue, momentum encoder), by name.
     fn extra_state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -298,6 +305,7 @@ pub fn train(
     let mut images = 0usize;
     let mut step = start;
     let mut last_saved = (start > 0).then(|| ckpt.clone());
+    let trainable = named_vars(task.varmap());
     while step < cfg.total_steps {
         let epoch = (step / per_epoch) as usize;
         let first = (step % per_epoch) as usize;
@@ -323,7 +331,10 @@ pub fn train(
                     last_checkpoint: last_saved.clone(),
                 });
             }
-            let grads = out.loss.backward()?;
+            let mut grads = out.loss.backward()?;
+            if let Some(replicas) = task.replicas() {
+                all_reduce_gradients(&mut grads, &trainable, replicas)?;
+            }
             let stats = optimizer.step(&grads, rate)?;
             drop(grads);
             task.after_step(step)?;

@@ -1,0 +1,420 @@
+//! Batch normalisation's heavy passes as fused kernels (candle custom ops), with a reference
+//! composition of candle ops for every other dtype and device.
+//!
+//! Why: written with candle's ops, training-mode BN is about a dozen passes over the
+//! activation each way (mean, subtract, square, mean, broadcast multiply and add, and their
+//! gradients), each allocating a fresh buffer, and candle's CPU broadcast ops walk strided
+//! indices. It was measured at about 40% of a ResNet training step here.
+//!
+//! BN is split at the one place where replicas must talk (global BN, reference §1.3):
+//!
+//! 1. [`channel_moments`]: per-channel `Σx` and `Σx²` of `x` (`[N, C, *]`) as a `[2, C]`
+//!    tensor, accumulated in f64 (one pass). Its gradient is `g₀[c] + 2·x·g₁[c]` (one pass).
+//! 2. The caller sums the moments over the replicas (a differentiable all-reduce) and turns
+//!    them into the mean and `1/√(var + eps)` with a few ops on `[C]`-sized tensors; the
+//!    variance is `E[x²] − E[x]²`, as the official cross-replica BN computes it.
+//! 3. [`bn_apply`]: `y = (x − mean)·invstd·γ + β`, optionally followed by a ReLU (one pass).
+//!    Its backward is one pass that writes the direct part of `dx` (`dy'·γ·invstd`) and
+//!    reduces `Σdy'` and `Σdy'·(x − mean)` per channel, from which the gradients of the
+//!    statistics, `γ` and `β` follow (`dy'` is `dy` masked by `y > 0` after a ReLU).
+//!
+//! Autograd adds the two `dx` parts and carries the statistics' gradient through step 2 (and
+//! back across the replicas) into step 1. Only contiguous f32 CPU tensors take the kernels;
+//! anything else runs [`channel_moments_reference`] / [`bn_apply_reference`], which the tests
+//! also use as the independent computation to check the kernels against. The custom ops have no
+//! second-order gradient.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Accumulation is per plane in f32 lanes, then in f64 across planes: a plane is at most a
+/// few thousand values, so its f32 sum loses nothing that matters, and the cross-plane sum of
+/// up to millions of values keeps full precision.
+const LANES: usize = 8;
+
+fn is_fast(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `(N, C, P)` of a `[N, C, *]` tensor: batch, channels, and the product of the trailing dims.
+fn ncp(dims: &[usize]) -> Result<(usize, usize, usize)> {
+    if dims.len() < 2 {
+        bail!("batch norm needs a tensor of rank >= 2, got shape {dims:?}")
+    }
+    Ok((dims[0], dims[1], dims[2..].iter().product()))
+}
+
+fn contiguous<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: the input must be contiguous"),
+    }
+}
+
+fn f32_slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(d) => contiguous(op, d, layout),
+        _ => bail!("{op}: expected f32"),
+    }
+}
+
+fn f64_slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f64]> {
+    match storage {
+        CpuStorage::F64(d) => contiguous(op, d, layout),
+        _ => bail!("{op}: expected f64"),
+    }
+}
+
+fn plane_sums(plane: &[f32]) -> (f32, f32) {
+    let mut s = [0f32; LANES];
+    let mut q = [0f32; LANES];
+    let mut chunks = plane.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            s[l] += c[l];
+            q[l] += c[l] * c[l];
+        }
+    }
+    let (mut s1, mut q1) = (s.iter().sum::<f32>(), q.iter().sum::<f32>());
+    for &v in chunks.remainder() {
+        s1 += v;
+        q1 += v * v;
+    }
+    (s1, q1)
+}
+
+/// Per-channel `[Σx, Σx²]` of `x` (`[N, C, *]`) as a `[2, C]` tensor: f64 from the CPU
+/// kernel, f32 from the reference path. Differentiable.
+pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
+    ncp(x.dims())?;
+    if is_fast(x) {
+        x.contiguous()?.apply_op1(ChannelMoments)
+    } else {
+        channel_moments_reference(x)
+    }
+}
+
+/// The dtype of BN's statistics and affine parameters for activations of dtype `x`: f64 for
+/// f64, else f32 (half-precision activations keep f32 statistics).
+pub fn stats_dtype(x: DType) -> DType {
+    if x == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// [`channel_moments`] with candle's ops, in [`stats_dtype`].
+pub fn channel_moments_reference(x: &Tensor) -> Result<Tensor> {
+    let (n, c, p) = ncp(x.dims())?;
+    let x = x.to_dtype(stats_dtype(x.dtype()))?.reshape((n, c, p))?;
+    let s = x.sum((0, 2))?;
+    let q = x.sqr()?.sum((0, 2))?;
+    Tensor::stack(&[s, q], 0)
+}
+
+/// The mean and `1/√(var + eps)` as a `[2, C]` tensor of `dtype`, plus the mean and biased
+/// variance (in the moments' dtype) for the moving averages, from `moments` summed over
+/// `count` values per channel. Differentiable.
+pub fn moments_to_stats(
+    moments: &Tensor,
+    count: usize,
+    eps: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if count == 0 {
+        bail!("batch norm over an empty batch")
+    }
+    let m = (moments / count as f64)?;
+    let mean = m.get(0)?;
+    // Rounding can make E[x²] − E[x]² slightly negative for a constant channel.
+    let var = (m.get(1)? - mean.sqr()?)?.relu()?;
+    let invstd = (&var + eps)?.sqrt()?.recip()?;
+    let stats = Tensor::stack(&[&mean, &invstd], 0)?.to_dtype(dtype)?;
+    Ok((stats, mean, var))
+}
+
+/// `y = (x − mean)·invstd·γ + β`, then a ReLU if `relu`, for `x` `[N, C, *]`, `stats =
+/// [mean; invstd]` and `affine = [γ; β]` (both `[2, C]`, of [`stats_dtype`]). Differentiable
+/// in all three.
+pub fn bn_apply(x: &Tensor, stats: &Tensor, affine: &Tensor, relu: bool) -> Result<Tensor> {
+    let (_, c, _) = ncp(x.dims())?;
+    let want = stats_dtype(x.dtype());
+    for (name, t) in [("statistics", stats), ("affine", affine)] {
+        if t.dims() != [2, c] || t.dtype() != want {
+            bail!(
+                "batch norm {name} must be [2, {c}] {want:?}, got {:?} {:?}",
+                t.dims(),
+                t.dtype()
+            )
+        }
+    }
+    if is_fast(x) {
+        x.contiguous()?.apply_op3(
+            &stats.contiguous()?,
+            &affine.contiguous()?,
+            BnApply { relu },
+        )
+    } else {
+        bn_apply_reference(x, stats, affine, relu)
+    }
+}
+
+/// [`bn_apply`] with candle's ops, in `x`'s dtype.
+pub fn bn_apply_reference(
+    x: &Tensor,
+    stats: &Tensor,
+    affine: &Tensor,
+    relu: bool,
+) -> Result<Tensor> {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = x.dim(1)?;
+    let row = |t: &Tensor, i: usize| -> Result<Tensor> {
+        t.get(i)?.to_dtype(x.dtype())?.reshape(shape.as_slice())
+    };
+    let scale = (row(stats, 1)? * row(affine, 0)?)?;
+    let y = x
+        .broadcast_sub(&row(stats, 0)?)?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&row(affine, 1)?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// `x [N, C, *] f32 -> [2, C] f64`: per-channel sums and sums of squares.
+#[derive(Debug, Clone, Copy)]
+struct ChannelMoments;
+
+impl candle_core::CustomOp1 for ChannelMoments {
+    fn name(&self) -> &'static str {
+        "bn-channel-moments"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), storage, layout)?;
+        let (_, c, p) = ncp(layout.dims())?;
+        let out = if c * p == 0 {
+            vec![0f64; 2 * c]
+        } else {
+            x.par_chunks(c * p)
+                .fold(
+                    || vec![0f64; 2 * c],
+                    |mut acc, img| {
+                        for (ch, plane) in img.chunks_exact(p).enumerate() {
+                            let (s, q) = plane_sums(plane);
+                            acc[ch] += s as f64;
+                            acc[c + ch] += q as f64;
+                        }
+                        acc
+                    },
+                )
+                .reduce(|| vec![0f64; 2 * c], add_vecs)
+        };
+        Ok((CpuStorage::F64(out), Shape::from((2, c))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.to_dtype(DType::F64)?.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&g, &MomentsGrad)?))
+    }
+}
+
+fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
+/// `(x [N, C, *] f32, g [2, C] f64) -> g₀[c] + 2·x·g₁[c]`, the gradient of the moments.
+#[derive(Debug, Clone, Copy)]
+struct MomentsGrad;
+
+impl CustomOp2 for MomentsGrad {
+    fn name(&self) -> &'static str {
+        "bn-channel-moments-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), xs, xl)?;
+        let g = f64_slice(self.name(), gs, gl)?;
+        let (_, c, p) = ncp(xl.dims())?;
+        let g0: Vec<f32> = g[..c].iter().map(|&v| v as f32).collect();
+        let g1: Vec<f32> = g[c..].iter().map(|&v| 2.0 * v as f32).collect();
+        let mut dx = vec![0f32; x.len()];
+        if c * p > 0 {
+            dx.par_chunks_mut(c * p)
+                .zip(x.par_chunks(c * p))
+                .for_each(|(d, img)| {
+                    for (ch, (dp, xp)) in d.chunks_exact_mut(p).zip(img.chunks_exact(p)).enumerate()
+                    {
+                        let (a, b) = (g0[ch], g1[ch]);
+                        for (o, &v) in dp.iter_mut().zip(xp) {
+                            *o = a + b * v;
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// `(x, stats, affine) -> y`; see [`bn_apply`].
+#[derive(Debug, Clone, Copy)]
+struct BnApply {
+    relu: bool,
+}
+
+impl CustomOp3 for BnApply {
+    fn name(&self) -> &'static str {
+        "bn-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), xs, xl)?;
+        let s = f32_slice(self.name(), ss, sl)?;
+        let a = f32_slice(self.name(), as_, al)?;
+        let (_, c, p) = ncp(xl.dims())?;
+        let (mean, invstd, gamma, beta) = (&s[..c], &s[c..], &a[..c], &a[c..]);
+        let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
+        let relu = self.relu;
+        let mut y = vec![0f32; x.len()];
+        if c * p > 0 {
+            y.par_chunks_mut(c * p)
+                .zip(x.par_chunks(c * p))
+                .for_each(|(yi, xi)| {
+                    for (ch, (yp, xp)) in yi.chunks_exact_mut(p).zip(xi.chunks_exact(p)).enumerate()
+                    {
+                        let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
+                        for (o, &v) in yp.iter_mut().zip(xp) {
+                            let t = (v - m) * k + b;
+                            *o = if relu { t.max(0.0) } else { t };
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        affine: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, c, _) = ncp(x.dims())?;
+        let op = BnApplyGrad {
+            relu: self.relu,
+            stats: stats.flatten_all()?.to_vec1()?,
+            affine: affine.flatten_all()?.to_vec1()?,
+        };
+        let flat = x.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?;
+        let n = x.elem_count();
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let tail = flat.narrow(0, n, 4 * c)?;
+        let dstats = tail.narrow(0, 0, 2 * c)?.reshape((2, c))?;
+        let daffine = tail.narrow(0, 2 * c, 2 * c)?.reshape((2, c))?;
+        Ok((Some(dx), Some(dstats), Some(daffine)))
+    }
+}
+
+/// `(x, y, dy) -> [dx_direct (N·C·P) | dmean | dinvstd | dγ | dβ]`, flat f32.
+#[derive(Debug, Clone)]
+struct BnApplyGrad {
+    relu: bool,
+    stats: Vec<f32>,
+    affine: Vec<f32>,
+}
+
+impl CustomOp3 for BnApplyGrad {
+    fn name(&self) -> &'static str {
+        "bn-apply-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), xs, xl)?;
+        let y = f32_slice(self.name(), ys, yl)?;
+        let dy = f32_slice(self.name(), gs, gl)?;
+        let (_, c, p) = ncp(xl.dims())?;
+        if y.len() != x.len() || dy.len() != x.len() || self.stats.len() != 2 * c {
+            bail!("{}: inconsistent shapes", self.name())
+        }
+        let (mean, invstd) = (&self.stats[..c], &self.stats[c..]);
+        let gamma = &self.affine[..c];
+        let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
+        let relu = self.relu;
+        let n = x.len();
+        let mut out = vec![0f32; n + 4 * c];
+        let sums = if c * p == 0 {
+            vec![0f64; 2 * c]
+        } else {
+            out[..n]
+                .par_chunks_mut(c * p)
+                .zip(x.par_chunks(c * p))
+                .zip(y.par_chunks(c * p))
+                .zip(dy.par_chunks(c * p))
+                .fold(
+                    || vec![0f64; 2 * c],
+                    |mut acc, (((dxi, xi), yi), gi)| {
+                        for ch in 0..c {
+                            let r = ch * p..(ch + 1) * p;
+                            let (m, k) = (mean[ch], scale[ch]);
+                            let (mut s1, mut s3) = (0f32, 0f32);
+                            for (((o, &xv), &yv), &gv) in dxi[r.clone()]
+                                .iter_mut()
+                                .zip(&xi[r.clone()])
+                                .zip(&yi[r.clone()])
+                                .zip(&gi[r])
+                            {
+                                let g = if relu && yv <= 0.0 { 0.0 } else { gv };
+                                *o = g * k;
+                                s1 += g;
+                                s3 += g * (xv - m);
+                            }
+                            acc[ch] += s1 as f64;
+                            acc[c + ch] += s3 as f64;
+                        }
+                        acc
+                    },
+                )
+                .reduce(|| vec![0f64; 2 * c], add_vecs)
+        };
+        let tail = &mut out[n..];
+        for ch in 0..c {
+            let (s1, s3) = (sums[ch], sums[c + ch]);
+            let (g, i) = (gamma[ch] as f64, invstd[ch] as f64);
+            tail[ch] = (-g * i * s1) as f32; // dmean
+            tail[c + ch] = (g * s3) as f32; // dinvstd
+            tail[2 * c + ch] = (s3 * i) as f32; // dγ
+            tail[3 * c + ch] = s1 as f32; // dβ
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n + 4 * c)))
+    }
+}

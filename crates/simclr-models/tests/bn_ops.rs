@@ -1,0 +1,253 @@
+//! The fused BN kernels against candle-op compositions in f64, and global BN over simulated
+//! replicas against one replica on the combined batch.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use simclr_collective::{Collective, ThreadGroup};
+use simclr_models::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
+use simclr_models::bn_ops::{
+    bn_apply, bn_apply_reference, channel_moments, channel_moments_reference, moments_to_stats,
+};
+
+const SHAPES: [&[usize]; 5] = [
+    &[3, 5, 7, 9],
+    &[2, 4, 1, 1],
+    &[5, 3, 11, 6],
+    &[7, 13],
+    &[1, 2, 17],
+];
+
+fn random(dims: &[usize], seed: u64, offset: f32) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 2.0 + offset)
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (g, w) = (values(got), values(want));
+    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}]: {a} vs {b} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn moments_match_a_float64_sum() {
+    for (k, dims) in SHAPES.iter().enumerate() {
+        // An offset mean checks that the f64 accumulation keeps Σx² accurate.
+        let x = random(dims, k as u64, 3.0);
+        let m = channel_moments(&x).unwrap();
+        assert_eq!(m.dtype(), DType::F64);
+        let (n, c) = (dims[0], dims[1]);
+        let p: usize = dims[2..].iter().product();
+        let xv = values(&x);
+        let mut want = vec![0f64; 2 * c];
+        for i in 0..n {
+            for ch in 0..c {
+                for j in 0..p {
+                    let v = xv[(i * c + ch) * p + j];
+                    want[ch] += v;
+                    want[c + ch] += v * v;
+                }
+            }
+        }
+        let got = values(&m);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{dims:?}[{i}]: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// The whole training-mode BN (moments, statistics, apply) with `relu`, and a loss
+/// `Σ y·r`; returns the output and the gradients of x, γ and β.
+fn bn_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    r: &Tensor,
+    relu: bool,
+    reference: bool,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let dtype = x.dtype();
+    let (xv, gv, bv) = (
+        Var::from_tensor(x).unwrap(),
+        Var::from_tensor(gamma).unwrap(),
+        Var::from_tensor(beta).unwrap(),
+    );
+    let moments = if reference {
+        channel_moments_reference(xv.as_tensor()).unwrap()
+    } else {
+        channel_moments(xv.as_tensor()).unwrap()
+    };
+    let count = x.elem_count() / x.dim(1).unwrap();
+    let (stats, _, _) = moments_to_stats(&moments, count, 1e-3, gamma.dtype()).unwrap();
+    let affine = Tensor::stack(&[gv.as_tensor(), bv.as_tensor()], 0).unwrap();
+    let y = if reference {
+        bn_apply_reference(xv.as_tensor(), &stats, &affine, relu).unwrap()
+    } else {
+        bn_apply(xv.as_tensor(), &stats, &affine, relu).unwrap()
+    };
+    let loss = (&y * r.to_dtype(dtype).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap();
+    let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+    (y, grad(&xv), grad(&gv), grad(&bv))
+}
+
+#[test]
+fn fused_training_bn_matches_a_float64_composition() {
+    for (k, dims) in SHAPES.iter().enumerate() {
+        for relu in [false, true] {
+            let seed = 10 * k as u64;
+            let x = random(dims, seed, 0.5);
+            let c = dims[1];
+            let gamma = random(&[c], seed + 1, 1.0);
+            let beta = random(&[c], seed + 2, 0.0);
+            let r = random(dims, seed + 3, 0.0);
+            let fast = bn_train(&x, &gamma, &beta, &r, relu, false);
+            let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let want = bn_train(&f64_(&x), &f64_(&gamma), &f64_(&beta), &r, relu, true);
+            let what = format!("{dims:?} relu={relu}");
+            assert_close(&format!("{what} y"), &fast.0, &want.0, 2e-5);
+            assert_close(&format!("{what} dx"), &fast.1, &want.1, 1e-4);
+            assert_close(&format!("{what} dgamma"), &fast.2, &want.2, 1e-4);
+            assert_close(&format!("{what} dbeta"), &fast.3, &want.3, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn f64_gradient_of_the_composition_matches_finite_differences() {
+    // The reference composition is the yardstick above; check it once against central
+    // differences so that the chain (moments → statistics → apply) is itself right.
+    let dims = [3usize, 2, 3, 2];
+    let x = random(&dims, 99, 0.3).to_dtype(DType::F64).unwrap();
+    let gamma = random(&[2], 98, 1.0).to_dtype(DType::F64).unwrap();
+    let beta = random(&[2], 97, 0.0).to_dtype(DType::F64).unwrap();
+    let r = random(&dims, 96, 0.0).to_dtype(DType::F64).unwrap();
+    let (_, dx, _, _) = bn_train(&x, &gamma, &beta, &r, true, true);
+    let loss = |xs: &Tensor| {
+        let m = channel_moments_reference(xs).unwrap();
+        let (stats, _, _) = moments_to_stats(&m, 18, 1e-3, DType::F64).unwrap();
+        let affine = Tensor::stack(&[&gamma, &beta], 0).unwrap();
+        let y = bn_apply_reference(xs, &stats, &affine, true).unwrap();
+        values(&(&y * &r).unwrap().sum_all().unwrap())[0]
+    };
+    let base = values(&x);
+    let g = values(&dx);
+    let h = 1e-6;
+    for i in 0..base.len() {
+        let at = |d: f64| {
+            let mut v = base.clone();
+            v[i] += d;
+            loss(&Tensor::from_vec(v, &dims[..], &Device::Cpu).unwrap())
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        assert!(
+            (fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "x[{i}]: {} vs {fd}",
+            g[i]
+        );
+    }
+}
+
+#[test]
+fn inference_mode_uses_the_moving_statistics() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let bn = BatchNorm::new(vb, 3, BatchNormOptions::new(1e-5, 0.9)).unwrap();
+    let x = random(&[4, 3, 5, 5], 5, 1.0);
+    bn.forward(&x, true).unwrap();
+    let (mm, mv) = (values(&bn.moving_mean()), values(&bn.moving_variance()));
+    let y = bn.forward_relu(&x, false).unwrap();
+    let xv = values(&x);
+    for (i, &got) in values(&y).iter().enumerate() {
+        let ch = (i / 25) % 3;
+        let want = ((xv[i] - mm[ch]) / (mv[ch] + 1e-5).sqrt()).max(0.0);
+        assert!((got - want).abs() < 1e-5, "y[{i}]: {got} vs {want}");
+    }
+}
+
+/// A BN layer over `x` in training mode (optionally global) with the loss `Σ y·r`: the output,
+/// the gradients of x, γ and β, and the moving mean and variance after the update.
+fn bn_layer_step(x: &Tensor, r: &Tensor, replicas: Option<&dyn Collective>) -> Vec<Tensor> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let c = x.dim(1).unwrap();
+    let bn = BatchNorm::new(vb, c, BatchNormOptions::new(1e-3, 0.9)).unwrap();
+    let xv = Var::from_tensor(x).unwrap();
+    let mode = BnMode {
+        train: true,
+        replicas,
+    };
+    let y = bn.forward_relu(xv.as_tensor(), mode).unwrap();
+    let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let grad = |name: &str| g.get(data[name].as_tensor()).unwrap().clone();
+    vec![
+        y.clone(),
+        g.get(xv.as_tensor()).unwrap().clone(),
+        grad("gamma"),
+        grad("beta"),
+        bn.moving_mean(),
+        bn.moving_variance(),
+    ]
+}
+
+#[test]
+fn global_bn_over_replicas_equals_one_replica_on_the_combined_batch() {
+    for world in [2usize, 3] {
+        let dims = [2 * world, 4, 3, 5];
+        let x = random(&dims, 40 + world as u64, 0.7);
+        let r = random(&dims, 50 + world as u64, 0.0);
+        let whole = bn_layer_step(&x, &r, None);
+        let parts = ThreadGroup::run(world, |rep| {
+            let k = rep.rank();
+            let xs = x.narrow(0, 2 * k, 2).unwrap();
+            let rs = r.narrow(0, 2 * k, 2).unwrap();
+            let mut out = bn_layer_step(&xs, &rs, Some(&rep));
+            // Parameter gradients are summed over the replicas by the training loop.
+            out[2] = rep.all_reduce_sum(&out[2]).unwrap();
+            out[3] = rep.all_reduce_sum(&out[3]).unwrap();
+            out
+        });
+        for (i, what) in ["y", "dx"].iter().enumerate() {
+            let cat: Vec<Tensor> = parts.iter().map(|p| p[i].clone()).collect();
+            let cat = Tensor::cat(&cat, 0).unwrap();
+            assert_close(&format!("world {world} {what}"), &cat, &whole[i], 1e-5);
+        }
+        for (i, what) in [
+            (2, "dgamma"),
+            (3, "dbeta"),
+            (4, "moving_mean"),
+            (5, "moving_var"),
+        ] {
+            for p in &parts {
+                assert_close(&format!("world {world} {what}"), &p[i], &whole[i], 1e-5);
+            }
+        }
+    }
+}
