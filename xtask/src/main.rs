@@ -3,12 +3,12 @@
 //! Owns the chores around the crates: recreating the committed dataset subset, running the
 //! benchmarks, and the end-to-end pipeline (whose logic lives in the `simclr` crate).
 
+mod bench;
 mod embedded;
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -33,11 +33,20 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// Run the benchmarks (`cargo bench`) and print their figures.
+    /// Run the benchmark scenarios (each in its own process) and print a table of images/s
+    /// and peak memory.
     Bench {
-        /// Extra arguments passed to `cargo bench` (e.g. `-p simclr-data`).
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
+        /// Scenarios to run (default: all), e.g. `pretrain-r18-cifar-32 data-28`.
+        scenarios: Vec<String>,
+        /// Also run `bench/torch_bench.py` on the same scenarios, alternating, with ratios.
+        #[arg(long)]
+        compare: bool,
+        /// Also run stock candle (its convolution and BN ops, the system allocator).
+        #[arg(long)]
+        stock: bool,
+        /// The Python that runs the PyTorch script.
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
     /// Pretrain → fine-tune → distill → evaluate (plus the supervised baseline), with a report in
     /// checkpoints/<run>/report.md.
@@ -76,21 +85,17 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::MakeEmbedded { source, out, check } => embedded::make(&source, &out, check),
-        Cmd::Bench { args } => {
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .arg("bench")
-                .args(if args.is_empty() {
-                    vec!["--workspace".to_string()]
-                } else {
-                    args
-                })
-                .status()
-                .context("running cargo bench")?;
-            if !status.success() {
-                bail!("cargo bench failed ({status})");
-            }
-            Ok(())
-        }
+        Cmd::Bench {
+            scenarios,
+            compare,
+            stock,
+            python,
+        } => bench::run(&bench::BenchOptions {
+            scenarios,
+            compare,
+            stock,
+            python,
+        }),
         Cmd::Pipeline {
             fractions,
             dataset,

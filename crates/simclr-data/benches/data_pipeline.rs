@@ -5,7 +5,6 @@
 //! colour, grayscale, blur) on 375×500 RGB images held in memory and as JPEG files.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use simclr_data::augment::AugmentConfig;
 use simclr_data::{
@@ -13,30 +12,34 @@ use simclr_data::{
     LoaderConfig, Split,
 };
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn measure(name: &str, ds: Arc<dyn Dataset>, image_size: usize, batch: usize, threads: usize) {
+fn measure(
+    scenario: &str,
+    what: &str,
+    ds: Arc<dyn Dataset>,
+    image_size: usize,
+    batch: usize,
+    threads: usize,
+) {
+    if !simclr_bench::selected(scenario) {
+        return;
+    }
     let mut cfg = LoaderConfig::train(batch, 2, AugmentConfig::pretrain(image_size), 0);
     cfg.num_threads = threads;
     let loader = Loader::new(ds, None, cfg).expect("loader");
     let (warmup, timed) = (2, 7.min(loader.batches_per_epoch() - 2));
-    let mut rates = Vec::new();
-    for b in 0..warmup + timed {
-        let t = Instant::now();
-        let out = loader.batch(0, b).expect("batch");
-        let dt = t.elapsed().as_secs_f64();
-        if b >= warmup {
-            rates.push(out.indices.len() as f64 / dt);
-        }
-    }
-    let rate = median(rates);
-    println!(
-        "{name:<44} threads {threads}  {rate:>9.0} images/s  ({:.0} images/s/core, 2 views each)",
-        rate / threads as f64
-    );
+    let mut b = 0;
+    let (t, peak) = simclr_bench::time_steps(warmup, timed, || {
+        loader.batch(0, b).expect("batch");
+        b += 1;
+    });
+    let figure = simclr_bench::Figure {
+        scenario: scenario.into(),
+        images_per_s: batch as f64 / t,
+        seconds_per_step: t,
+        peak_rss_mib: peak,
+        threads,
+    };
+    simclr_bench::report(&format!("{what} ({threads} thr, 2 views)"), &figure);
 }
 
 /// ImageNet-sized RGB images made from Fashion-MNIST: upscaled to 375×500 and tinted.
@@ -66,14 +69,24 @@ fn main() {
         &DataOptions::default(),
     )
     .expect("the committed subset");
-    for threads in [1, cores] {
+    for (threads, scenario) in [(1, "data-28"), (cores, "data-28-all-cores")] {
         measure(
+            scenario,
             "pretrain 28x28 (fashion-mnist subset, batch 256)",
             small.clone(),
             28,
             256,
             threads,
         );
+    }
+    let large_scenarios = [
+        "data-224",
+        "data-224-jpeg",
+        "data-224-all-cores",
+        "data-224-jpeg-all-cores",
+    ];
+    if !large_scenarios.iter().any(|s| simclr_bench::selected(s)) {
+        return;
     }
     let large = large_images(small.as_ref(), 9 * 32);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -87,8 +100,9 @@ fn main() {
     }
     let large: Arc<dyn Dataset> = Arc::new(large);
     let folder: Arc<dyn Dataset> = Arc::new(ImageFolder::open(dir.path()).expect("folder"));
-    for threads in [1, cores] {
+    for (threads, suffix) in [(1, ""), (cores, "-all-cores")] {
         measure(
+            &format!("data-224{suffix}"),
             "pretrain 224x224 from 375x500 RGB in memory",
             large.clone(),
             224,
@@ -96,6 +110,7 @@ fn main() {
             threads,
         );
         measure(
+            &format!("data-224-jpeg{suffix}"),
             "pretrain 224x224 from 375x500 JPEG files",
             folder.clone(),
             224,

@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use simclr_collective::Collective;
 
-use crate::bn_ops::{bn_apply, channel_moments, moments_to_stats, stats_dtype};
+use crate::bn_ops::{bn_apply_add, channel_moments, moments_to_stats, stats_dtype};
 
 /// Which statistics a BN layer normalises with.
 ///
@@ -170,15 +170,32 @@ impl BatchNorm {
     /// Normalises `x`; in training mode with batch statistics (and updates the moving ones),
     /// otherwise with the moving statistics.
     pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
-        self.forward_act(x, mode.into(), false)
+        self.forward_act(x, mode.into(), None, false)
     }
 
     /// `relu(self.forward(x, mode))`, fused into one pass.
     pub fn forward_relu<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
-        self.forward_act(x, mode.into(), true)
+        self.forward_act(x, mode.into(), None, true)
     }
 
-    fn forward_act(&self, x: &Tensor, mode: BnMode, relu: bool) -> Result<Tensor> {
+    /// `relu(self.forward(x, mode) + residual)`, fused into one pass (the end of a residual
+    /// block).
+    pub fn forward_add_relu<'a>(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        mode: impl Into<BnMode<'a>>,
+    ) -> Result<Tensor> {
+        self.forward_act(x, mode.into(), Some(residual), true)
+    }
+
+    fn forward_act(
+        &self,
+        x: &Tensor,
+        mode: BnMode,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
         if x.rank() < 2 || x.dim(1)? != self.channels {
             candle_core::bail!(
                 "BatchNorm over {} channels got a tensor of shape {:?}",
@@ -214,7 +231,7 @@ impl BatchNorm {
             None => gamma.zeros_like()?.detach(),
         };
         let affine = Tensor::stack(&[gamma, beta], 0)?;
-        bn_apply(x, &stats, &affine, relu)
+        bn_apply_add(x, &stats, &affine, residual, relu)
     }
 
     fn update_moving(&self, mean: &Tensor, var: &Tensor) -> Result<()> {

@@ -13,7 +13,8 @@
 //! 2. The caller sums the moments over the replicas (a differentiable all-reduce) and turns
 //!    them into the mean and `1/√(var + eps)` with a few ops on `[C]`-sized tensors; the
 //!    variance is `E[x²] − E[x]²`, as the official cross-replica BN computes it.
-//! 3. [`bn_apply`]: `y = (x − mean)·invstd·γ + β`, optionally followed by a ReLU (one pass).
+//! 3. [`bn_apply`]: `y = (x − mean)·invstd·γ + β`, optionally followed by a ReLU (one pass);
+//!    [`bn_apply_add`] also adds a residual before the ReLU (the end of a residual block).
 //!    Its backward is one pass that writes the direct part of `dx` (`dy'·γ·invstd`) and
 //!    reduces `Σdy'` and `Σdy'·(x − mean)` per channel, from which the gradients of the
 //!    statistics, `γ` and `β` follow (`dy'` is `dy` masked by `y > 0` after a ReLU).
@@ -21,7 +22,8 @@
 //! Autograd adds the two `dx` parts and carries the statistics' gradient through step 2 (and
 //! back across the replicas) into step 1. Only contiguous f32 CPU tensors take the kernels;
 //! anything else runs [`channel_moments_reference`] / [`bn_apply_reference`], which the tests
-//! also use as the independent computation to check the kernels against. The custom ops have no
+//! also use as the independent computation to check the kernels against (and everything does
+//! when the environment sets `SIMCLR_BN=candle`, for benchmarks). The custom ops have no
 //! second-order gradient.
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -32,8 +34,16 @@ use rayon::prelude::*;
 /// up to millions of values keeps full precision.
 const LANES: usize = 8;
 
+/// `SIMCLR_BN=candle` runs the reference compositions everywhere (read once per process), so
+/// that benchmarks can measure stock candle against the kernels.
+fn stock_candle() -> bool {
+    static STOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STOCK
+        .get_or_init(|| std::env::var("SIMCLR_BN").is_ok_and(|v| v.eq_ignore_ascii_case("candle")))
+}
+
 fn is_fast(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.device().is_cpu() && x.dtype() == DType::F32 && !stock_candle()
 }
 
 /// `(N, C, P)` of a `[N, C, *]` tensor: batch, channels, and the product of the trailing dims.
@@ -138,6 +148,20 @@ pub fn moments_to_stats(
 /// [mean; invstd]` and `affine = [γ; β]` (both `[2, C]`, of [`stats_dtype`]). Differentiable
 /// in all three.
 pub fn bn_apply(x: &Tensor, stats: &Tensor, affine: &Tensor, relu: bool) -> Result<Tensor> {
+    bn_apply_add(x, stats, affine, None, relu)
+}
+
+/// [`bn_apply`] with `residual` (the shape of `x`) added before the ReLU: the end of a
+/// residual block in one pass. Beyond the pass it saves, it keeps two activations per block
+/// out of the autograd graph (the BN output and the sum, which candle's `add` and `relu`
+/// would hold for the backward pass).
+pub fn bn_apply_add(
+    x: &Tensor,
+    stats: &Tensor,
+    affine: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
     let (_, c, _) = ncp(x.dims())?;
     let want = stats_dtype(x.dtype());
     for (name, t) in [("statistics", stats), ("affine", affine)] {
@@ -149,14 +173,30 @@ pub fn bn_apply(x: &Tensor, stats: &Tensor, affine: &Tensor, relu: bool) -> Resu
             )
         }
     }
-    if is_fast(x) {
-        x.contiguous()?.apply_op3(
-            &stats.contiguous()?,
-            &affine.contiguous()?,
-            BnApply { relu },
-        )
-    } else {
-        bn_apply_reference(x, stats, affine, relu)
+    if let Some(r) = residual {
+        if r.dims() != x.dims() || r.dtype() != x.dtype() {
+            bail!(
+                "batch norm residual {:?} {:?} does not match its input {:?} {:?}",
+                r.dims(),
+                r.dtype(),
+                x.dims(),
+                x.dtype()
+            )
+        }
+    }
+    if !is_fast(x) || residual.is_some_and(|r| !is_fast(r)) {
+        let y = bn_apply_reference(x, stats, affine, relu && residual.is_none())?;
+        return match residual {
+            Some(r) if relu => (y + r)?.relu(),
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+    }
+    let params = Tensor::cat(&[stats, affine], 0)?.contiguous()?;
+    let x = x.contiguous()?;
+    match residual {
+        None => x.apply_op2(&params, BnApply { relu }),
+        Some(r) => x.apply_op3(&params, &r.contiguous()?, BnApplyAdd { relu }),
     }
 }
 
@@ -268,13 +308,98 @@ impl CustomOp2 for MomentsGrad {
     }
 }
 
-/// `(x, stats, affine) -> y`; see [`bn_apply`].
+/// `y = relu?((x − mean)·invstd·γ + β [+ residual])` with `params = [mean; invstd; γ; β]`.
+fn apply_kernel(
+    x: &[f32],
+    params: &[f32],
+    residual: Option<&[f32]>,
+    c: usize,
+    p: usize,
+    relu: bool,
+) -> Vec<f32> {
+    let (mean, invstd, gamma, beta) = (
+        &params[..c],
+        &params[c..2 * c],
+        &params[2 * c..3 * c],
+        &params[3 * c..],
+    );
+    let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
+    let mut y = vec![0f32; x.len()];
+    if c * p == 0 {
+        return y;
+    }
+    y.par_chunks_mut(c * p)
+        .zip(x.par_chunks(c * p))
+        .enumerate()
+        .for_each(|(n, (yi, xi))| {
+            for ch in 0..c {
+                let r = ch * p..(ch + 1) * p;
+                let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
+                let (yp, xp) = (&mut yi[r.clone()], &xi[r]);
+                match residual {
+                    Some(res) => {
+                        let rp = &res[(n * c + ch) * p..(n * c + ch + 1) * p];
+                        for ((o, &v), &a) in yp.iter_mut().zip(xp).zip(rp) {
+                            let t = (v - m) * k + b + a;
+                            *o = if relu { t.max(0.0) } else { t };
+                        }
+                    }
+                    None => {
+                        for (o, &v) in yp.iter_mut().zip(xp) {
+                            let t = (v - m) * k + b;
+                            *o = if relu { t.max(0.0) } else { t };
+                        }
+                    }
+                }
+            }
+        });
+    y
+}
+
+fn params_of(op: &str, x: &Layout, params: &Layout) -> Result<(usize, usize)> {
+    let (_, c, p) = ncp(x.dims())?;
+    if params.dims() != [4, c] {
+        bail!("{op}: parameters {:?} for {c} channels", params.dims())
+    }
+    Ok((c, p))
+}
+
+/// The backward of both apply ops: `(dx, dparams, dresidual)`.
+fn apply_backward(
+    x: &Tensor,
+    params: &Tensor,
+    res: &Tensor,
+    grad: &Tensor,
+    relu: bool,
+    residual: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (_, c, _) = ncp(x.dims())?;
+    let op = BnApplyGrad {
+        relu,
+        params: params.flatten_all()?.to_vec1()?,
+        residual,
+    };
+    let grad = grad.contiguous()?;
+    let flat = x.apply_op3_no_bwd(res, &grad, &op)?;
+    let n = x.elem_count();
+    let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+    let (dres, tail) = match (residual, relu) {
+        (false, _) => (None, n),
+        // Without a ReLU the residual's gradient is the output's.
+        (true, false) => (Some(grad), n),
+        (true, true) => (Some(flat.narrow(0, n, n)?.reshape(x.shape())?), 2 * n),
+    };
+    let dparams = flat.narrow(0, tail, 4 * c)?.reshape((4, c))?;
+    Ok((dx, dparams, dres))
+}
+
+/// `(x, params) -> y`; see [`bn_apply`].
 #[derive(Debug, Clone, Copy)]
 struct BnApply {
     relu: bool,
 }
 
-impl CustomOp3 for BnApply {
+impl CustomOp2 for BnApply {
     fn name(&self) -> &'static str {
         "bn-apply"
     }
@@ -283,66 +408,79 @@ impl CustomOp3 for BnApply {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ss: &CpuStorage,
-        sl: &Layout,
-        as_: &CpuStorage,
-        al: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let (c, p) = params_of(self.name(), xl, pl)?;
         let x = f32_slice(self.name(), xs, xl)?;
-        let s = f32_slice(self.name(), ss, sl)?;
-        let a = f32_slice(self.name(), as_, al)?;
-        let (_, c, p) = ncp(xl.dims())?;
-        let (mean, invstd, gamma, beta) = (&s[..c], &s[c..], &a[..c], &a[c..]);
-        let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
-        let relu = self.relu;
-        let mut y = vec![0f32; x.len()];
-        if c * p > 0 {
-            y.par_chunks_mut(c * p)
-                .zip(x.par_chunks(c * p))
-                .for_each(|(yi, xi)| {
-                    for (ch, (yp, xp)) in yi.chunks_exact_mut(p).zip(xi.chunks_exact(p)).enumerate()
-                    {
-                        let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
-                        for (o, &v) in yp.iter_mut().zip(xp) {
-                            let t = (v - m) * k + b;
-                            *o = if relu { t.max(0.0) } else { t };
-                        }
-                    }
-                });
-        }
+        let params = f32_slice(self.name(), ps, pl)?;
+        let y = apply_kernel(x, params, None, c, p, self.relu);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        stats: &Tensor,
-        affine: &Tensor,
+        params: &Tensor,
         res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, c, _) = ncp(x.dims())?;
-        let op = BnApplyGrad {
-            relu: self.relu,
-            stats: stats.flatten_all()?.to_vec1()?,
-            affine: affine.flatten_all()?.to_vec1()?,
-        };
-        let flat = x.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?;
-        let n = x.elem_count();
-        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let tail = flat.narrow(0, n, 4 * c)?;
-        let dstats = tail.narrow(0, 0, 2 * c)?.reshape((2, c))?;
-        let daffine = tail.narrow(0, 2 * c, 2 * c)?.reshape((2, c))?;
-        Ok((Some(dx), Some(dstats), Some(daffine)))
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, _) = apply_backward(x, params, res, grad, self.relu, false)?;
+        Ok((Some(dx), Some(dp)))
     }
 }
 
-/// `(x, y, dy) -> [dx_direct (N·C·P) | dmean | dinvstd | dγ | dβ]`, flat f32.
+/// `(x, params, residual) -> y`; see [`bn_apply_add`].
+#[derive(Debug, Clone, Copy)]
+struct BnApplyAdd {
+    relu: bool,
+}
+
+impl CustomOp3 for BnApplyAdd {
+    fn name(&self) -> &'static str {
+        "bn-apply-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (c, p) = params_of(self.name(), xl, pl)?;
+        let x = f32_slice(self.name(), xs, xl)?;
+        let params = f32_slice(self.name(), ps, pl)?;
+        let r = f32_slice(self.name(), rs, rl)?;
+        if r.len() != x.len() {
+            bail!("{}: residual of another shape", self.name())
+        }
+        let y = apply_kernel(x, params, Some(r), c, p, self.relu);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _residual: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, dr) = apply_backward(x, params, res, grad, self.relu, true)?;
+        Ok((Some(dx), Some(dp), dr))
+    }
+}
+
+/// `(x, y, dy) -> [dx_direct | dresidual (with a residual and a ReLU) | dmean | dinvstd | dγ |
+/// dβ]`, flat f32; `params = [mean; invstd; γ; β]`.
 #[derive(Debug, Clone)]
 struct BnApplyGrad {
     relu: bool,
-    stats: Vec<f32>,
-    affine: Vec<f32>,
+    params: Vec<f32>,
+    residual: bool,
 }
 
 impl CustomOp3 for BnApplyGrad {
@@ -363,38 +501,56 @@ impl CustomOp3 for BnApplyGrad {
         let y = f32_slice(self.name(), ys, yl)?;
         let dy = f32_slice(self.name(), gs, gl)?;
         let (_, c, p) = ncp(xl.dims())?;
-        if y.len() != x.len() || dy.len() != x.len() || self.stats.len() != 2 * c {
+        if y.len() != x.len() || dy.len() != x.len() || self.params.len() != 4 * c {
             bail!("{}: inconsistent shapes", self.name())
         }
-        let (mean, invstd) = (&self.stats[..c], &self.stats[c..]);
-        let gamma = &self.affine[..c];
+        let (mean, invstd, gamma) = (
+            &self.params[..c],
+            &self.params[c..2 * c],
+            &self.params[2 * c..3 * c],
+        );
         let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
         let relu = self.relu;
         let n = x.len();
-        let mut out = vec![0f32; n + 4 * c];
+        let with_dres = self.residual && relu;
+        let dres_len = if with_dres { n } else { 0 };
+        let mut out = vec![0f32; n + dres_len + 4 * c];
+        let (dx_all, rest) = out.split_at_mut(n);
+        let (dres_all, tail) = rest.split_at_mut(dres_len);
         let sums = if c * p == 0 {
             vec![0f64; 2 * c]
         } else {
-            out[..n]
+            // Without a residual gradient, each task gets an empty slice of it.
+            let dres_chunks: Vec<&mut [f32]> = if with_dres {
+                dres_all.chunks_mut(c * p).collect()
+            } else {
+                (0..n / (c * p)).map(|_| Default::default()).collect()
+            };
+            dx_all
                 .par_chunks_mut(c * p)
+                .zip(dres_chunks)
                 .zip(x.par_chunks(c * p))
                 .zip(y.par_chunks(c * p))
                 .zip(dy.par_chunks(c * p))
                 .fold(
                     || vec![0f64; 2 * c],
-                    |mut acc, (((dxi, xi), yi), gi)| {
+                    |mut acc, ((((dxi, dri), xi), yi), gi)| {
                         for ch in 0..c {
                             let r = ch * p..(ch + 1) * p;
                             let (m, k) = (mean[ch], scale[ch]);
                             let (mut s1, mut s3) = (0f32, 0f32);
-                            for (((o, &xv), &yv), &gv) in dxi[r.clone()]
+                            for (j, (((o, &xv), &yv), &gv)) in dxi[r.clone()]
                                 .iter_mut()
                                 .zip(&xi[r.clone()])
                                 .zip(&yi[r.clone()])
-                                .zip(&gi[r])
+                                .zip(&gi[r.clone()])
+                                .enumerate()
                             {
                                 let g = if relu && yv <= 0.0 { 0.0 } else { gv };
                                 *o = g * k;
+                                if with_dres {
+                                    dri[r.start + j] = g;
+                                }
                                 s1 += g;
                                 s3 += g * (xv - m);
                             }
@@ -406,7 +562,6 @@ impl CustomOp3 for BnApplyGrad {
                 )
                 .reduce(|| vec![0f64; 2 * c], add_vecs)
         };
-        let tail = &mut out[n..];
         for ch in 0..c {
             let (s1, s3) = (sums[ch], sums[c + ch]);
             let (g, i) = (gamma[ch] as f64, invstd[ch] as f64);
@@ -415,6 +570,6 @@ impl CustomOp3 for BnApplyGrad {
             tail[2 * c + ch] = (s3 * i) as f32; // dγ
             tail[3 * c + ch] = s1 as f32; // dβ
         }
-        Ok((CpuStorage::F32(out), Shape::from(n + 4 * c)))
+        Ok((CpuStorage::F32(out), Shape::from(n + dres_len + 4 * c)))
     }
 }

@@ -39,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod allocator;
 pub mod batch_norm;
 pub mod bn_ops;
 pub mod checkpoint;
@@ -58,6 +59,7 @@ pub mod resnet;
 pub mod sk;
 pub mod tf_bundle;
 
+pub use allocator::tune_allocator;
 pub use batch_norm::BnMode;
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
 pub use config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};

@@ -257,6 +257,12 @@ impl Block {
     /// The residual branch alone (ends with the zero-initialised BN, no ReLU).
     pub fn residual<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
         let mode: BnMode = mode.into();
+        let (last_bn, pre) = self.residual_parts(x, mode)?;
+        last_bn.forward(&pre, mode)
+    }
+
+    /// The residual branch up to its last BN: that BN and its input.
+    fn residual_parts(&self, x: &Tensor, mode: BnMode) -> Result<(&BatchNorm, Tensor)> {
         match &self.main {
             MainPath::Basic {
                 conv1,
@@ -265,7 +271,7 @@ impl Block {
                 bn2,
             } => {
                 let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
-                bn2.forward(&conv2.forward(&y)?, mode)
+                Ok((bn2, conv2.forward(&y)?))
             }
             MainPath::Bottleneck {
                 conv1,
@@ -279,16 +285,17 @@ impl Block {
                     Middle::Conv(conv, bn) => bn.forward_relu(&conv.forward(&y)?, mode)?,
                     Middle::Sk(sk) => sk.forward(&y, mode)?,
                 };
-                bn3.forward(&conv3.forward(&y)?, mode)
+                Ok((bn3, conv3.forward(&y)?))
             }
         }
     }
 
-    /// `relu(residual(x) + shortcut(x))`.
+    /// `relu(residual(x) + shortcut(x))`, the last BN, the addition and the ReLU fused.
     pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
         let mode: BnMode = mode.into();
         let sc = self.shortcut(x, mode)?;
-        (self.residual(x, mode)? + sc)?.relu()
+        let (last_bn, pre) = self.residual_parts(x, mode)?;
+        last_bn.forward_add_relu(&pre, &sc, mode)
     }
 }
 

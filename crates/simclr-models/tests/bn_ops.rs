@@ -8,7 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use simclr_collective::{Collective, ThreadGroup};
 use simclr_models::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
 use simclr_models::bn_ops::{
-    bn_apply, bn_apply_reference, channel_moments, channel_moments_reference, moments_to_stats,
+    bn_apply, bn_apply_add, bn_apply_reference, channel_moments, channel_moments_reference,
+    moments_to_stats,
 };
 
 const SHAPES: [&[usize]; 5] = [
@@ -247,6 +248,77 @@ fn global_bn_over_replicas_equals_one_replica_on_the_combined_batch() {
         ] {
             for p in &parts {
                 assert_close(&format!("world {world} {what}"), &p[i], &whole[i], 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_residual_add_matches_a_float64_composition() {
+    // y = relu?(bn(x) + r): values and the gradients of x, the statistics, γ, β and r.
+    let run =
+        |x: &Tensor, res: &Tensor, params: &[Tensor; 4], w: &Tensor, relu: bool, fast: bool| {
+            let vars: Vec<Var> = [x, res, &params[0], &params[1], &params[2], &params[3]]
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let t = |i: usize| vars[i].as_tensor();
+            let stats = Tensor::stack(&[t(2), t(3)], 0).unwrap();
+            let affine = Tensor::stack(&[t(4), t(5)], 0).unwrap();
+            let y = if fast {
+                bn_apply_add(t(0), &stats, &affine, Some(t(1)), relu).unwrap()
+            } else {
+                let y = (bn_apply_reference(t(0), &stats, &affine, false).unwrap() + t(1)).unwrap();
+                if relu {
+                    y.relu().unwrap()
+                } else {
+                    y
+                }
+            };
+            let g = (&y * w.to_dtype(x.dtype()).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut out = vec![y.clone()];
+            out.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+            out
+        };
+    for (k, dims) in SHAPES.iter().enumerate() {
+        for relu in [false, true] {
+            let seed = 100 + 10 * k as u64;
+            let c = dims[1];
+            let x = random(dims, seed, 0.2);
+            let res = random(dims, seed + 1, 0.0);
+            let w = random(dims, seed + 2, 0.0);
+            let params = [
+                random(&[c], seed + 3, 0.0),
+                random(&[c], seed + 4, 3.0),
+                random(&[c], seed + 5, 1.0),
+                random(&[c], seed + 6, 0.0),
+            ];
+            let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let fast = run(&x, &res, &params, &w, relu, true);
+            let want = run(
+                &f64_(&x),
+                &f64_(&res),
+                &params.clone().map(|p| f64_(&p)),
+                &w,
+                relu,
+                false,
+            );
+            let names = [
+                "y",
+                "dx",
+                "dresidual",
+                "dmean",
+                "dinvstd",
+                "dgamma",
+                "dbeta",
+            ];
+            for ((name, a), b) in names.iter().zip(&fast).zip(&want) {
+                assert_close(&format!("{dims:?} relu={relu} {name}"), a, b, 1e-4);
             }
         }
     }

@@ -1,9 +1,8 @@
 //! Training-step throughput of contrastive pretraining: forward of both views, NT-Xent (+ the
 //! online probe), backward and a LARS step — images/s (each image = two views), median of timed
-//! steps after a warm-up step. `cargo bench -p simclr-pretrain`.
+//! steps after a warm-up step, and peak memory. `cargo bench -p simclr-pretrain [-- scenario…]`.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use simclr_data::Batch;
@@ -13,7 +12,10 @@ use simclr_pretrain::SingleReplica;
 use simclr_train::optim::{build_optimizer, named_vars};
 use simclr_train::TrainTask;
 
-fn bench(name: &str, base_width: usize, side: usize, batch: usize, runs: usize) {
+fn bench(scenario: &str, what: &str, base_width: usize, side: usize, batch: usize, runs: usize) {
+    if !simclr_bench::selected(scenario) {
+        return;
+    }
     let model = ModelConfig {
         resnet_depth: 18,
         base_width,
@@ -39,27 +41,27 @@ fn bench(name: &str, base_width: usize, side: usize, batch: usize, runs: usize) 
         epoch: 0,
         index: 0,
     };
-    let mut times = Vec::new();
-    for i in 0..runs + 1 {
-        let t = Instant::now();
-        let out = task.forward(&b, i as u64).expect("forward");
+    let mut i = 0;
+    let (t, peak) = simclr_bench::time_steps(1, runs, || {
+        let out = task.forward(&b, i).expect("forward");
         let grads = out.loss.backward().expect("backward");
         opt.step(&grads, 0.1).expect("step");
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let t = times[times.len() / 2];
-    println!(
-        "{name:<52} {:>7.1} images/s ({:.2} s per step)",
-        batch as f64 / t,
-        t
-    );
+        i += 1;
+    });
+    let figure = simclr_bench::Figure {
+        scenario: scenario.into(),
+        images_per_s: batch as f64 / t,
+        seconds_per_step: t,
+        peak_rss_mib: peak,
+        threads: simclr_bench::threads(),
+    };
+    simclr_bench::report(what, &figure);
 }
 
 fn main() {
+    simclr_models::tune_allocator();
     bench(
+        "pretrain-r18-cifar-32",
         "pretrain step R18-CIFAR 32x32 batch 128 (x2 views)",
         64,
         32,
@@ -67,6 +69,7 @@ fn main() {
         3,
     );
     bench(
+        "pretrain-r18w16-28",
         "pretrain step R18-CIFAR w16 28x28 batch 256 (x2 views)",
         16,
         28,

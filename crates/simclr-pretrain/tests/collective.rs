@@ -265,10 +265,7 @@ type Named = Vec<(String, Tensor)>;
 /// One SimCLR step of a whole model (global BN in the encoder and the projection head,
 /// NT-Xent over the gathered projections, the loss divided by the world size, gradients summed
 /// over the replicas): the loss, every trainable gradient and every BN moving statistic.
-fn model_step(
-    x: &Tensor,
-    replica: Option<&ThreadReplica>,
-) -> (f64, Named, Named) {
+fn model_step(x: &Tensor, replica: Option<&ThreadReplica>) -> (f64, Named, Named) {
     let dtype = x.dtype();
     use simclr_models::{ForwardOptions, ModelConfig, SimclrModel};
     let config = ModelConfig {

@@ -1,0 +1,103 @@
+//! What the benchmarks of simclr-rs share, and nothing else: which scenarios a bench binary
+//! was asked to run, the median of timed repetitions, the process's peak memory, and the
+//! figure line that `cargo xtask bench` collects.
+//!
+//! A bench binary (`harness = false`) runs every scenario when given no name, or the scenarios
+//! named on its command line (`cargo bench -p simclr-pretrain --bench step -- pretrain-r18-cifar-32`).
+//! Each scenario prints one line for people and one `BENCH {json}` line ([`Figure`]) for
+//! `xtask`, which runs every scenario in a process of its own so that peak memory is that
+//! scenario's alone.
+
+use serde::{Deserialize, Serialize};
+
+/// The prefix of the machine-readable line.
+pub const PREFIX: &str = "BENCH ";
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Figure {
+    /// Scenario name, shared with `bench/torch_bench.py`.
+    pub scenario: String,
+    /// Median images per second (an image of a two-view scenario counts once).
+    pub images_per_s: f64,
+    /// Median seconds per step (or per batch).
+    pub seconds_per_step: f64,
+    /// Peak resident memory of the process since the scenario started, MiB.
+    pub peak_rss_mib: f64,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// Whether `scenario` was asked for: no names on the command line (cargo's own `--bench`
+/// flag aside) means every scenario.
+pub fn selected(scenario: &str) -> bool {
+    let names: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    names.is_empty() || names.iter().any(|n| n == scenario)
+}
+
+/// The median of `v` (the upper one for an even count); NaN when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Starts a peak-memory window: Linux resets the high-water mark to the current resident size
+/// when `5` is written to `/proc/self/clear_refs`. Elsewhere nothing happens and the peak is the
+/// process's.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident memory (`VmHWM`) in MiB, NaN where `/proc` has no answer.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Prints `figure` for people (with `what` as the description) and as a `BENCH` line.
+pub fn report(what: &str, figure: &Figure) {
+    println!(
+        "{what:<56} {:>9.1} images/s  {:>7.3} s/step  peak {:>6.0} MiB  ({} threads)",
+        figure.images_per_s, figure.seconds_per_step, figure.peak_rss_mib, figure.threads
+    );
+    if let Ok(json) = serde_json::to_string(figure) {
+        println!("{PREFIX}{json}");
+    }
+}
+
+/// Times `runs` calls of `step` after `warmup` untimed ones, inside a fresh peak-memory
+/// window; returns (median seconds per call, peak MiB).
+pub fn time_steps(warmup: usize, runs: usize, mut step: impl FnMut()) -> (f64, f64) {
+    reset_peak_rss();
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let t = std::time::Instant::now();
+        step();
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    (median(times), peak_rss_mib())
+}
+
+/// The number of rayon/worker threads a CPU scenario uses: `RAYON_NUM_THREADS` or every core.
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
