@@ -81,14 +81,23 @@ pub struct DataOptions {
     pub hub: HubOptions,
 }
 
-/// The committed subset: next to the sources this crate was built from, else under the
-/// current directory.
+/// The committed subset: `data/fashion-mnist-subset` in the working directory or a folder
+/// above it, else next to the sources this crate was built from.
 pub fn embedded_subset_dir() -> Option<PathBuf> {
+    // Searched at run time, from the working directory upwards (the repository root, or a
+    // crate folder when tests run), then from this crate's source folder as compiled. The
+    // compile-time path alone is not enough: a target folder shared between checkouts (CI
+    // reuses one) can hold a build made in another checkout.
+    let cwd = std::env::current_dir().ok();
+    let upwards = cwd
+        .iter()
+        .flat_map(|d| d.ancestors())
+        .map(|d| d.join(EMBEDDED_SUBSET));
     let built = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .join(EMBEDDED_SUBSET);
-    [built, PathBuf::from(EMBEDDED_SUBSET)]
-        .into_iter()
+    upwards
+        .chain(std::iter::once(built))
         .find(|d| idx_split_paths(d, true).is_some())
         .map(|d| d.canonicalize().unwrap_or(d))
 }
