@@ -2,6 +2,7 @@
 """PyTorch baselines for the simclr-rs benchmarks (`cargo xtask bench --compare`).
 
     python3 bench/torch_bench.py <scenario> [--steps N] [--threads T]
+    python3 bench/torch_bench.py pretrain-r50-224 --device cuda --precision bf16 [--batch N]
 
 runs ONE scenario and prints exactly one line of JSON on stdout (everything else goes to
 stderr):
@@ -15,6 +16,8 @@ The workloads mirror the Rust benches (see bench/README.md):
                          32x32, batch 128 (x2 views): forward, NT-Xent + online probe,
                          backward, LARS step.
   pretrain-r18w16-28     the same at base width 16, 28x28, batch 256 (the pipeline preset).
+  pretrain-r50-224       the same with R50 1x (standard stem), 224x224, batch 128 (x2 views),
+                         head width 2048, probe over 1000 classes (for the GPU; bench/gpu_check.sh).
   eval-r18-cifar-32      crates/simclr-models/benches/forward.rs: eval forward, batch 64.
   eval-r50-224           eval forward of R50 1x (+ heads, 1000 classes), batch 32, 224x224.
   data-28                crates/simclr-data/benches/data_pipeline.rs: two augmented views per
@@ -27,7 +30,14 @@ The workloads mirror the Rust benches (see bench/README.md):
 
 A step is one training step / one forward pass / one batch (data scenarios). images_per_s is
 batch / median step time over N timed steps after one warm-up step (the upper median for even
-N, as simclr-bench computes it); an image of a two-view scenario counts once. fp32 everywhere.
+N, as simclr-bench computes it); an image of a two-view scenario counts once. fp32 everywhere
+by default.
+
+The pretrain scenarios also take --device cuda[:N], --precision bf16 (autocast over f32 master
+weights), --batch N, --warmup N (default 3 on a GPU), --tf32 and --channels-last. With any of
+these (or pretrain-r50-224) the figure gains device, precision, math, batch, warmup,
+fwd_gflop_per_view and gflop_per_image (forward x 3 x 2 views), and on a GPU gpu, peak_gpu_mib,
+peak_gpu_reserved_mib, peak_tflops and mfu. Without them the CPU figure is unchanged.
 """
 
 import argparse
@@ -99,12 +109,18 @@ def median(v):
     return v[len(v) // 2] if v else float("nan")  # upper median, as simclr_bench::median
 
 
-def time_steps(warmup, runs, step):
+def time_steps(warmup, runs, step, sync=None):
+    """`sync` (torch.cuda.synchronize on a GPU) runs before the clock starts and before it is
+    read, so that a step's time covers all of its device work."""
     reset_peak_window()
     times = []
     for i in range(warmup + runs):
+        if sync is not None:
+            sync()
         t = time.perf_counter()
         step(i)
+        if sync is not None:
+            sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     log("step times (s): " + ", ".join(f"{t:.4f}" for t in times))
@@ -317,7 +333,7 @@ def nt_xent(hidden, temperature=TEMPERATURE, hidden_norm=HIDDEN_NORM):
     if hidden_norm:  # TF l2_normalize: x / sqrt(max(sum x^2, 1e-12))
         h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
     h1, h2 = h[:n], h[n:]
-    labels = torch.arange(n)
+    labels = torch.arange(n, device=h.device)
     mask = F.one_hot(labels, n).to(h.dtype) * LARGE_NUM
     inv_t = 1.0 / temperature
     ab = h1 @ h2.t() * inv_t
@@ -374,22 +390,93 @@ class Lars:
 # Model scenarios
 # ------------------------------------------------------------------------------------------
 
-def pretrain_scenario(base_width, side, batch, steps):
-    model = SimclrModel(18, base_width, cifar_stem=side <= 32, num_classes=10)
+class Run:
+    """Where and how a model scenario runs: --device, --precision, --warmup, --tf32,
+    --channels-last. The defaults are the CPU fp32 runs of `cargo xtask bench --compare`."""
+
+    def __init__(self, device="cpu", precision="f32", warmup=1, tf32=False, channels_last=False):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.bf16 = precision == "bf16"
+        self.precision = precision
+        self.warmup = warmup
+        self.tf32 = tf32
+        self.channels_last = channels_last
+        if self.cuda:
+            # f32 means fp32 arithmetic unless --tf32: PyTorch's default lets cuDNN convolutions
+            # use TF32, which our f32 path (parity tolerance 1e-4) does not.
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def sync(self):
+        return torch.cuda.synchronize if self.cuda else None
+
+    def math(self):
+        """The arithmetic of the products, which picks the peak for MFU."""
+        if self.bf16:
+            return "bf16"
+        return "tf32" if (self.cuda and self.tf32) else "fp32"
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.bf16)
+
+    def no_autocast(self):
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+
+def forward_gflop_per_view(depth, base_width, side, num_classes):
+    """Forward FLOPs (2 x multiply-adds) of one side x side image through the encoder and both
+    heads, counted by hooks on every Conv2d and Linear of a shape-only (meta) model. BN, ReLU,
+    pooling and the loss are left out (well under 1% here)."""
+    macs = [0]
+
+    def hook(m, inp, out):
+        if isinstance(m, nn.Conv2d):
+            k = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            k = m.in_features
+        macs[0] += out.numel() // out.shape[0] * k
+
+    with torch.device("meta"):
+        model = SimclrModel(depth, base_width, cifar_stem=side <= 32, num_classes=num_classes)
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.register_forward_hook(hook)
+        model.eval()
+        with torch.no_grad():
+            model(torch.empty(1, 3, side, side), stop_gradient_supervised_input=False)
+    return 2.0 * macs[0] / 1e9
+
+
+def pretrain_scenario(base_width, side, batch, steps, depth=18, num_classes=10, run=None):
+    extended = run is not None  # None: the CPU figure of `cargo xtask bench --compare`, as before
+    run = run or Run()
+    dev = run.device
+    model = SimclrModel(depth, base_width, cifar_stem=side <= 32, num_classes=num_classes)
+    model.to(dev)
+    if run.channels_last:
+        model.to(memory_format=torch.channels_last)
     model.train()
     opt = Lars(param_groups(model))
     gen = torch.Generator().manual_seed(0)
-    views = [torch.rand(batch, 3, side, side, generator=gen) for _ in range(2)]
-    labels = torch.arange(batch) % 10
+    views = [torch.rand(batch, 3, side, side, generator=gen).to(dev) for _ in range(2)]
+    labels = torch.arange(batch, device=dev) % num_classes
     x_labels = torch.cat([labels, labels])
 
     def step(i):
         for p in model.parameters():
             p.grad = None
         x = torch.cat(views, 0)  # the two views stacked before the encoder (stage.rs)
-        _, z, logits = model(x)
-        loss, acc, ent = nt_xent(z)
-        sup = F.cross_entropy(logits, x_labels)
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # bf16: autocast products over f32 master weights (BN runs in f32 under autocast); the
+        # losses in f32 as ours computes them.
+        with run.autocast():
+            _, z, logits = model(x)
+            with run.no_autocast():
+                loss, acc, ent = nt_xent(z.float())
+                sup = F.cross_entropy(logits.float(), x_labels)
         sup_acc = (logits.argmax(-1) == x_labels).double().mean().item()
         total = loss + sup
         contrast_loss, sup_loss = loss.item(), sup.item()
@@ -400,8 +487,38 @@ def pretrain_scenario(base_width, side, batch, steps):
                 f"{2 * math.log(2 * batch - 1):.4f}), contrast_acc {acc:.3f}, entropy {ent:.3f}, "
                 f"supervised_loss {sup_loss:.4f}, supervised_acc {sup_acc:.3f}")
 
-    t, window = time_steps(1, steps, step)
-    return batch, t, window, {"impl": "torch.nn"}
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    t, window = time_steps(run.warmup, steps, step, run.sync())
+    extra = {"impl": "torch.nn"}
+    if extended:
+        extra.update(gpu_extra(run, depth, base_width, side, num_classes, batch, t))
+    return batch, t, window, extra
+
+
+# Dense peak rates of an H100 SXM (the H200 has the same compute), TFLOP/s.
+PEAK_TFLOPS = {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0}
+
+
+def gpu_extra(run, depth, base_width, side, num_classes, batch, t):
+    """The GPU fields of a training figure: precision, peak device memory, analytic FLOPs per
+    image (forward per view x 3 for forward + backward, x 2 views) and MFU."""
+    fwd = forward_gflop_per_view(depth, base_width, side, num_classes)
+    per_image = fwd * 3 * 2
+    log(f"forward {fwd:.3f} GFLOP per {side}x{side} view; {per_image:.2f} GFLOP per image "
+        f"(2 views, forward + backward)")
+    out = {"device": str(run.device), "precision": run.precision, "math": run.math(),
+           "batch": batch, "warmup": run.warmup, "fwd_gflop_per_view": fwd,
+           "gflop_per_image": per_image}
+    if run.cuda:
+        out["gpu"] = torch.cuda.get_device_name(run.device)
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+        out["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved(run.device) / 2**20
+        out["channels_last"] = run.channels_last
+        peak = PEAK_TFLOPS[run.math()]
+        out["peak_tflops"] = peak
+        out["mfu"] = batch / t * per_image / (peak * 1e3)
+    return out
 
 
 def eval_scenario(depth, side, batch, steps, num_classes):
@@ -668,8 +785,13 @@ def data_scenario(name, steps, blur_mode, impl_choice):
 
 # ------------------------------------------------------------------------------------------
 
-SCENARIOS = ["pretrain-r18-cifar-32", "pretrain-r18w16-28", "eval-r18-cifar-32",
-             "eval-r50-224", "data-28", "data-224", "data-224-jpeg", "params"]
+SCENARIOS = ["pretrain-r18-cifar-32", "pretrain-r18w16-28", "pretrain-r50-224",
+             "eval-r18-cifar-32", "eval-r50-224", "data-28", "data-224", "data-224-jpeg",
+             "params"]
+# The training scenarios: (depth, base width, side, default batch, classes).
+PRETRAIN = {"pretrain-r18-cifar-32": (18, 64, 32, 128, 10),
+            "pretrain-r18w16-28": (18, 16, 28, 256, 10),
+            "pretrain-r50-224": (50, 64, 224, 128, 1000)}
 
 
 def main():
@@ -684,9 +806,36 @@ def main():
     ap.add_argument("--impl", choices=["auto", "torchvision", "torch-ops"], default="auto",
                     help="data scenarios: torchvision.transforms.v2, or plain torch ops "
                          "(auto: torchvision when it imports)")
+    ap.add_argument("--device", default="cpu",
+                    help="pretrain scenarios: cpu (default), cuda or cuda:N")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="pretrain scenarios: f32 (default), or bf16 autocast over f32 master "
+                         "weights (BN and the losses in f32)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="pretrain scenarios: images per view (default: the scenario's)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps before the timed ones (default 1; 3 on a GPU)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA f32: let cuDNN and cuBLAS use TF32 (PyTorch's conv default); "
+                         "off by default, so f32 is fp32 arithmetic as ours")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="CUDA: NHWC activations and weights (off by default)")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    on_gpu = args.device != "cpu"
+    if args.scenario not in PRETRAIN and (on_gpu or args.precision != "f32"
+                                          or args.batch is not None or args.tf32
+                                          or args.channels_last):
+        ap.error("--device/--precision/--batch/--tf32/--channels-last apply to the pretrain-* "
+                 "scenarios only")
+    if on_gpu and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if args.batch is not None and args.batch < 2:
+        ap.error("--batch must be >= 2")
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    if warmup < 1:
+        ap.error("--warmup must be >= 1")
     name = args.scenario
     threads = args.threads or (1 if name.startswith("data-") else 2)
     torch.set_num_threads(threads)
@@ -706,10 +855,14 @@ def main():
         print(json.dumps({"scenario": "params", "torch": torch.__version__, **counts}), flush=True)
         return
 
-    if name == "pretrain-r18-cifar-32":
-        batch, t, window, extra = pretrain_scenario(64, 32, 128, args.steps)
-    elif name == "pretrain-r18w16-28":
-        batch, t, window, extra = pretrain_scenario(16, 28, 256, args.steps)
+    if name in PRETRAIN:
+        depth, width, side, batch, classes = PRETRAIN[name]
+        plain = (not on_gpu and args.precision == "f32" and args.batch is None
+                 and args.warmup is None and name != "pretrain-r50-224")
+        run = None if plain else Run(args.device, args.precision, warmup, args.tf32,
+                                     args.channels_last)
+        batch, t, window, extra = pretrain_scenario(width, side, args.batch or batch,
+                                                    args.steps, depth, classes, run)
     elif name == "eval-r18-cifar-32":
         batch, t, window, extra = eval_scenario(18, 32, 64, args.steps, 10)
     elif name == "eval-r50-224":

@@ -30,11 +30,11 @@
 //!   through shared slots and a barrier. CPU tensors only. It exists to test the multi-replica
 //!   arithmetic (loss, gradients, global BN) against a single replica on the combined batch.
 //!
-//! The trait is written so that a multi-GPU implementation (NCCL: `ncclAllGather` and
-//! `ncclAllReduce` on the tensors' CUDA buffers) can later be added behind it without touching
-//! its users: it only asks for a rank, a world size and the two tensor-in/tensor-out
-//! collectives, and the differentiable ops are candle custom ops whose backward calls the same
-//! collective, which such an implementation would provide through `cuda_fwd`.
+//! * `NcclReplica` (feature `nccl`): one process per GPU, `ncclAllGather` and `ncclAllReduce`
+//!   on the tensors' CUDA buffers, with the same backward as the thread simulation.
+//!
+//! The trait only asks for a rank, a world size and the two tensor-in/tensor-out collectives;
+//! the differentiable ops are candle custom ops whose backward calls the same collective.
 //!
 //! # The contract between replicas
 //!
@@ -48,8 +48,12 @@
 
 use candle_core::{bail, Result, Tensor};
 
+#[cfg(feature = "nccl")]
+mod nccl;
 mod thread_group;
 
+#[cfg(feature = "nccl")]
+pub use nccl::NcclReplica;
 pub use thread_group::{ThreadGroup, ThreadReplica};
 
 /// Collective communication between data-parallel replicas.

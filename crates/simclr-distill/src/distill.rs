@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_models::checkpoint::{self, assign_variables};
-use simclr_models::{ModelConfig, SimclrModel};
+use simclr_models::{ModelConfig, Precision, SimclrModel};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
@@ -26,6 +26,9 @@ pub struct DistillConfig {
     pub train_batch_size: usize,
     pub schedule: LrScheduleConfig,
     pub optimizer: OptimizerSettings,
+    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// τ: 0.1 for self-distillation, 1.0 for big-to-small (the paper's defaults).
     pub temperature: f64,
     /// Multiply the loss by τ² (the official colab does; the paper's equation does not).
@@ -53,6 +56,7 @@ impl DistillConfig {
                 weight_decay: 1e-4,
                 ..OptimizerSettings::default()
             },
+            precision: Precision::F32,
             temperature: if self_distillation { 0.1 } else { 1.0 },
             tau_squared: false,
             alpha: 1.0,
@@ -97,7 +101,8 @@ impl DistillTask {
         labelled: &[usize],
         device: &Device,
     ) -> simclr_train::Result<Self> {
-        let teacher = checkpoint::load(teacher_path, device)?;
+        let mut teacher = checkpoint::load(teacher_path, device)?;
+        teacher.model = teacher.model.with_precision(cfg.precision);
         if !TEACHER_STAGES.contains(&teacher.meta.stage.as_str()) {
             return Err(TrainError::InvalidConfig(format!(
                 "{}: a checkpoint of stage {:?} cannot teach; use a fine-tuned one ({TEACHER_STAGES:?})",
@@ -129,7 +134,9 @@ impl DistillTask {
             ..base
         };
         let varmap = VarMap::new();
-        let model = SimclrModel::init(&config, &varmap, cfg.seed, device).map_err(terr)?;
+        let model = SimclrModel::init(&config, &varmap, cfg.seed, device)
+            .map_err(terr)?
+            .with_precision(cfg.precision);
         if let Some(t) = init {
             // The checkpoint's supervised head is kept when it predicts the same classes from
             // the same input (a teacher's own weights); otherwise the student's head is new.

@@ -10,7 +10,7 @@ use simclr_data::augment::AugmentConfig;
 use simclr_data::split::check_all_classes_labelled;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_models::checkpoint::{self, assign_variables};
-use simclr_models::{ModelConfig, SimclrModel};
+use simclr_models::{ModelConfig, Precision, SimclrModel};
 use simclr_train::optim::{OptimizerKind, OptimizerSettings};
 use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
@@ -27,6 +27,9 @@ pub struct FinetuneConfig {
     pub train_batch_size: usize,
     pub schedule: LrScheduleConfig,
     pub optimizer: OptimizerSettings,
+    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     pub ft_proj_selector: i32,
     /// -1 trains everything; 4 freezes the encoder (linear evaluation).
     pub fine_tune_after_block: i32,
@@ -63,6 +66,7 @@ impl FinetuneConfig {
                 weight_decay: 0.0,
                 ..OptimizerSettings::default()
             },
+            precision: Precision::F32,
             ft_proj_selector: 1,
             fine_tune_after_block: -1,
             zero_init_logits_layer: true,
@@ -125,7 +129,9 @@ impl FinetuneTask {
         };
         config.validate().map_err(terr)?;
         let varmap = VarMap::new();
-        let model = SimclrModel::init(&config, &varmap, cfg.seed, device).map_err(terr)?;
+        let model = SimclrModel::init(&config, &varmap, cfg.seed, device)
+            .map_err(terr)?
+            .with_precision(cfg.precision);
         if let Some(tensors) = pretrained {
             // The supervised head is new (its input or class count may differ); the official
             // code zeroes it (`zero_init_logits_layer`).

@@ -200,7 +200,8 @@ pub fn bn_apply_add(
     }
 }
 
-/// [`bn_apply`] with candle's ops, in `x`'s dtype.
+/// [`bn_apply`] with candle's ops. The arithmetic is in the statistics' dtype and the result in
+/// `x`'s: for bf16 activations, `x − mean` in bf16 would cancel away the digits that matter.
 pub fn bn_apply_reference(
     x: &Tensor,
     stats: &Tensor,
@@ -209,19 +210,15 @@ pub fn bn_apply_reference(
 ) -> Result<Tensor> {
     let mut shape = vec![1; x.rank()];
     shape[1] = x.dim(1)?;
-    let row = |t: &Tensor, i: usize| -> Result<Tensor> {
-        t.get(i)?.to_dtype(x.dtype())?.reshape(shape.as_slice())
-    };
+    let row = |t: &Tensor, i: usize| -> Result<Tensor> { t.get(i)?.reshape(shape.as_slice()) };
     let scale = (row(stats, 1)? * row(affine, 0)?)?;
     let y = x
+        .to_dtype(stats.dtype())?
         .broadcast_sub(&row(stats, 0)?)?
         .broadcast_mul(&scale)?
         .broadcast_add(&row(affine, 1)?)?;
-    if relu {
-        y.relu()
-    } else {
-        Ok(y)
-    }
+    let y = if relu { y.relu()? } else { y };
+    y.to_dtype(x.dtype())
 }
 
 /// `x [N, C, *] f32 -> [2, C] f64`: per-channel sums and sums of squares.

@@ -13,6 +13,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::conv::ConvGeometry;
 use crate::init::{conv_init, dense_init};
+use crate::precision::bf16_product;
 
 /// A bias-free 2-D convolution with TF fixed/SAME padding.
 #[derive(Debug, Clone)]
@@ -60,7 +61,19 @@ impl Module for Conv2d {
         // SAME (stride 1) and FixedPadding (stride > 1) agree for odd kernels: (k-1)/2 each side.
         let pad = (self.kernel - 1) / 2;
         let geometry = ConvGeometry::symmetric(self.kernel, self.stride, pad);
-        crate::conv::conv2d(x, &self.weight, geometry)
+        bf16_product(x, &cast_like(&self.weight, x)?, |x, w| {
+            crate::conv::conv2d(x, w, geometry)
+        })
+    }
+}
+
+/// `w` in the dtype of the activation `x` (mixed precision: f32 master weights, bf16
+/// products; see [`crate::precision`]). Differentiable; a no-op when the dtypes agree.
+fn cast_like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(x.dtype())
     }
 }
 
@@ -96,9 +109,9 @@ impl Dense {
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = bf16_product(x, &cast_like(&self.weight, x)?, |x, w| x.matmul(&w.t()?))?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&cast_like(b, x)?),
             None => Ok(y),
         }
     }

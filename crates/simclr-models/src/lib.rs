@@ -54,6 +54,7 @@ pub mod layers;
 pub mod model;
 pub mod params;
 pub mod pool;
+pub mod precision;
 pub mod pth;
 pub mod resnet;
 pub mod sk;
@@ -68,4 +69,5 @@ pub use import_pth::{import_pth, ImportError, ImportedModel, SourceFormat, Sourc
 pub use import_tf::{import_tf1, import_tf1_named};
 pub use model::{ForwardOptions, ModelOutput, SimclrModel};
 pub use params::{num_parameters, param_group, parameter_shapes, ParamGroup, ParameterCount};
+pub use precision::Precision;
 pub use tf_bundle::{TfBundle, TfBundleError};

@@ -12,6 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::heads::{ProjectionHead, SupervisedHead};
 use crate::init::SeededInit;
+use crate::precision::Precision;
 use crate::resnet::{ResNet, ResNetEndpoints};
 
 /// How to run a forward pass.
@@ -53,6 +54,15 @@ impl<'a> ForwardOptions<'a> {
     }
 }
 
+/// Half-precision outputs in f32 (losses and metrics are computed in f32); other dtypes as
+/// they are.
+fn f32_out(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
 /// What one forward pass produces.
 #[derive(Debug, Clone)]
 pub struct ModelOutput {
@@ -91,6 +101,7 @@ impl ModelOutput {
 #[derive(Debug, Clone)]
 pub struct SimclrModel {
     config: ModelConfig,
+    precision: Precision,
     resnet: ResNet,
     projection_head: ProjectionHead,
     supervised_head: Option<SupervisedHead>,
@@ -113,6 +124,7 @@ impl SimclrModel {
         };
         Ok(Self {
             config: config.clone(),
+            precision: Precision::F32,
             resnet,
             projection_head,
             supervised_head,
@@ -132,6 +144,27 @@ impl SimclrModel {
             config,
             SeededInit::var_builder(varmap, seed, DType::F32, device),
         )
+    }
+
+    /// The same model computing its convolutions and matmuls in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision of the products (f32 unless set with [`SimclrModel::with_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// `x` in the compute dtype.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = self.precision.compute_dtype();
+        if x.dtype() == dtype || self.precision == Precision::F32 {
+            Ok(x.clone())
+        } else {
+            x.to_dtype(dtype)
+        }
     }
 
     /// The configuration.
@@ -163,7 +196,7 @@ impl SimclrModel {
     pub fn forward_with(&self, x: &Tensor, opts: ForwardOptions) -> Result<ModelOutput> {
         let h = self
             .resnet
-            .forward_with(x, opts.bn_mode(), opts.keep_graph)?;
+            .forward_with(&self.input(x)?, opts.bn_mode(), opts.keep_graph)?;
         self.heads(h, opts)
     }
 
@@ -175,7 +208,7 @@ impl SimclrModel {
     ) -> Result<(ResNetEndpoints, ModelOutput)> {
         let e = self
             .resnet
-            .forward_endpoints(x, opts.bn_mode(), opts.keep_graph)?;
+            .forward_endpoints(&self.input(x)?, opts.bn_mode(), opts.keep_graph)?;
         let out = self.heads(e.final_avg_pool.clone(), opts)?;
         Ok((e, out))
     }
@@ -195,14 +228,14 @@ impl SimclrModel {
             supervised_input = supervised_input.detach();
         }
         let logits_sup = match &self.supervised_head {
-            Some(head) => Some(head.forward(&supervised_input)?),
+            Some(head) => Some(f32_out(&head.forward(&supervised_input)?)?),
             None => None,
         };
         Ok(ModelOutput {
-            final_avg_pool: h,
-            hiddens,
-            proj_head_output,
-            supervised_input,
+            final_avg_pool: f32_out(&h)?,
+            hiddens: hiddens.iter().map(f32_out).collect::<Result<_>>()?,
+            proj_head_output: f32_out(&proj_head_output)?,
+            supervised_input: f32_out(&supervised_input)?,
             logits_sup,
         })
     }

@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 pub mod memory;
 pub mod objective;
 pub mod stage;
@@ -42,4 +43,4 @@ pub use memory::{
 };
 pub use objective::{l2_normalize, nt_xent, ContrastiveOutput, NtXentConfig};
 pub use simclr_collective::{Collective, SingleReplica, ThreadGroup, ThreadReplica};
-pub use stage::{run_pretrain, PretrainConfig, PretrainData, PretrainTask};
+pub use stage::{run_pretrain, run_pretrain_replica, PretrainConfig, PretrainData, PretrainTask};

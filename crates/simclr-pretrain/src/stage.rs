@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_eval::{features, knn_evaluate, KnnConfig, KnnVote};
-use simclr_models::{ForwardOptions, ModelConfig, SimclrModel};
+use simclr_models::{ForwardOptions, ModelConfig, Precision, SimclrModel};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
@@ -30,6 +30,9 @@ pub struct PretrainConfig {
     pub train_batch_size: usize,
     pub schedule: LrScheduleConfig,
     pub optimizer: OptimizerSettings,
+    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     pub objective: NtXentConfig,
     pub augment: AugmentConfig,
     /// BN statistics over the two-view batch of every replica (the official `global_bn`);
@@ -61,6 +64,7 @@ impl PretrainConfig {
             train_batch_size: 512,
             schedule: LrScheduleConfig::default(),
             optimizer: OptimizerSettings::default(),
+            precision: Precision::F32,
             objective: NtXentConfig::default(),
             augment: AugmentConfig::pretrain(image_size),
             global_bn: true,
@@ -110,12 +114,15 @@ impl PretrainTask {
         knn: Option<KnnData>,
     ) -> simclr_train::Result<Self> {
         let varmap = VarMap::new();
-        let model = SimclrModel::init(&config.model, &varmap, config.seed, device).map_err(terr)?;
+        let model = SimclrModel::init(&config.model, &varmap, config.seed, device)
+            .map_err(terr)?
+            .with_precision(config.precision);
         let momentum = match &config.memory {
             Some(mem) => {
                 let mvarmap = VarMap::new();
                 let mmodel = SimclrModel::init(&config.model, &mvarmap, config.seed, device)
-                    .map_err(terr)?;
+                    .map_err(terr)?
+                    .with_precision(config.precision);
                 copy_variables(&mvarmap, &varmap)?;
                 let queue = MemoryQueue::new(
                     mem.queue_size,
@@ -150,7 +157,22 @@ impl PretrainTask {
 
 impl TrainTask for PretrainTask {
     fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
-        let x = Tensor::cat(&[&batch.views[0], &batch.views[1]], 0)?.to_device(&self.device)?;
+        // Every replica loads the same global batch and keeps its own rows of it.
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let rows = |t: &Tensor| -> simclr_train::Result<Tensor> {
+            if world == 1 {
+                return Ok(t.clone());
+            }
+            let n = t.dim(0)?;
+            if n % world != 0 {
+                return Err(terr(format!(
+                    "the global batch of {n} does not split evenly over {world} replicas"
+                )));
+            }
+            Ok(t.narrow(0, rank * n / world, n / world)?)
+        };
+        let x = Tensor::cat(&[rows(&batch.views[0])?, rows(&batch.views[1])?], 0)?
+            .to_device(&self.device)?;
         let replicas = self.config.global_bn.then_some(self.collective.as_ref());
         let opts = ForwardOptions {
             stop_gradient_supervised_input: true,
@@ -202,8 +224,8 @@ impl TrainTask for PretrainTask {
         ];
         if let (true, Some(logits)) = (self.config.lineareval_while_pretraining, &out.logits_sup) {
             // Labels duplicated for the two views, as the official online probe does.
-            let labels =
-                Tensor::cat(&[&batch.labels, &batch.labels], 0)?.to_device(&self.device)?;
+            let own = rows(&batch.labels)?;
+            let labels = Tensor::cat(&[&own, &own], 0)?.to_device(&self.device)?;
             let sup = candle_nn::loss::cross_entropy(logits, &labels)?;
             let acc = logits
                 .argmax(D::Minus1)?
@@ -339,6 +361,23 @@ pub fn run_pretrain(
     progress: bool,
     device: &Device,
 ) -> simclr_train::Result<TrainSummary> {
+    let one = Arc::new(SingleReplica);
+    run_pretrain_replica(config, data, out_dir, resume, progress, device, one)
+}
+
+/// [`run_pretrain`] as one of several data-parallel replicas: every replica loads the same
+/// global batch (`train_batch_size`) and trains on its share of the rows, with negatives
+/// gathered, BN statistics and gradients summed over `replicas`; rank 0 writes the checkpoint
+/// and the metrics.
+pub fn run_pretrain_replica(
+    config: &PretrainConfig,
+    data: &PretrainData,
+    out_dir: &std::path::Path,
+    resume: bool,
+    progress: bool,
+    device: &Device,
+    replicas: Arc<dyn Collective>,
+) -> simclr_train::Result<TrainSummary> {
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut config = config.clone();
     // The supervised head is the online probe: it exists exactly when the probe trains.
@@ -364,12 +403,13 @@ pub fn run_pretrain(
         }
         _ => None,
     };
-    let mut task = PretrainTask::new(config.clone(), device, Arc::new(SingleReplica), knn)?;
+    let primary = replicas.rank() == 0;
+    let mut task = PretrainTask::new(config.clone(), device, replicas, knn)?;
     let run = StageRun {
         stage: "pretrain",
         out_dir,
         resume,
-        progress,
+        progress: progress && primary,
         checkpoint_every: config.checkpoint_every,
         extra_meta: vec![(
             "pretrain_config".into(),

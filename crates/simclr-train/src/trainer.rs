@@ -134,6 +134,10 @@ fn save_checkpoint(
     done: bool,
     totals: (f64, u64),
 ) -> Result<PathBuf> {
+    // With several replicas, rank 0 writes for all of them (their variables are identical).
+    if task.replicas().is_some_and(|r| r.rank() != 0) {
+        return Ok(cfg.checkpoint_path());
+    }
     let mut state: Vec<(String, Tensor)> = optimizer
         .state_tensors()
         .into_iter()
@@ -293,7 +297,15 @@ pub fn train(
             before.1 + images as u64,
         )
     };
-    let mut log = MetricsLog::open(&cfg.metrics_path(), (start > 0).then_some(start))?;
+    let primary = task.replicas().is_none_or(|r| r.rank() == 0);
+    let mut log = if primary {
+        Some(MetricsLog::open(
+            &cfg.metrics_path(),
+            (start > 0).then_some(start),
+        )?)
+    } else {
+        None
+    };
     let per_epoch = loader.batches_per_epoch() as u64;
     let pb = progress_bar(cfg, start);
     let t0 = Instant::now();
@@ -367,7 +379,9 @@ pub fn train(
                     json!(stats.weight_decay_loss_value()?),
                 );
                 row.insert("images_per_second".into(), json!(ips));
-                log.row(row);
+                if let Some(log) = &mut log {
+                    log.row(row);
+                }
             }
             if cfg.checkpoint_every > 0
                 && step % cfg.checkpoint_every == 0
@@ -394,7 +408,9 @@ pub fn train(
                     row.insert(k.clone(), json!(v));
                     shown.push(format!("{k} {v:.4}"));
                 }
-                log.row(row);
+                if let Some(log) = &mut log {
+                    log.row(row);
+                }
                 pb.println(format!("{} epoch {epoch}: {}", cfg.stage, shown.join(", ")));
                 summary.last_epoch_metrics = metrics;
             }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
-use simclr_models::ModelConfig;
+use simclr_models::{ModelConfig, Precision};
 use simclr_train::optim::{OptimizerKind, OptimizerSettings};
 use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
 
@@ -113,6 +113,9 @@ pub struct TrainArgs {
     pub optimizer: Option<OptimizerKind>,
     #[arg(long)]
     pub momentum: Option<f64>,
+    /// f32, or bf16 products with f32 master weights, BN statistics and losses.
+    #[arg(long)]
+    pub precision: Option<Precision>,
 }
 
 impl TrainArgs {
@@ -122,6 +125,7 @@ impl TrainArgs {
         batch: &mut usize,
         schedule: &mut LrScheduleConfig,
         optimizer: &mut OptimizerSettings,
+        precision: &mut Precision,
     ) {
         fn set<T: Clone>(slot: &mut T, flag: &Option<T>) {
             if let Some(v) = flag {
@@ -142,6 +146,7 @@ impl TrainArgs {
         set(&mut optimizer.weight_decay, &self.weight_decay);
         set(&mut optimizer.optimizer, &self.optimizer);
         set(&mut optimizer.momentum, &self.momentum);
+        set(precision, &self.precision);
     }
 }
 

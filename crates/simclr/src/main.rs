@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use simclr::args::{device, DataArgs, ModelArgs, TrainArgs};
 use simclr_data::{Loader, LoaderConfig, Split};
 use simclr_models::checkpoint;
-use simclr_pretrain::{run_pretrain, PretrainConfig, PretrainData};
+use simclr_pretrain::{PretrainConfig, PretrainData};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,27 @@ enum Command {
     Embed(EmbedArgs),
     /// Convert official weights (converter .pth, TF1 checkpoint) into this project's checkpoint.
     Import(ImportArgs),
+    /// Time the pretraining step on synthetic data (prints a `BENCH` line; docs/gpu.md).
+    BenchStep(BenchStepArgs),
+    /// One training step on the CPU and on --device, f32 and bf16: values and gradients must
+    /// agree (f32 1e-4, bf16 2e-2 relative).
+    Parity,
+}
+
+#[derive(Args)]
+struct BenchStepArgs {
+    /// `r18` (CIFAR stem at ≤ 32 px), `r50`, `r50_2x_sk1`, `r18_w16`, …
+    #[arg(long, default_value = "r18")]
+    model: String,
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+    /// Images per step (two views each).
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value = "f32")]
+    precision: simclr_models::Precision,
 }
 
 #[derive(Args)]
@@ -75,6 +96,17 @@ struct PretrainArgs {
     knn_every_epochs: usize,
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u64,
+    /// Data-parallel replicas, one process per GPU (NCCL; a binary built with --features
+    /// nccl). Start one process per rank with the same flags and its own --rank and --device.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// This process's rank among the replicas.
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    /// Rendezvous file for NCCL's id: rank 0 writes it, the others wait for it (a shared file
+    /// system path for several nodes).
+    #[arg(long)]
+    nccl_id: Option<PathBuf>,
     /// Output folder (default: checkpoints/pretrain-<dataset>-<model>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -228,6 +260,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Distill(a) => distill(a, &device),
         Command::Eval(a) => eval(a, &device),
         Command::Embed(a) => embed(a, &device),
+        Command::BenchStep(a) => simclr::device_check::bench_step(
+            &a.model,
+            a.image_size,
+            a.batch,
+            a.steps,
+            a.precision,
+            &device,
+        ),
+        Command::Parity => simclr::device_check::parity(&device),
         Command::Import(a) => import(a, &device),
     }
 }
@@ -247,6 +288,7 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
         &mut cfg.train_batch_size,
         &mut cfg.schedule,
         &mut cfg.optimizer,
+        &mut cfg.precision,
     );
     cfg.objective.temperature = a.temperature;
     cfg.objective.hidden_norm = a.hidden_norm;
@@ -276,13 +318,15 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
         ))
     });
     check_writable(&out)?;
-    let summary = run_pretrain(
+    let replicas = replicas(a.replicas, a.rank, a.nccl_id.as_deref(), device)?;
+    let summary = simclr_pretrain::run_pretrain_replica(
         &cfg,
         &PretrainData { train, test },
         &out,
         a.resume,
         !a.no_progress,
         device,
+        replicas,
     )?;
     println!(
         "pretrained {} steps in {:.0} s ({:.1} images/s); final loss {:.4}{}; checkpoint {}",
@@ -310,6 +354,7 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
         &mut cfg.train_batch_size,
         &mut cfg.schedule,
         &mut cfg.optimizer,
+        &mut cfg.precision,
     );
     cfg.ft_proj_selector = a
         .model
@@ -385,6 +430,7 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
         &mut cfg.train_batch_size,
         &mut cfg.schedule,
         &mut cfg.optimizer,
+        &mut cfg.precision,
     );
     cfg.seed = a.labels.seed;
     cfg.num_workers = a.data.num_workers;
@@ -518,4 +564,33 @@ fn import(a: ImportArgs, device: &candle_core::Device) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The collective of `simclr pretrain --replicas N --rank R --nccl-id FILE`.
+fn replicas(
+    n: usize,
+    rank: usize,
+    nccl_id: Option<&std::path::Path>,
+    device: &candle_core::Device,
+) -> Result<std::sync::Arc<dyn simclr_pretrain::Collective>> {
+    if n <= 1 {
+        return Ok(std::sync::Arc::new(simclr_pretrain::SingleReplica));
+    }
+    if rank >= n {
+        bail!("--rank {rank} is outside --replicas {n}")
+    }
+    let Some(id) = nccl_id else {
+        bail!("--replicas {n} needs --nccl-id <file> for the rendezvous")
+    };
+    #[cfg(feature = "nccl")]
+    {
+        let timeout = std::time::Duration::from_secs(600);
+        let r = simclr_collective::NcclReplica::rendezvous_file(id, device, rank, n, timeout)?;
+        Ok(std::sync::Arc::new(r))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = (id, device);
+        bail!("--replicas {n}: this binary was built without NCCL (rebuild with --features nccl)")
+    }
 }
