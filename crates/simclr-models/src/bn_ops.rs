@@ -236,19 +236,19 @@ impl candle_core::CustomOp1 for ChannelMoments {
         let out = if c * p == 0 {
             vec![0f64; 2 * c]
         } else {
-            x.par_chunks(c * p)
-                .fold(
-                    || vec![0f64; 2 * c],
-                    |mut acc, img| {
-                        for (ch, plane) in img.chunks_exact(p).enumerate() {
-                            let (s, q) = plane_sums(plane);
-                            acc[ch] += s as f64;
-                            acc[c + ch] += q as f64;
-                        }
-                        acc
-                    },
-                )
-                .reduce(|| vec![0f64; 2 * c], add_vecs)
+            let partials: Vec<Vec<f64>> = x
+                .par_chunks(c * p)
+                .map(|img| {
+                    let mut acc = vec![0f64; 2 * c];
+                    for (ch, plane) in img.chunks_exact(p).enumerate() {
+                        let (s, q) = plane_sums(plane);
+                        acc[ch] = s as f64;
+                        acc[c + ch] = q as f64;
+                    }
+                    acc
+                })
+                .collect();
+            sum_in_order(partials, 2 * c)
         };
         Ok((CpuStorage::F64(out), Shape::from((2, c))))
     }
@@ -259,11 +259,17 @@ impl candle_core::CustomOp1 for ChannelMoments {
     }
 }
 
-fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
+/// The sum of per-image partial sums in image order, so that the result does not depend on
+/// how rayon split the work (runs repeat bit for bit, and a resumed run matches an
+/// uninterrupted one).
+fn sum_in_order(partials: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
+    let mut total = vec![0f64; len];
+    for part in partials {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += v;
+        }
     }
-    a
+    total
 }
 
 /// `(x [N, C, *] f32, g [2, C] f64) -> g₀[c] + 2·x·g₁[c]`, the gradient of the moments.
@@ -523,41 +529,40 @@ impl CustomOp3 for BnApplyGrad {
             } else {
                 (0..n / (c * p)).map(|_| Default::default()).collect()
             };
-            dx_all
+            let partials = dx_all
                 .par_chunks_mut(c * p)
                 .zip(dres_chunks)
                 .zip(x.par_chunks(c * p))
                 .zip(y.par_chunks(c * p))
                 .zip(dy.par_chunks(c * p))
-                .fold(
-                    || vec![0f64; 2 * c],
-                    |mut acc, ((((dxi, dri), xi), yi), gi)| {
-                        for ch in 0..c {
-                            let r = ch * p..(ch + 1) * p;
-                            let (m, k) = (mean[ch], scale[ch]);
-                            let (mut s1, mut s3) = (0f32, 0f32);
-                            for (j, (((o, &xv), &yv), &gv)) in dxi[r.clone()]
-                                .iter_mut()
-                                .zip(&xi[r.clone()])
-                                .zip(&yi[r.clone()])
-                                .zip(&gi[r.clone()])
-                                .enumerate()
-                            {
-                                let g = if relu && yv <= 0.0 { 0.0 } else { gv };
-                                *o = g * k;
-                                if with_dres {
-                                    dri[r.start + j] = g;
-                                }
-                                s1 += g;
-                                s3 += g * (xv - m);
+                .map(|((((dxi, dri), xi), yi), gi)| {
+                    let mut acc = vec![0f64; 2 * c];
+                    for ch in 0..c {
+                        let r = ch * p..(ch + 1) * p;
+                        let (m, k) = (mean[ch], scale[ch]);
+                        let (mut s1, mut s3) = (0f32, 0f32);
+                        for (j, (((o, &xv), &yv), &gv)) in dxi[r.clone()]
+                            .iter_mut()
+                            .zip(&xi[r.clone()])
+                            .zip(&yi[r.clone()])
+                            .zip(&gi[r.clone()])
+                            .enumerate()
+                        {
+                            let g = if relu && yv <= 0.0 { 0.0 } else { gv };
+                            *o = g * k;
+                            if with_dres {
+                                dri[r.start + j] = g;
                             }
-                            acc[ch] += s1 as f64;
-                            acc[c + ch] += s3 as f64;
+                            s1 += g;
+                            s3 += g * (xv - m);
                         }
-                        acc
-                    },
-                )
-                .reduce(|| vec![0f64; 2 * c], add_vecs)
+                        acc[ch] += s1 as f64;
+                        acc[c + ch] += s3 as f64;
+                    }
+                    acc
+                })
+                .collect::<Vec<_>>();
+            sum_in_order(partials, 2 * c)
         };
         for ch in 0..c {
             let (s1, s3) = (sums[ch], sums[c + ch]);

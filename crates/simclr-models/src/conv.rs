@@ -16,7 +16,8 @@
 //! * input gradient: `colsᵀ-grad = Wᵀ · gy`, folded back into the image by [`Col2Im`] (the
 //!   adjoint of the unfold; a task owns its images, so no two threads add into the same pixel);
 //! * weight gradient: `gW += gy · cols`, recomputing the chunk's unfold instead of keeping it from
-//!   the forward pass, with one partial kernel per rayon job summed at the end.
+//!   the forward pass, with partial kernels over fixed ranges of chunks summed in order at the
+//!   end, so the result does not depend on work stealing.
 //!
 //! Nothing bigger than a chunk is ever unfolded, so the memory of a convolution layer in the
 //! autograd graph is that of its input and output, as with candle's own op. 1×1 stride-1 unpadded
@@ -813,21 +814,28 @@ impl CustomOp2 for ConvKernelGrad {
             gemm_f32((k, o, ld), acc, ds, true, cols, cs, g, gs, par);
         };
         let gw = if parallel {
-            (0..chunks)
+            // Partial kernels over fixed ranges of chunks, summed in order: the result does not
+            // depend on rayon's work stealing, so runs repeat bit for bit. As many ranges as
+            // fit in about 16 MiB of partial kernels (for balance), at least one per thread.
+            let threads = rayon::current_num_threads();
+            let fit = (1 << 22) / (o * k).max(1);
+            let groups = fit.max(threads).clamp(1, chunks.max(1));
+            let partials: Vec<Vec<f32>> = (0..groups)
                 .into_par_iter()
-                .fold(
-                    || (vec![0f32; o * k], Scratch::default()),
-                    |(mut acc, mut scratch), ci| {
+                .map(|g| {
+                    let mut acc = vec![0f32; o * k];
+                    let mut scratch = Scratch::default();
+                    for ci in g * chunks / groups..(g + 1) * chunks / groups {
                         accumulate(&mut acc, ci, &mut scratch);
-                        (acc, scratch)
-                    },
-                )
-                .map(|(acc, _)| acc)
-                .reduce_with(|mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
-                    a
+                    }
+                    acc
                 })
-                .unwrap_or_else(|| vec![0f32; o * k])
+                .collect();
+            let mut total = vec![0f32; o * k];
+            for part in partials {
+                total.iter_mut().zip(&part).for_each(|(x, y)| *x += *y);
+            }
+            total
         } else {
             let mut acc = vec![0f32; o * k];
             let mut scratch = Scratch::default();

@@ -323,3 +323,29 @@ fn fused_residual_add_matches_a_float64_composition() {
         }
     }
 }
+
+#[test]
+fn kernels_give_the_same_bits_for_any_thread_count() {
+    // Reductions sum per-image partials in image order, so work stealing cannot change a bit
+    // (resumed runs must repeat uninterrupted ones exactly).
+    let dims = [37usize, 6, 5, 7];
+    let x = random(&dims, 300, 0.4);
+    let r = random(&dims, 301, 0.0);
+    let gamma = random(&[6], 302, 1.0);
+    let beta = random(&[6], 303, 0.0);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let out = bn_train(&x, &gamma, &beta, &r, true, false);
+            let m = channel_moments(&x).unwrap();
+            [out.0, out.1, out.2, out.3, m].map(|t| values(&t))
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3, 5] {
+        assert_eq!(run(threads), one, "{threads} threads");
+    }
+}
