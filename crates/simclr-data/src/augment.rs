@@ -201,13 +201,22 @@ pub fn crop_resize_image(
     out_h: usize,
     out_w: usize,
 ) -> FImage {
-    let (w, ch) = (img.width, img.channels);
-    let data = &img.data;
-    let px = move |y: usize, x: usize, c: usize| {
-        let c = if ch == 1 { 0 } else { c };
-        data[(y * w + x) * ch + c] as f32 / 255.0
+    let (w, chans) = (img.width, img.channels);
+    let (y0, x0, ch, cw) = region;
+    let fill = |r: usize, row: &mut [f32]| {
+        let start = ((y0 + r) * w + x0) * chans;
+        let src = &img.data[start..start + cw * chans];
+        if chans == 1 {
+            for (d, &v) in row.chunks_exact_mut(3).zip(src) {
+                d.fill(v as f32 / 255.0);
+            }
+        } else {
+            for (d, &v) in row.iter_mut().zip(src) {
+                *d = v as f32 / 255.0;
+            }
+        }
     };
-    resize_from(px, region, out_h, out_w)
+    resize_rows(fill, (ch, cw), out_h, out_w)
 }
 
 fn resize_from(
@@ -216,13 +225,31 @@ fn resize_from(
     out_h: usize,
     out_w: usize,
 ) -> FImage {
+    resize_rows(
+        |r, row: &mut [f32]| {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = px(y0 + r, x0 + c / 3, c % 3);
+            }
+        },
+        (ch, cw),
+        out_h,
+        out_w,
+    )
+}
+
+/// The bicubic resize of a `ch × cw` RGB crop whose row `r` `fill(r, row)` writes (interleaved,
+/// `3·cw` floats): each source row is read once into a buffer, then the taps run on floats.
+fn resize_rows(
+    fill: impl Fn(usize, &mut [f32]),
+    (ch, cw): (usize, usize),
+    out_h: usize,
+    out_w: usize,
+) -> FImage {
+    let mut row = vec![0f32; cw * 3];
     let mut out = FImage::zeros(out_h, out_w);
     if (ch, cw) == (out_h, out_w) {
-        for (p, v) in out.data.chunks_exact_mut(3).enumerate() {
-            let (r, c) = (p / cw, p % cw);
-            for (k, d) in v.iter_mut().enumerate() {
-                *d = px(y0 + r, x0 + c, k);
-            }
+        for (r, dst) in out.data.chunks_exact_mut(cw * 3).enumerate() {
+            fill(r, dst);
         }
         return out;
     }
@@ -230,11 +257,14 @@ fn resize_from(
     let ty = cubic_taps(ch, out_h);
     // Horizontal pass over the crop's rows, then vertical.
     let mut tmp = vec![0f32; ch * out_w * 3];
-    for r in 0..ch {
-        for (o, (idx, w)) in tx.iter().enumerate() {
-            for c in 0..3 {
-                tmp[(r * out_w + o) * 3 + c] =
-                    (0..4).map(|k| w[k] * px(y0 + r, x0 + idx[k], c)).sum();
+    for (r, dst_row) in tmp.chunks_exact_mut(out_w * 3).enumerate() {
+        fill(r, &mut row);
+        for ((idx, w), d) in tx.iter().zip(dst_row.chunks_exact_mut(3)) {
+            for (c, v) in d.iter_mut().enumerate() {
+                *v = w[0] * row[idx[0] * 3 + c]
+                    + w[1] * row[idx[1] * 3 + c]
+                    + w[2] * row[idx[2] * 3 + c]
+                    + w[3] * row[idx[3] * 3 + c];
             }
         }
     }
@@ -307,7 +337,8 @@ pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
 pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let c = v * s;
     let hp = (h - h.floor()) * 6.0;
-    let x = c * (1.0 - ((hp % 2.0) - 1.0).abs());
+    // `hp % 2` for hp in [0, 6), without `fmodf`.
+    let x = c * (1.0 - ((hp - 2.0 * (hp * 0.5).floor()) - 1.0).abs());
     let (r, g, b) = match hp as u32 {
         0 => (c, x, 0.0),
         1 => (x, c, 0.0),
@@ -324,7 +355,9 @@ pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 pub fn adjust_saturation_hue(img: &mut FImage, saturation: f32, hue_delta: f32) {
     for px in img.data.chunks_exact_mut(3) {
         let (h, s, v) = rgb_to_hsv(px[0], px[1], px[2]);
-        let h = (h + hue_delta).rem_euclid(1.0);
+        // `rem_euclid(1.0)` without the `fmodf` call it compiles to.
+        let h = h + hue_delta;
+        let h = h - h.floor();
         let s = (s * saturation).clamp(0.0, 1.0);
         let (r, g, b) = hsv_to_rgb(h, s, v);
         px.copy_from_slice(&[r, g, b]);
