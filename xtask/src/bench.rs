@@ -83,16 +83,17 @@ fn torch(python: &str, scenario: &str) -> Result<Figure> {
 
 /// Runs the benchmarks and prints the table.
 pub fn run(opts: &BenchOptions) -> Result<()> {
+    let names: Vec<_> = SCENARIOS.iter().map(|s| s.0).collect();
+    if let Some(bad) = opts.scenarios.iter().find(|n| !names.contains(&n.as_str())) {
+        bail!("no scenario {bad:?}; known: {}", names.join(", "))
+    }
     let chosen: Vec<_> = SCENARIOS
         .iter()
         .filter(|s| opts.scenarios.is_empty() || opts.scenarios.iter().any(|n| n == s.0))
         .collect();
-    if chosen.is_empty() {
-        let names: Vec<_> = SCENARIOS.iter().map(|s| s.0).collect();
-        bail!("no such scenario; known: {}", names.join(", "))
-    }
     // Build first, so that the timed runs do not compete with the compiler.
     let mut packages: Vec<&str> = chosen.iter().map(|s| s.1).collect();
+    packages.sort_unstable();
     packages.dedup();
     let mut build = Command::new(cargo());
     build.args(["bench", "--no-run", "-q"]);

@@ -44,7 +44,9 @@
 //! visits the nodes of identical graphs in the same order, and the replicas' backward passes then
 //! meet at the collectives in the same order. All replicas must also pass tensors of the same
 //! dtype, and of the same shape (all-reduce) or the same shape after dim 0 and the same dim-0
-//! length (all-gather); a mismatch is reported as an error on every replica.
+//! length (all-gather). The thread simulation reports a mismatch as an error on every replica;
+//! NCCL cannot check it (a mismatch there hangs or corrupts), which is why the same graph on
+//! every replica matters.
 
 use candle_core::{bail, Result, Tensor};
 

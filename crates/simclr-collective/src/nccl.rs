@@ -121,7 +121,13 @@ impl NcclReplica {
                 }
             }
         };
-        Self::new(device, rank, world_size, id)
+        let replica = Self::new(device, rank, world_size, id)?;
+        // Every rank has joined once the communicator exists: rank 0 removes the id so that
+        // the next launch cannot pick up this one's.
+        if rank == 0 {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(replica)
     }
 
     fn comm(&self) -> std::sync::MutexGuard<'_, CommHandle> {

@@ -245,6 +245,9 @@ fn resize_rows(
     out_h: usize,
     out_w: usize,
 ) -> FImage {
+    if out_h == 0 || out_w == 0 || ch == 0 || cw == 0 {
+        return FImage::zeros(out_h, out_w);
+    }
     let mut row = vec![0f32; cw * 3];
     let mut out = FImage::zeros(out_h, out_w);
     if (ch, cw) == (out_h, out_w) {

@@ -25,11 +25,12 @@ pub fn tune_allocator() -> bool {
         if std::env::var("SIMCLR_ALLOCATOR").is_ok_and(|v| v == "system") {
             return false;
         }
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
-                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
-        }
+        // Each setting on its own: a glibc that refuses one still applies the others.
+        let set = |param, value| unsafe { libc::mallopt(param, value) == 1 };
+        let mmap = set(libc::M_MMAP_THRESHOLD, i32::MAX);
+        let trim = set(libc::M_TRIM_THRESHOLD, i32::MAX);
+        let arena = set(libc::M_ARENA_MAX, 1);
+        mmap && trim && arena
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

@@ -29,9 +29,10 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Accumulation is per plane in f32 lanes, then in f64 across planes: a plane is at most a
-/// few thousand values, so its f32 sum loses nothing that matters, and the cross-plane sum of
-/// up to millions of values keeps full precision.
+/// Accumulation is per plane in 8 f32 lanes, then in f64 across planes: a lane sums at most a
+/// few thousand values (a 224² stem plane has 12,544, 1,568 per lane), so its f32 sum loses
+/// nothing that matters, and the cross-plane sum of up to millions of values keeps full
+/// precision.
 const LANES: usize = 8;
 
 /// `SIMCLR_BN=candle` runs the reference compositions everywhere (read once per process), so
@@ -187,7 +188,7 @@ pub fn bn_apply_add(
     if !is_fast(x) || residual.is_some_and(|r| !is_fast(r)) {
         let y = bn_apply_reference(x, stats, affine, relu && residual.is_none())?;
         return match residual {
-            Some(r) if relu => (y + r)?.relu(),
+            Some(r) if relu => relu_tf(&(y + r)?),
             Some(r) => y + r,
             None => Ok(y),
         };
@@ -217,8 +218,17 @@ pub fn bn_apply_reference(
         .broadcast_sub(&row(stats, 0)?)?
         .broadcast_mul(&scale)?
         .broadcast_add(&row(affine, 1)?)?;
-    let y = if relu { y.relu()? } else { y };
+    let y = if relu { relu_tf(&y)? } else { y };
     y.to_dtype(x.dtype())
+}
+
+/// A ReLU whose gradient is 0 where its input is exactly 0, as TF's and PyTorch's (and the
+/// kernels': they mask by `y > 0`); candle's `relu` passes the gradient there. The difference
+/// matters at initialisation: the last BN of a block starts with γ = β = 0, so the sum it feeds
+/// equals the shortcut, which is exactly 0 wherever the previous ReLU cut.
+fn relu_tf(t: &Tensor) -> Result<Tensor> {
+    let mask = t.gt(0.0)?.to_dtype(t.dtype())?;
+    t * mask
 }
 
 /// `x [N, C, *] f32 -> [2, C] f64`: per-channel sums and sums of squares.

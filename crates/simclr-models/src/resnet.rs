@@ -462,7 +462,7 @@ impl ResNet {
 
     /// `final_avg_pool` of `x` (`[N, C, H, W]`, values in [0, 1] for the official weights).
     /// Frozen parts (`fine_tune_after_block`) run BN in inference mode and are detached. An
-    /// inference pass (`train = false`) builds no autograd graph through the encoder; use
+    /// inference pass (`mode` not training) builds no autograd graph through the encoder; use
     /// [`ResNet::forward_with`] with `keep_graph` to differentiate one.
     pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
         let mode: BnMode = mode.into();

@@ -51,7 +51,7 @@ impl SkConv {
         })
     }
 
-    /// Applies the SK conv; `train` selects batch or moving BN statistics.
+    /// Applies the SK conv; `mode` selects batch (possibly global) or moving BN statistics.
     pub fn forward<'a>(&self, x: &Tensor, mode: impl Into<BnMode<'a>>) -> Result<Tensor> {
         let mode: BnMode = mode.into();
         let f = self.filters;

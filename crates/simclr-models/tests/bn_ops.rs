@@ -349,3 +349,48 @@ fn kernels_give_the_same_bits_for_any_thread_count() {
         assert_eq!(run(threads), one, "{threads} threads");
     }
 }
+
+#[test]
+fn relu_gradient_at_exactly_zero_matches_between_kernel_and_reference() {
+    // A block's last BN at initialisation (γ = β = 0) makes the sum equal the shortcut, which
+    // is exactly 0 wherever the previous ReLU cut: both paths must give those points no
+    // gradient (TF's and PyTorch's convention).
+    let dims = [4usize, 3, 5, 5];
+    let x = random(&dims, 400, 0.3);
+    let res = random(&dims, 401, 0.0).relu().unwrap();
+    let w = random(&dims, 402, 0.0);
+    let zeros = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let ones = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    let stats = Tensor::stack(&[&zeros, &ones], 0).unwrap();
+    let grads = |fast: bool| {
+        let rv = Var::from_tensor(&res).unwrap();
+        let gv = Var::from_tensor(&zeros).unwrap();
+        let affine = Tensor::stack(&[gv.as_tensor(), &zeros], 0).unwrap();
+        let y = if fast {
+            bn_apply_add(&x, &stats, &affine, Some(rv.as_tensor()), true).unwrap()
+        } else {
+            let xs = x.to_dtype(DType::F64).unwrap();
+            let st = stats.to_dtype(DType::F64).unwrap();
+            let af = affine.to_dtype(DType::F64).unwrap();
+            let r64 = rv.as_tensor().to_dtype(DType::F64).unwrap();
+            bn_apply_add(&xs, &st, &af, Some(&r64), true).unwrap()
+        };
+        let g = (&y * w.to_dtype(y.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        [
+            g.get(rv.as_tensor()).unwrap().clone(),
+            g.get(gv.as_tensor()).unwrap().clone(),
+        ]
+    };
+    let (fast, reference) = (grads(true), grads(false));
+    assert!(
+        values(&res).contains(&0.0),
+        "the residual must hold exact zeros"
+    );
+    assert_close("dresidual", &fast[0], &reference[0], 1e-5);
+    assert_close("dgamma", &fast[1], &reference[1], 1e-5);
+}

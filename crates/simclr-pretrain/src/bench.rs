@@ -41,6 +41,7 @@ pub fn time_pretrain_step(
         epoch: 0,
         index: 0,
     };
+    let steps = steps.max(1);
     let mut times = Vec::with_capacity(steps);
     let mut on_window = Some(on_window);
     for i in 0..=steps {

@@ -74,7 +74,7 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<NamedVar> {
 /// Sums the gradient of every variable in `vars` over the replicas of `replicas`, in place
 /// (data parallelism: each replica's loss is its share of the global mean, so the sum is the
 /// gradient of the global loss). Every replica must pass the same variables in the same order
-/// ([`named_vars`] sorts them); a variable without a gradient contributes zeros.
+/// ([`named_vars`] sorts them); a variable without a gradient is skipped (by every replica).
 pub fn all_reduce_gradients(
     grads: &mut GradStore,
     vars: &[NamedVar],
@@ -85,9 +85,11 @@ pub fn all_reduce_gradients(
     }
     for v in vars {
         let t = v.var.as_tensor();
-        let local = match grads.get(t) {
-            Some(g) => g.detach(),
-            None => t.zeros_like()?.detach(),
+        // Replicas build identical graphs, so every one of them skips the same variables; a
+        // zero gradient inserted here would make the optimizer decay a variable that one
+        // replica alone would leave untouched.
+        let Some(local) = grads.get(t).map(|g| g.detach()) else {
+            continue;
         };
         let total = replicas.all_reduce_sum(&local)?;
         grads.insert(t, total);

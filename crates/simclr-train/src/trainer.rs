@@ -134,7 +134,9 @@ fn save_checkpoint(
     done: bool,
     totals: (f64, u64),
 ) -> Result<PathBuf> {
-    // With several replicas, rank 0 writes for all of them (their variables are identical).
+    // With several replicas, rank 0 writes for all of them: their trainable variables are
+    // identical (and with global BN their statistics too). Every rank reads it on resume, so
+    // the output folder must be shared.
     if task.replicas().is_some_and(|r| r.rank() != 0) {
         return Ok(cfg.checkpoint_path());
     }
@@ -333,7 +335,16 @@ pub fn train(
                 .loss
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
-            if !loss.is_finite() {
+            // With several replicas, every one must stop together: one that left alone would
+            // leave the others waiting in their next collective.
+            let finite = match task.replicas().filter(|r| r.world_size() > 1) {
+                Some(r) => {
+                    let bad = Tensor::new(&[f32::from(!loss.is_finite())], out.loss.device())?;
+                    r.all_reduce_sum(&bad)?.to_vec1::<f32>()?[0] == 0.0
+                }
+                None => loss.is_finite(),
+            };
+            if !finite {
                 return Err(TrainError::NonFiniteLoss {
                     stage: cfg.stage.clone(),
                     step,

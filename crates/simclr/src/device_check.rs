@@ -70,7 +70,8 @@ fn step(
     let loss = (contrast.loss + candle_nn::loss::cross_entropy(logits, &labels)?)?;
     let grads = loss.backward()?;
     let mut g = HashMap::new();
-    for (name, var) in varmap.data().lock().expect("varmap").iter() {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    for (name, var) in data.iter() {
         if let Some(t) = grads.get(var.as_tensor()) {
             g.insert(name.clone(), t.to_device(&Device::Cpu)?);
         }
