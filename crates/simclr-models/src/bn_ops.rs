@@ -270,8 +270,7 @@ impl candle_core::CustomOp1 for ChannelMoments {
 }
 
 /// The sum of per-image partial sums in image order, so that the result does not depend on
-/// how rayon split the work (runs repeat bit for bit, and a resumed run matches an
-/// uninterrupted one).
+/// how rayon split the work: the kernel repeats bit for bit.
 fn sum_in_order(partials: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
     let mut total = vec![0f64; len];
     for part in partials {

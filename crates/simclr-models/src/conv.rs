@@ -815,7 +815,7 @@ impl CustomOp2 for ConvKernelGrad {
         };
         let gw = if parallel {
             // Partial kernels over fixed ranges of chunks, summed in order: the result does not
-            // depend on rayon's work stealing, so runs repeat bit for bit. As many ranges as
+            // depend on rayon's work stealing: the kernel repeats bit for bit. As many ranges as
             // fit in about 16 MiB of partial kernels (for balance), at least one per thread.
             let threads = rayon::current_num_threads();
             let fit = (1 << 22) / (o * k).max(1);
