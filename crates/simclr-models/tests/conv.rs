@@ -321,3 +321,42 @@ fn only_the_tracked_argument_gets_a_gradient() {
         ) < TOL
     );
 }
+
+#[test]
+fn repeated_runs_give_the_same_bits() {
+    // The shapes of the default preset's network (width 16 at 28², both views of 256 images
+    // → 512) and a stride-2 one; forward, input and kernel gradients, twice each on 2 threads.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for (n, c, o, hw, k, stride) in [
+        (512usize, 3usize, 16usize, 28usize, 3usize, 1usize),
+        (512, 16, 16, 28, 3, 1),
+        (512, 16, 64, 28, 1, 1),
+        (512, 32, 32, 14, 3, 1),
+        (512, 16, 32, 28, 3, 2),
+        (512, 64, 128, 7, 1, 2),
+        (512, 128, 128, 4, 3, 1),
+    ] {
+        let x = pseudo_random(&[n, c, hw, hw], 7, -1.0, 1.0);
+        let w = pseudo_random(&[o, c, k, k], 8, -0.5, 0.5);
+        let g = ConvGeometry::symmetric(k, stride, (k - 1) / 2);
+        let once = || {
+            pool.install(|| {
+                let (y, gx, gw) = run(&x, &w, 9, g, ConvBackend::Im2colGemm);
+                [values(&y), values(&gx), values(&gw)]
+            })
+        };
+        let first = once();
+        for _ in 0..3 {
+            let again = once();
+            for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(first.iter().zip(&again)) {
+                assert!(
+                    a == b,
+                    "{what} of {n}x{c}x{hw}x{hw} * {o}x{c}x{k}x{k}/{stride} differs between runs"
+                );
+            }
+        }
+    }
+}
