@@ -29,6 +29,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::conv::{contiguous, contiguous_f32};
+
 /// Accumulation is per plane in 8 f32 lanes, then in f64 across planes: a lane sums at most a
 /// few thousand values (a 224² stem plane has 12,544, 1,568 per lane), so its f32 sum loses
 /// nothing that matters, and the cross-plane sum of up to millions of values keeps full
@@ -53,20 +55,6 @@ fn ncp(dims: &[usize]) -> Result<(usize, usize, usize)> {
         bail!("batch norm needs a tensor of rank >= 2, got shape {dims:?}")
     }
     Ok((dims[0], dims[1], dims[2..].iter().product()))
-}
-
-fn contiguous<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: the input must be contiguous"),
-    }
-}
-
-fn f32_slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match storage {
-        CpuStorage::F32(d) => contiguous(op, d, layout),
-        _ => bail!("{op}: expected f32"),
-    }
 }
 
 fn f64_slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f64]> {
@@ -241,7 +229,7 @@ impl candle_core::CustomOp1 for ChannelMoments {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(self.name(), storage, layout)?;
+        let x = contiguous_f32(self.name(), storage, layout)?;
         let (_, c, p) = ncp(layout.dims())?;
         let out = if c * p == 0 {
             vec![0f64; 2 * c]
@@ -297,7 +285,7 @@ impl CustomOp2 for MomentsGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(self.name(), xs, xl)?;
+        let x = contiguous_f32(self.name(), xs, xl)?;
         let g = f64_slice(self.name(), gs, gl)?;
         let (_, c, p) = ncp(xl.dims())?;
         let g0: Vec<f32> = g[..c].iter().map(|&v| v as f32).collect();
@@ -424,8 +412,8 @@ impl CustomOp2 for BnApply {
         pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (c, p) = params_of(self.name(), xl, pl)?;
-        let x = f32_slice(self.name(), xs, xl)?;
-        let params = f32_slice(self.name(), ps, pl)?;
+        let x = contiguous_f32(self.name(), xs, xl)?;
+        let params = contiguous_f32(self.name(), ps, pl)?;
         let y = apply_kernel(x, params, None, c, p, self.relu);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -463,9 +451,9 @@ impl CustomOp3 for BnApplyAdd {
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (c, p) = params_of(self.name(), xl, pl)?;
-        let x = f32_slice(self.name(), xs, xl)?;
-        let params = f32_slice(self.name(), ps, pl)?;
-        let r = f32_slice(self.name(), rs, rl)?;
+        let x = contiguous_f32(self.name(), xs, xl)?;
+        let params = contiguous_f32(self.name(), ps, pl)?;
+        let r = contiguous_f32(self.name(), rs, rl)?;
         if r.len() != x.len() {
             bail!("{}: residual of another shape", self.name())
         }
@@ -509,9 +497,9 @@ impl CustomOp3 for BnApplyGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(self.name(), xs, xl)?;
-        let y = f32_slice(self.name(), ys, yl)?;
-        let dy = f32_slice(self.name(), gs, gl)?;
+        let x = contiguous_f32(self.name(), xs, xl)?;
+        let y = contiguous_f32(self.name(), ys, yl)?;
+        let dy = contiguous_f32(self.name(), gs, gl)?;
         let (_, c, p) = ncp(xl.dims())?;
         if y.len() != x.len() || dy.len() != x.len() || self.params.len() != 4 * c {
             bail!("{}: inconsistent shapes", self.name())

@@ -609,14 +609,24 @@ fn chunk_grad<'a>(
 // ---------------------------------------------------------------------------------------------
 // The custom ops.
 
-fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("{op}: only f32 is supported")
-    };
+/// The part of `data` that a contiguous `layout` covers (custom ops take contiguous inputs).
+pub(crate) fn contiguous<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: the input must be contiguous"),
     }
+}
+
+/// [`contiguous`] of an f32 CPU storage.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{op}: only f32 is supported")
+    };
+    contiguous(op, data, layout)
 }
 
 /// The convolution itself: `(x [N, C, H, W], w [O, C, kh, kw]) -> y [N, O, Ho, Wo]`, f32,
