@@ -31,6 +31,21 @@ use rayon::prelude::*;
 
 use crate::conv::{contiguous, contiguous_f32};
 
+#[cfg(feature = "cuda")]
+mod gpu;
+
+/// The boilerplate of a `cuda_fwd`: contiguous f32 (or `$t`) views of the inputs, the device,
+/// and the result wrapped back into a storage.
+#[cfg(feature = "cuda")]
+macro_rules! cuda_view {
+    ($op:expr, $s:expr, $l:expr) => {
+        crate::cuda::view::<f32>($op, $s, $l)?
+    };
+    ($op:expr, $s:expr, $l:expr, $t:ty) => {
+        crate::cuda::view::<$t>($op, $s, $l)?
+    };
+}
+
 /// Accumulation is per plane in 8 f32 lanes, then in f64 across planes: a lane sums at most a
 /// few thousand values (a 224² stem plane has 12,544, 1,568 per lane), so its f32 sum loses
 /// nothing that matters, and the cross-plane sum of up to millions of values keeps full
@@ -46,7 +61,8 @@ fn stock_candle() -> bool {
 }
 
 fn is_fast(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && !stock_candle()
+    let kernel_device = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    kernel_device && x.dtype() == DType::F32 && !stock_candle()
 }
 
 /// `(N, C, P)` of a `[N, C, *]` tensor: batch, channels, and the product of the trailing dims.
@@ -251,6 +267,19 @@ impl candle_core::CustomOp1 for ChannelMoments {
         Ok((CpuStorage::F64(out), Shape::from((2, c))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = ncp(layout.dims())?;
+        let dev = &storage.device;
+        let out = gpu::moments(dev, &cuda_view!(self.name(), storage, layout), dims)?;
+        let out = candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone());
+        Ok((out, Shape::from((2, dims.1))))
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.to_dtype(DType::F64)?.contiguous()?;
         Ok(Some(x.apply_op2_no_bwd(&g, &MomentsGrad)?))
@@ -305,6 +334,22 @@ impl CustomOp2 for MomentsGrad {
                 });
         }
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let x = cuda_view!(self.name(), xs, xl);
+        let g = cuda_view!(self.name(), gs, gl, f64);
+        let dev = &xs.device;
+        let dx = gpu::moments_grad(dev, &x, &g, ncp(xl.dims())?)?;
+        let dx = candle_core::CudaStorage::wrap_cuda_slice(dx, dev.clone());
+        Ok((dx, xl.shape().clone()))
     }
 }
 
@@ -376,7 +421,7 @@ fn apply_backward(
     let (_, c, _) = ncp(x.dims())?;
     let op = BnApplyGrad {
         relu,
-        params: params.flatten_all()?.to_vec1()?,
+        params: params.clone(),
         residual,
     };
     let grad = grad.contiguous()?;
@@ -416,6 +461,27 @@ impl CustomOp2 for BnApply {
         let params = contiguous_f32(self.name(), ps, pl)?;
         let y = apply_kernel(x, params, None, c, p, self.relu);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        params_of(self.name(), xl, pl)?;
+        let (x, params) = (
+            cuda_view!(self.name(), xs, xl),
+            cuda_view!(self.name(), ps, pl),
+        );
+        let dev = &xs.device;
+        let y = gpu::apply(dev, &x, &params, None, ncp(xl.dims())?, self.relu)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -461,6 +527,33 @@ impl CustomOp3 for BnApplyAdd {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        params_of(self.name(), xl, pl)?;
+        if rl.dims() != xl.dims() {
+            bail!("{}: residual of another shape", self.name())
+        }
+        let (x, params) = (
+            cuda_view!(self.name(), xs, xl),
+            cuda_view!(self.name(), ps, pl),
+        );
+        let r = cuda_view!(self.name(), rs, rl);
+        let dev = &xs.device;
+        let y = gpu::apply(dev, &x, &params, Some(&r), ncp(xl.dims())?, self.relu)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -475,11 +568,12 @@ impl CustomOp3 for BnApplyAdd {
 }
 
 /// `(x, y, dy) -> [dx_direct | dresidual (with a residual and a ReLU) | dmean | dinvstd | dγ |
-/// dβ]`, flat f32; `params = [mean; invstd; γ; β]`.
+/// dβ]`, flat f32; `params = [mean; invstd; γ; β]` (`[4, C]`, on the device of the op: the
+/// op holds it rather than taking it as an input because candle has no four-input op).
 #[derive(Debug, Clone)]
 struct BnApplyGrad {
     relu: bool,
-    params: Vec<f32>,
+    params: Tensor,
     residual: bool,
 }
 
@@ -501,14 +595,11 @@ impl CustomOp3 for BnApplyGrad {
         let y = contiguous_f32(self.name(), ys, yl)?;
         let dy = contiguous_f32(self.name(), gs, gl)?;
         let (_, c, p) = ncp(xl.dims())?;
-        if y.len() != x.len() || dy.len() != x.len() || self.params.len() != 4 * c {
+        let params: Vec<f32> = self.params.flatten_all()?.to_vec1()?;
+        if y.len() != x.len() || dy.len() != x.len() || params.len() != 4 * c {
             bail!("{}: inconsistent shapes", self.name())
         }
-        let (mean, invstd, gamma) = (
-            &self.params[..c],
-            &self.params[c..2 * c],
-            &self.params[2 * c..3 * c],
-        );
+        let (mean, invstd, gamma) = (&params[..c], &params[c..2 * c], &params[2 * c..3 * c]);
         let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
         let relu = self.relu;
         let n = x.len();
@@ -570,5 +661,41 @@ impl CustomOp3 for BnApplyGrad {
             tail[3 * c + ch] = s1 as f32; // dβ
         }
         Ok((CpuStorage::F32(out), Shape::from(n + dres_len + 4 * c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let name = self.name();
+        let dims = ncp(xl.dims())?;
+        if yl.dims() != xl.dims() || gl.dims() != xl.dims() || self.params.dims() != [4, dims.1] {
+            bail!("{name}: inconsistent shapes")
+        }
+        let (x, y, dy) = (
+            cuda_view!(name, xs, xl),
+            cuda_view!(name, ys, yl),
+            cuda_view!(name, gs, gl),
+        );
+        let (ps, pl) = self.params.storage_and_layout();
+        let candle_core::Storage::Cuda(ps) = &*ps else {
+            bail!("{name}: parameters on another device")
+        };
+        let params = cuda_view!(name, ps, pl);
+        let dev = &xs.device;
+        let with_dres = self.residual && self.relu;
+        let out = gpu::apply_grad(dev, &x, &y, &dy, &params, dims, self.relu, with_dres)?;
+        let total = dims.0 * dims.1 * dims.2;
+        let len = total * (1 + with_dres as usize) + 4 * dims.1;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(len),
+        ))
     }
 }

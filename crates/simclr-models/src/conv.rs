@@ -609,8 +609,9 @@ fn chunk_grad<'a>(
 // ---------------------------------------------------------------------------------------------
 // The custom ops.
 
-/// The part of `data` that a contiguous `layout` covers (custom ops take contiguous inputs).
-pub(crate) fn contiguous<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+/// The part of `data` that a contiguous `layout` covers (custom ops take contiguous inputs;
+/// the other crates' CPU kernels use it too).
+pub fn contiguous<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: the input must be contiguous"),
@@ -618,11 +619,7 @@ pub(crate) fn contiguous<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Res
 }
 
 /// [`contiguous`] of an f32 CPU storage.
-pub(crate) fn contiguous_f32<'a>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [f32]> {
+pub fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{op}: only f32 is supported")
     };

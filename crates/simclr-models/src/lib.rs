@@ -6,7 +6,9 @@
 //!   any integer width, selective kernels with the ResNet-D stem and shortcut ("SK1"), the
 //!   CIFAR stem, TF `SAME` pooling and fixed padding, BN with eps 1e-5 and decay 0.9,
 //!   zero-initialised last gamma in every block ([`resnet`], [`sk`], [`pool`], [`batch_norm`],
-//!   [`layers`]), with a fast CPU convolution as im2col + GEMM custom ops ([`conv`]);
+//!   [`layers`]), with a fast CPU convolution as im2col + GEMM custom ops ([`conv`]) and
+//!   training-mode BN as fused kernels on the CPU and, with the `cuda` feature, the GPU
+//!   ([`bn_ops`], `cuda`);
 //! * the projection head, the supervised head, `ft_proj_selector` and
 //!   `fine_tune_after_block` ([`heads`], [`model`]);
 //! * the official initialisers ([`init`]);
@@ -45,6 +47,8 @@ pub mod bn_ops;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod heads;
 pub mod import_pth;

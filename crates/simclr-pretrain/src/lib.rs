@@ -3,7 +3,9 @@
 //! This crate owns the contrastive side of simclr-rs:
 //!
 //! * the objective: NT-Xent exactly as the official `add_contrastive_loss` (reference §2.1),
-//!   with its logged metrics `contrast_acc` and `contrast_entropy` ([`objective`]);
+//!   with its logged metrics `contrast_acc` and `contrast_entropy` ([`objective`]), its
+//!   normalisation and masked cross-entropy as fused kernels on the CPU and the GPU
+//!   ([`ntxent_ops`]);
 //! * the use of the collectives (`simclr-collective`, re-exported here) through which
 //!   negatives are gathered across replicas and their gradients are sent back home
 //!   (reference §2.2);
@@ -34,6 +36,7 @@
 
 pub mod bench;
 pub mod memory;
+pub mod ntxent_ops;
 pub mod objective;
 pub mod stage;
 

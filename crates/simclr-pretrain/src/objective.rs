@@ -20,6 +20,10 @@
 //!    "mean over the 2N anchors" form of the v1 paper's Algorithm 1 that the PyTorch libraries
 //!    return. The initial loss is ≈ `2·ln(2N − 1)` for a global batch of `N` images.
 //!
+//! Steps 4–5 run as one similarity GEMM and the fused masked cross-entropy of
+//! [`crate::ntxent_ops`] (step 1 is its fused normalisation); for f64 inputs, the reference
+//! compositions there, which follow these formulas op for op.
+//!
 //! The caller divides the loss by the number of replicas before `backward()` and sums the
 //! parameter gradients over the replicas (reference §2.1 step 7); the sum of the replicas'
 //! divided losses is the loss of one replica on the combined batch.
@@ -35,6 +39,9 @@ use candle_core::{bail, DType, Device, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use simclr_collective::Collective;
+
+pub use crate::ntxent_ops::l2_normalize;
+use crate::ntxent_ops::{contrastive_ce, ContrastLayout};
 
 /// The constant the official code subtracts from the self-similarity logits.
 pub const LARGE_NUM: f64 = 1e9;
@@ -87,14 +94,6 @@ pub struct ContrastiveOutput {
     pub contrast_acc: f64,
     /// Mean entropy (nats) of `softmax(logits_ab)` over the local anchors.
     pub contrast_entropy: f64,
-}
-
-/// Row-wise L2 normalisation along the last axis with TF's epsilon semantics:
-/// `x / sqrt(max(Σ x², 1e-12))`.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let sum_sq = x.sqr()?.sum_keepdim(D::Minus1)?;
-    let inv_norm = sum_sq.maximum(L2_NORMALIZE_EPSILON)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv_norm)
 }
 
 /// NT-Xent over this replica's `2n × d` projections, with negatives gathered through
@@ -164,38 +163,26 @@ pub(crate) fn two_way_contrastive(
         )
     }
     let labels: Vec<usize> = (0..n).map(|i| i + rank * n).collect();
-    let dtype = a1.dtype();
-    let device = a1.device();
-    let mask = one_hot(&labels, global, dtype, device)?;
     let inv_t = 1.0 / temperature;
-    let big_mask = (&mask * LARGE_NUM)?;
-
-    let ab = (a1.matmul(&c2.t()?)? * inv_t)?;
-    let aa = ((a1.matmul(&c1.t()?)? * inv_t)? - &big_mask)?;
-    let ba = (a2.matmul(&c1.t()?)? * inv_t)?;
-    let bb = ((a2.matmul(&c2.t()?)? * inv_t)? - &big_mask)?;
-
-    let extra = match extra {
-        Some(e) if e.dim(0)? > 0 => Some(e),
-        _ => None,
+    // One GEMM for the four blocks (and the extra negatives): rows [a1; a2], columns
+    // [c1 | c2 | extra]. The fused cross-entropy knows which column is each row's positive and
+    // which its own copy (ntxent_ops::ContrastLayout).
+    let anchors = Tensor::cat(&[a1, a2], 0)?;
+    let mut candidates = vec![c1, c2];
+    if let Some(e) = extra.filter(|e| e.dim(0).is_ok_and(|m| m > 0)) {
+        candidates.push(e);
+    }
+    let candidates = Tensor::cat(&candidates, 0)?;
+    let similarity = anchors.matmul(&candidates.t()?)?;
+    let layout = ContrastLayout {
+        n,
+        offset: rank * n,
+        global,
+        inv_t,
     };
-    let (logits_a, logits_b) = match extra {
-        None => (Tensor::cat(&[&ab, &aa], 1)?, Tensor::cat(&[&ba, &bb], 1)?),
-        Some(e) => {
-            let ae = (a1.matmul(&e.t()?)? * inv_t)?;
-            let be = (a2.matmul(&e.t()?)? * inv_t)?;
-            (
-                Tensor::cat(&[&ab, &aa, &ae], 1)?,
-                Tensor::cat(&[&ba, &bb, &be], 1)?,
-            )
-        }
-    };
-    let width = logits_a.dim(1)?;
-    let targets = one_hot(&labels, width, dtype, device)?;
-    let loss_a = softmax_cross_entropy(&logits_a, &targets)?;
-    let loss_b = softmax_cross_entropy(&logits_b, &targets)?;
-    let loss = (loss_a + loss_b)?.mean_all()?;
+    let loss = (contrastive_ce(&similarity, layout)?.sum_all()? / n as f64)?;
 
+    let ab = (similarity.narrow(0, 0, n)?.narrow(1, global, global)? * inv_t)?;
     let logits_ab = ab.detach();
     let (contrast_acc, contrast_entropy) = logit_metrics(&logits_ab, &labels)?;
     Ok(ContrastiveOutput {
