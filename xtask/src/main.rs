@@ -69,8 +69,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// cpu, cuda or cuda:N (default: CUDA when built with it and present).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "gpus")]
         device: Option<String>,
+        /// Pretrain data-parallel on these GPUs, one process each over NCCL (e.g. 0,1,2,3; a
+        /// build with --features nccl); the later stages run on the first.
+        #[arg(long, value_delimiter = ',')]
+        gpus: Vec<usize>,
+        /// Set on the processes that --gpus starts: this one's rank.
+        #[arg(long, hide = true, default_value_t = 0)]
+        rank: usize,
+        /// Where the --gpus processes meet (default: a file in --out).
+        #[arg(long, hide = true)]
+        rendezvous: Option<simclr_collective::Rendezvous>,
         #[arg(long, default_value = "checkpoints")]
         out: PathBuf,
         #[arg(long)]
@@ -105,6 +115,9 @@ fn run(cli: Cli) -> Result<()> {
             model,
             seed,
             device,
+            gpus,
+            rank,
+            rendezvous,
             out,
             no_progress,
         } => {
@@ -122,8 +135,42 @@ fn run(cli: Cli) -> Result<()> {
                 model.as_deref(),
                 seed,
             )?;
-            let device = simclr::args::device(device.as_deref())?;
-            simclr::pipeline::run(&cfg, data_dir, &out, !no_progress, &device)?;
+            if gpus.len() <= 1 {
+                let spec = gpus.first().map(|g| format!("cuda:{g}"));
+                let device = simclr::args::device(spec.as_deref().or(device.as_deref()))?;
+                simclr::pipeline::run(&cfg, data_dir, &out, !no_progress, &device, None)?;
+                return Ok(());
+            }
+            let Some(&gpu) = gpus.get(rank) else {
+                anyhow::bail!("--rank {rank} has no GPU in --gpus {gpus:?}")
+            };
+            let device = simclr::args::device(Some(&format!("cuda:{gpu}")))?;
+            std::fs::create_dir_all(&out)?;
+            let rendezvous = rendezvous.unwrap_or_else(|| {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let file = out.join(format!(".rendezvous-{}-{stamp}", std::process::id()));
+                simclr_collective::Rendezvous::File(file)
+            });
+            let others = if rank == 0 {
+                Some(simclr::pipeline::ReplicaProcesses::spawn(
+                    gpus.len(),
+                    &rendezvous,
+                )?)
+            } else {
+                None
+            };
+            let replica = simclr::pipeline::Replica {
+                rank,
+                world_size: gpus.len(),
+                rendezvous,
+            };
+            let progress = !no_progress && rank == 0;
+            simclr::pipeline::run(&cfg, data_dir, &out, progress, &device, Some(&replica))?;
+            if let Some(others) = others {
+                others.wait();
+            }
             Ok(())
         }
     }

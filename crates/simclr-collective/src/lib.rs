@@ -33,6 +33,9 @@
 //! * `NcclReplica` (feature `nccl`): one process per GPU, `ncclAllGather` and `ncclAllReduce`
 //!   on the tensors' CUDA buffers, with the same backward as the thread simulation.
 //!
+//! * [`Rendezvous`]: how the processes of a multi-GPU run meet, through a file or a TCP
+//!   address (needs no GPU; tested with threads).
+//!
 //! The trait only asks for a rank, a world size and the two tensor-in/tensor-out collectives;
 //! the differentiable ops are candle custom ops whose backward calls the same collective.
 //!
@@ -52,7 +55,10 @@ use candle_core::{bail, Result, Tensor};
 
 #[cfg(feature = "nccl")]
 mod nccl;
+mod rendezvous;
 mod thread_group;
+
+pub use rendezvous::Rendezvous;
 
 #[cfg(feature = "nccl")]
 pub use nccl::NcclReplica;

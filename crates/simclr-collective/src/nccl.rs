@@ -7,16 +7,14 @@
 //! gradient of an all-reduce is the all-reduce of the gradient, and that of an all-gather is
 //! this replica's rows of the all-reduced gradient.
 //!
-//! Rendezvous: the replicas share NCCL's 128-byte unique id through a file ([`NcclReplica::
-//! rendezvous_file`]) that rank 0 writes (atomically) and the others wait for — a path on a
-//! shared file system for several nodes.
+//! Rendezvous: the replicas share NCCL's 128-byte unique id through a file or a TCP address
+//! ([`NcclReplica::join`], [`Rendezvous`]).
 //!
 //! f32 and f64 tensors are supported (activations in bf16 reach the collectives only through
 //! f32 statistics and losses).
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
@@ -24,7 +22,7 @@ use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
-use crate::Collective;
+use crate::{Collective, Rendezvous};
 
 /// The communicator. NCCL allows a communicator to be driven from any thread but not from two
 /// at once; the mutex around it provides that.
@@ -71,62 +69,26 @@ impl NcclReplica {
         })
     }
 
-    /// Joins through a rendezvous file: rank 0 creates the NCCL id and writes it to `path`
-    /// (via a temporary file and a rename, so no reader sees half of it); the other ranks wait
-    /// for the file for up to `timeout`.
-    pub fn rendezvous_file(
-        path: &Path,
+    /// Joins through `rendezvous` (a file or a TCP address, [`Rendezvous`]): rank 0 creates
+    /// the NCCL id and hands it over; the other ranks wait for it for up to `timeout`.
+    pub fn join(
+        rendezvous: &Rendezvous,
         device: &Device,
         rank: usize,
         world_size: usize,
         timeout: Duration,
     ) -> Result<Self> {
-        let id = if rank == 0 {
+        let bytes = rendezvous.exchange(rank, world_size, 128, timeout, || {
             let id = Id::new().map_err(nccl_err)?;
-            let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &bytes)
-                .and_then(|_| std::fs::rename(&tmp, path))
-                .map_err(|e| {
-                    candle_core::Error::Msg(format!(
-                        "{}: cannot write the NCCL id: {e}",
-                        path.display()
-                    ))
-                })?;
-            id
-        } else {
-            let start = Instant::now();
-            loop {
-                match std::fs::read(path) {
-                    Ok(b) if b.len() == 128 => {
-                        let mut internal = [0 as std::ffi::c_char; 128];
-                        for (d, s) in internal.iter_mut().zip(&b) {
-                            *d = *s as std::ffi::c_char;
-                        }
-                        break Id::uninit(internal);
-                    }
-                    Ok(b) => bail!(
-                        "{}: an NCCL id is 128 bytes, this file has {}",
-                        path.display(),
-                        b.len()
-                    ),
-                    Err(_) if start.elapsed() < timeout => {
-                        std::thread::sleep(Duration::from_millis(100))
-                    }
-                    Err(e) => bail!(
-                        "{}: no NCCL id from rank 0 after {:?}: {e}",
-                        path.display(),
-                        timeout
-                    ),
-                }
-            }
-        };
-        let replica = Self::new(device, rank, world_size, id)?;
-        // Every rank has joined once the communicator exists: rank 0 removes the id so that
-        // the next launch cannot pick up this one's.
-        if rank == 0 {
-            let _ = std::fs::remove_file(path);
+            Ok(id.internal().iter().map(|&c| c as u8).collect())
+        })?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, s) in internal.iter_mut().zip(&bytes) {
+            *d = *s as std::ffi::c_char;
         }
+        let replica = Self::new(device, rank, world_size, Id::uninit(internal))?;
+        // Every rank has joined once the communicator exists.
+        rendezvous.finish(rank);
         Ok(replica)
     }
 

@@ -103,10 +103,11 @@ struct PretrainArgs {
     /// This process's rank among the replicas.
     #[arg(long, default_value_t = 0)]
     rank: usize,
-    /// Rendezvous file for NCCL's id: rank 0 writes it, the others wait for it (a shared file
-    /// system path for several nodes).
-    #[arg(long)]
-    nccl_id: Option<PathBuf>,
+    /// Where the replicas meet to share NCCL's id: a file that rank 0 writes and the others
+    /// wait for (a shared file system for several nodes), or tcp://HOST:PORT where rank 0
+    /// listens.
+    #[arg(long, alias = "nccl-id")]
+    rendezvous: Option<simclr_collective::Rendezvous>,
     /// Output folder (default: checkpoints/pretrain-<dataset>-<model>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -318,7 +319,7 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
         ))
     });
     check_writable(&out)?;
-    let replicas = replicas(a.replicas, a.rank, a.nccl_id.as_deref(), device)?;
+    let replicas = simclr::args::replicas(a.replicas, a.rank, a.rendezvous.as_ref(), device)?;
     let summary = simclr_pretrain::run_pretrain_replica(
         &cfg,
         &PretrainData { train, test },
@@ -564,33 +565,4 @@ fn import(a: ImportArgs, device: &candle_core::Device) -> Result<()> {
         a.out.display()
     );
     Ok(())
-}
-
-/// The collective of `simclr pretrain --replicas N --rank R --nccl-id FILE`.
-fn replicas(
-    n: usize,
-    rank: usize,
-    nccl_id: Option<&std::path::Path>,
-    device: &candle_core::Device,
-) -> Result<std::sync::Arc<dyn simclr_pretrain::Collective>> {
-    if n <= 1 {
-        return Ok(std::sync::Arc::new(simclr_pretrain::SingleReplica));
-    }
-    if rank >= n {
-        bail!("--rank {rank} is outside --replicas {n}")
-    }
-    let Some(id) = nccl_id else {
-        bail!("--replicas {n} needs --nccl-id <file> for the rendezvous")
-    };
-    #[cfg(feature = "nccl")]
-    {
-        let timeout = std::time::Duration::from_secs(600);
-        let r = simclr_collective::NcclReplica::rendezvous_file(id, device, rank, n, timeout)?;
-        Ok(std::sync::Arc::new(r))
-    }
-    #[cfg(not(feature = "nccl"))]
-    {
-        let _ = (id, device);
-        bail!("--replicas {n}: this binary was built without NCCL (rebuild with --features nccl)")
-    }
 }

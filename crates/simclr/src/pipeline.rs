@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use simclr_collective::Rendezvous;
 use simclr_data::split::{class_balanced_subset, validate_fraction, write_split_file};
 use simclr_data::{
     load_dataset, DataOptions, Dataset, DatasetName, Loader, LoaderConfig, Split, SubsetDataset,
@@ -24,7 +25,7 @@ use simclr_eval::EvalReport;
 use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
 use simclr_models::ModelConfig;
 use simclr_pretrain::stage::{knn_top1, KnnData};
-use simclr_pretrain::{run_pretrain, PretrainConfig, PretrainData};
+use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
 use simclr_train::schedule::LearningRateScaling;
 use simclr_train::TrainSummary;
 
@@ -297,26 +298,43 @@ fn result(stage: &str, fraction: Option<f64>, s: &TrainSummary, r: &EvalReport) 
     }
 }
 
+/// This process's place in a pretraining over several GPUs (`cargo xtask pipeline --gpus`):
+/// rank `rank` of `world_size` NCCL replicas that meet through `rendezvous`. Every rank runs
+/// the pretraining on its share of each global batch; rank 0 alone writes, and alone goes on
+/// to the later stages (on its GPU) once the pretraining is done.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub rank: usize,
+    pub world_size: usize,
+    pub rendezvous: Rendezvous,
+}
+
 /// Runs the pipeline into `out_root/<run>/` and writes the report there; returns the run folder.
+/// With `replica`, pretraining is data-parallel over the replicas; a rank other than 0 returns
+/// once it is done.
 pub fn run(
     cfg: &PipelineConfig,
     data_dir: Option<PathBuf>,
     out_root: &Path,
     progress: bool,
     device: &Device,
+    replica: Option<&Replica>,
 ) -> Result<PathBuf> {
     let t0 = Instant::now();
     let run_dir = out_root.join(cfg.run_name());
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let probe = run_dir.join(".write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("{} is not writable", run_dir.display()))?;
-    let _ = std::fs::remove_file(probe);
-    simclr_data::write_atomic(
-        &run_dir.join("pipeline.json"),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    let rank = replica.map_or(0, |r| r.rank);
+    if rank == 0 {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let probe = run_dir.join(".write-test");
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{} is not writable", run_dir.display()))?;
+        let _ = std::fs::remove_file(probe);
+        simclr_data::write_atomic(
+            &run_dir.join("pipeline.json"),
+            serde_json::to_string_pretty(cfg)?.as_bytes(),
+        )?;
+    }
 
     let name: DatasetName = cfg.dataset.parse()?;
     let opts = DataOptions {
@@ -345,7 +363,11 @@ pub fn run(
 
     let mut results = Vec::new();
     let pre_dir = run_dir.join("pretrain");
-    let pre = run_pretrain(
+    let collective = match replica {
+        Some(r) => crate::args::replicas(r.world_size, r.rank, Some(&r.rendezvous), device)?,
+        None => Arc::new(simclr_collective::SingleReplica),
+    };
+    let pre = run_pretrain_replica(
         &cfg.pretrain,
         &PretrainData {
             train: train.clone(),
@@ -353,9 +375,13 @@ pub fn run(
         },
         &pre_dir,
         true,
-        progress,
+        progress && rank == 0,
         device,
+        collective,
     )?;
+    if rank != 0 {
+        return Ok(run_dir);
+    }
     let pre_ckpt = pre.checkpoint.clone();
     // kNN of the pretrained encoder against the same network at random initialisation.
     let knn = KnnData {
@@ -477,4 +503,84 @@ pub fn run(
     let _ = write!(line, "report: {}", run_dir.join("report.md").display());
     println!("{line}");
     Ok(run_dir)
+}
+
+/// The other ranks of a multi-GPU pipeline, started by rank 0 (`cargo xtask pipeline --gpus`)
+/// as copies of the running program with `--rank R --rendezvous ADDR` added to its own
+/// arguments. A watcher ends the whole run when one of them fails (rank 0 would otherwise wait
+/// in NCCL for ever); dropping the guard stops any that still run.
+pub struct ReplicaProcesses {
+    children: Arc<std::sync::Mutex<Vec<(usize, std::process::Child)>>>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicaProcesses {
+    /// Starts ranks `1..world_size`.
+    pub fn spawn(world_size: usize, rendezvous: &Rendezvous) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the running program")?;
+        let own: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let mut children = Vec::new();
+        for rank in 1..world_size {
+            let child = std::process::Command::new(&exe)
+                .args(&own)
+                .args([
+                    "--rank",
+                    &rank.to_string(),
+                    "--rendezvous",
+                    &rendezvous.to_string(),
+                ])
+                .arg("--no-progress")
+                .spawn()
+                .with_context(|| format!("cannot start rank {rank} ({})", exe.display()))?;
+            children.push((rank, child));
+        }
+        let children = Arc::new(std::sync::Mutex::new(children));
+        let watched = children.clone();
+        let watcher = std::thread::spawn(move || loop {
+            let mut all = watched.lock().unwrap_or_else(|e| e.into_inner());
+            let mut running = 0;
+            for (rank, child) in all.iter_mut() {
+                match child.try_wait() {
+                    Ok(Some(status)) if !status.success() => {
+                        eprintln!(
+                            "error: pretraining rank {rank} failed ({status}); stopping the run"
+                        );
+                        for (_, other) in all.iter_mut() {
+                            let _ = other.kill();
+                        }
+                        std::process::exit(1);
+                    }
+                    Ok(Some(_)) => {}
+                    _ => running += 1,
+                }
+            }
+            drop(all);
+            if running == 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        });
+        Ok(Self {
+            children,
+            watcher: Some(watcher),
+        })
+    }
+
+    /// Waits until every rank has finished (they finish with the pretraining).
+    pub fn wait(mut self) {
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for ReplicaProcesses {
+    fn drop(&mut self) {
+        if self.watcher.is_some() {
+            let mut all = self.children.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, child) in all.iter_mut() {
+                let _ = child.kill();
+            }
+        }
+    }
 }
