@@ -53,6 +53,28 @@ __device__ __forceinline__ void split_range(uint64_t total, uint64_t* begin, uin
     *end = min(total, *begin + chunk);
 }
 
+// The channel of flat index i in [N, C, P]; 32-bit division where it fits (64-bit division
+// is a long instruction sequence, and these kernels are otherwise a load and a store).
+__device__ __forceinline__ uint32_t channel_of(uint64_t i, uint32_t p, uint32_t c) {
+    if (i < 0xffffffffull) return ((uint32_t)i / p) % c;
+    return (uint32_t)((i / p) % c);
+}
+
+// Walks channel `ch`'s values in [begin, end) of its N·P, thread-strided: `body(i, e)` gets the
+// flat index i of value e. One division at the start, then increments.
+#define FOR_CHANNEL_VALUES(begin, end, ch, c, p, BODY)                          \
+    {                                                                            \
+        uint64_t e = (begin) + threadIdx.x;                                      \
+        uint64_t img = e / (p);                                                  \
+        uint32_t j = (uint32_t)(e - img * (p));                                  \
+        for (; e < (end); e += blockDim.x) {                                     \
+            const uint64_t i = (img * (c) + (ch)) * (p) + j;                     \
+            BODY                                                                 \
+            j += blockDim.x;                                                     \
+            while (j >= (p)) { j -= (p); ++img; }                                \
+        }                                                                        \
+    }
+
 // ---------------------------------------------------------------- batch norm
 
 // grid (C, S): partial `Σx`, `Σx²` of channel blockIdx.x over split blockIdx.y, in f64.
@@ -64,12 +86,11 @@ extern "C" __global__ void bn_moments_partial(const float* x, double* part, uint
     uint64_t begin, end;
     split_range((uint64_t)n * p, &begin, &end);
     double s = 0.0, q = 0.0;
-    for (uint64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
-        const uint64_t img = e / p, j = e - img * p;
-        const double v = x[(img * c + ch) * p + j];
+    FOR_CHANNEL_VALUES(begin, end, ch, c, p, {
+        const double v = x[i];
         s += v;
         q += v * v;
-    }
+    })
     s = block_sum(s, shared);
     q = block_sum(q, shared);
     if (threadIdx.x == 0) {
@@ -93,7 +114,7 @@ extern "C" __global__ void bn_moments_grad(const float* x, const double* g, floa
                                            uint32_t c, uint32_t p, uint64_t total) {
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (uint64_t)gridDim.x * blockDim.x) {
-        const uint32_t ch = (uint32_t)((i / p) % c);
+        const uint32_t ch = channel_of(i, p, c);
         const float a = (float)g[ch], b = 2.0f * (float)g[c + ch];
         dx[i] = a + b * x[i];
     }
@@ -105,7 +126,7 @@ extern "C" __global__ void bn_apply(const float* x, const float* params, const f
                                     uint32_t has_res, uint32_t relu) {
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (uint64_t)gridDim.x * blockDim.x) {
-        const uint32_t ch = (uint32_t)((i / p) % c);
+        const uint32_t ch = channel_of(i, p, c);
         const float k = params[c + ch] * params[2 * c + ch];
         float t = (x[i] - params[ch]) * k + params[3 * c + ch];
         if (has_res) t += res[i];
@@ -126,15 +147,13 @@ extern "C" __global__ void bn_apply_grad_partial(const float* x, const float* y,
     uint64_t begin, end;
     split_range((uint64_t)n * p, &begin, &end);
     float s1 = 0.0f, s3 = 0.0f;
-    for (uint64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
-        const uint64_t img = e / p, j = e - img * p;
-        const uint64_t i = (img * c + ch) * p + j;
+    FOR_CHANNEL_VALUES(begin, end, ch, c, p, {
         const float g = (relu && y[i] <= 0.0f) ? 0.0f : dy[i];
         dx[i] = g * k;
         if (has_dres) dres[i] = g;
         s1 += g;
         s3 += g * (x[i] - m);
-    }
+    })
     const double t1 = block_sum((double)s1, shared);
     const double t3 = block_sum((double)s3, shared);
     if (threadIdx.x == 0) {
