@@ -26,10 +26,12 @@ fn measure(
     let mut cfg = LoaderConfig::train(batch, 2, AugmentConfig::pretrain(image_size), 0);
     cfg.num_threads = threads;
     let loader = Loader::new(ds, None, cfg).expect("loader");
-    let (warmup, timed) = (2, 7.min(loader.batches_per_epoch() - 2));
+    // Batches run on through later epochs: a median over 20 batches rides out more of this
+    // VM's drift than one over the few batches of one epoch.
+    let (warmup, timed, per_epoch) = (2, 20, loader.batches_per_epoch());
     let mut b = 0;
     let (t, peak) = simclr_bench::time_steps(warmup, timed, || {
-        loader.batch(0, b).expect("batch");
+        loader.batch(b / per_epoch, b % per_epoch).expect("batch");
         b += 1;
     });
     let figure = simclr_bench::Figure {

@@ -11,6 +11,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::image::UNIT;
 use crate::{FImage, Image};
 
 /// Images at or below this side use the CIFAR recipe (s = 0.5, no blur, no test crop).
@@ -141,8 +142,10 @@ fn random_crop_size(
 }
 
 /// Taps and weights of TF2's bicubic resize (Keys a = −0.5, half-pixel centres, out-of-range
-/// taps dropped and the rest renormalised) for one axis.
-fn cubic_taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
+/// taps dropped and the rest renormalised) for one axis: for each output index, the first of
+/// its four consecutive input taps (from −2 to `in_size − 2`) and their weights, 0 for a tap
+/// outside the input.
+fn cubic_taps(in_size: usize, out_size: usize) -> Vec<(i64, [f32; 4])> {
     const A: f64 = -0.5;
     let kernel = |x: f64| {
         let x = x.abs();
@@ -160,23 +163,21 @@ fn cubic_taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
             let center = (o as f64 + 0.5) * scale - 0.5;
             let base = center.floor() as i64;
             let t = center - base as f64;
-            let mut idx = [0usize; 4];
             let mut wts = [0f64; 4];
-            for k in 0..4 {
-                let i = base - 1 + k as i64;
-                let w = kernel(t - (k as f64 - 1.0));
-                if (0..in_size as i64).contains(&i) {
-                    idx[k] = i as usize;
-                    wts[k] = w;
-                } else {
-                    idx[k] = i.clamp(0, in_size as i64 - 1) as usize;
+            for (k, w) in wts.iter_mut().enumerate() {
+                if (0..in_size as i64).contains(&(base - 1 + k as i64)) {
+                    *w = kernel(t - (k as f64 - 1.0));
                 }
             }
             let sum: f64 = wts.iter().sum();
-            (idx, wts.map(|w| (w / sum) as f32))
+            (base - 1, wts.map(|w| (w / sum) as f32))
         })
         .collect()
 }
+
+/// Pixels of zero padding on each side of a row in the horizontal pass, so that every output
+/// pixel's four taps are consecutive (those outside the crop have weight 0).
+const PAD: usize = 2;
 
 /// Crops `(y, x, h, w)` out of `img` and resizes it to `out_h × out_w` with bicubic interpolation.
 pub fn crop_resize_bicubic(
@@ -208,11 +209,11 @@ pub fn crop_resize_image(
         let src = &img.data[start..start + cw * chans];
         if chans == 1 {
             for (d, &v) in row.chunks_exact_mut(3).zip(src) {
-                d.fill(v as f32 / 255.0);
+                d.fill(UNIT[v as usize]);
             }
         } else {
             for (d, &v) in row.iter_mut().zip(src) {
-                *d = v as f32 / 255.0;
+                *d = UNIT[v as usize];
             }
         }
     };
@@ -248,7 +249,7 @@ fn resize_rows(
     if out_h == 0 || out_w == 0 || ch == 0 || cw == 0 {
         return FImage::zeros(out_h, out_w);
     }
-    let mut row = vec![0f32; cw * 3];
+    let mut padded = vec![0f32; (cw + 2 * PAD) * 3];
     let mut out = FImage::zeros(out_h, out_w);
     if (ch, cw) == (out_h, out_w) {
         for (r, dst) in out.data.chunks_exact_mut(cw * 3).enumerate() {
@@ -261,21 +262,22 @@ fn resize_rows(
     // Horizontal pass over the crop's rows, then vertical.
     let mut tmp = vec![0f32; ch * out_w * 3];
     for (r, dst_row) in tmp.chunks_exact_mut(out_w * 3).enumerate() {
-        fill(r, &mut row);
-        for ((idx, w), d) in tx.iter().zip(dst_row.chunks_exact_mut(3)) {
+        fill(r, &mut padded[PAD * 3..(PAD + cw) * 3]);
+        for ((first, w), d) in tx.iter().zip(dst_row.chunks_exact_mut(3)) {
+            let start = (first + PAD as i64) as usize * 3;
+            let s = &padded[start..start + 12];
             for (c, v) in d.iter_mut().enumerate() {
-                *v = w[0] * row[idx[0] * 3 + c]
-                    + w[1] * row[idx[1] * 3 + c]
-                    + w[2] * row[idx[2] * 3 + c]
-                    + w[3] * row[idx[3] * 3 + c];
+                *v = w[0] * s[c] + w[1] * s[3 + c] + w[2] * s[6 + c] + w[3] * s[9 + c];
             }
         }
     }
     let stride = out_w * 3;
-    for (o, (idx, w)) in ty.iter().enumerate() {
+    for (o, (first, w)) in ty.iter().enumerate() {
         let dst = &mut out.data[o * stride..(o + 1) * stride];
         for (k, &wk) in w.iter().enumerate() {
-            let src = &tmp[idx[k] * stride..(idx[k] + 1) * stride];
+            // A tap outside the crop has weight 0; any row will do.
+            let y = (first + k as i64).clamp(0, ch as i64 - 1) as usize;
+            let src = &tmp[y * stride..(y + 1) * stride];
             for (d, s) in dst.iter_mut().zip(src) {
                 *d += wk * s;
             }
@@ -337,11 +339,23 @@ pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     (h, s, max)
 }
 
+/// `x.floor()` for |x| < 2³¹ without the `floorf` call that the baseline x86-64 target
+/// compiles it to (no SSE4.1 `roundss` there).
+#[inline(always)]
+fn floor_small(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if t > x {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
 pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let c = v * s;
-    let hp = (h - h.floor()) * 6.0;
+    let hp = (h - floor_small(h)) * 6.0;
     // `hp % 2` for hp in [0, 6), without `fmodf`.
-    let x = c * (1.0 - ((hp - 2.0 * (hp * 0.5).floor()) - 1.0).abs());
+    let x = c * (1.0 - ((hp - 2.0 * floor_small(hp * 0.5)) - 1.0).abs());
     let (r, g, b) = match hp as u32 {
         0 => (c, x, 0.0),
         1 => (x, c, 0.0),
@@ -355,15 +369,53 @@ pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 }
 
 /// `tf.image.adjust_saturation` (`s ← clip(s·f, 0, 1)` in HSV) and `adjust_hue` (`h ← h + δ mod 1`).
+///
+/// A pure saturation change (`hue_delta` 0) takes a shortcut with the same result: with h and v
+/// fixed, every channel of `hsv_to_rgb` is `v − s·v·k(h)`, so scaling s by `s'/s` moves each
+/// channel towards v by that ratio, `x' = v − (s'/s)·(v − x)`, with no trip through HSV.
 pub fn adjust_saturation_hue(img: &mut FImage, saturation: f32, hue_delta: f32) {
+    if hue_delta == 0.0 {
+        for px in img.data.chunks_exact_mut(3) {
+            let max = px[0].max(px[1]).max(px[2]);
+            let min = px[0].min(px[1]).min(px[2]);
+            if max <= 0.0 || max == min {
+                continue; // black or gray: saturation 0 stays 0
+            }
+            let s = (max - min) / max;
+            let ratio = (s * saturation).clamp(0.0, 1.0) / s;
+            for v in px.iter_mut() {
+                *v = max - ratio * (max - *v);
+            }
+        }
+        return;
+    }
     for px in img.data.chunks_exact_mut(3) {
-        let (h, s, v) = rgb_to_hsv(px[0], px[1], px[2]);
+        let [r, g, b] = [px[0], px[1], px[2]];
+        // rgb_to_hsv and hsv_to_rgb, written without branches on the colour: which channel is
+        // the largest and which sixth of the hue circle a pixel lands in vary from pixel to
+        // pixel, and mispredicted branches were most of this function's time.
+        let max = r.max(g).max(b);
+        let delta = max - r.min(g).min(b);
+        let s = if max > 0.0 { delta / max } else { 0.0 };
+        let inv = if delta > 0.0 { 1.0 / delta } else { 0.0 };
+        let h6 = if max == r {
+            (g - b) * inv
+        } else if max == g {
+            2.0 + (b - r) * inv
+        } else {
+            4.0 + (r - g) * inv
+        };
+        let h6 = if h6 < 0.0 { h6 + 6.0 } else { h6 };
         // `rem_euclid(1.0)` without the `fmodf` call it compiles to.
-        let h = h + hue_delta;
-        let h = h - h.floor();
-        let s = (s * saturation).clamp(0.0, 1.0);
-        let (r, g, b) = hsv_to_rgb(h, s, v);
-        px.copy_from_slice(&[r, g, b]);
+        let h = h6 / 6.0 + hue_delta;
+        let hp = (h - floor_small(h)) * 6.0;
+        let c = max * (s * saturation).clamp(0.0, 1.0);
+        // Channel n ∈ {5, 3, 1} (r, g, b) is v − c·clamp(min(k, 4 − k), 0, 1), k = (n + hp) mod 6.
+        for (v, n) in px.iter_mut().zip([5.0f32, 3.0, 1.0]) {
+            let k = n + hp;
+            let k = if k >= 6.0 { k - 6.0 } else { k };
+            *v = max - c * k.min(4.0 - k).clamp(0.0, 1.0);
+        }
     }
 }
 
@@ -495,7 +547,12 @@ pub fn gaussian_kernel(side: usize, sigma: f32) -> Vec<f32> {
 /// Separable Gaussian blur of one CHW image in place, zero padding ("SAME"), then clip.
 ///
 /// Rows are copied into a zero-padded buffer so the tap loops run branch-free over whole rows.
+/// `kernel` has an odd length and is symmetric, as [`gaussian_kernel`]'s.
 pub fn blur_chw(img: &mut [f32], height: usize, width: usize, kernel: &[f32]) {
+    assert!(
+        kernel.len() % 2 == 1,
+        "blur kernels have an odd number of taps"
+    );
     let r = kernel.len() / 2;
     let mut padded = vec![0f32; width + 2 * r];
     let mut tmp = vec![0f32; (height + 2 * r) * width];
@@ -504,21 +561,27 @@ pub fn blur_chw(img: &mut [f32], height: usize, width: usize, kernel: &[f32]) {
         for y in 0..height {
             padded[r..r + width].copy_from_slice(&plane[y * width..(y + 1) * width]);
             let dst = &mut tmp[(y + r) * width..(y + r + 1) * width];
-            dst.fill(0.0);
-            for (k, &w) in kernel.iter().enumerate() {
-                for (d, s) in dst.iter_mut().zip(&padded[k..k + width]) {
-                    *d += w * s;
+            // The kernel is symmetric: taps k and 2r − k share a weight, one multiply for both.
+            for (d, s) in dst.iter_mut().zip(&padded[r..r + width]) {
+                *d = kernel[r] * s;
+            }
+            for k in 0..r {
+                let (w, lo, hi) = (kernel[k], &padded[k..k + width], &padded[2 * r - k..]);
+                for ((d, a), b) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d += w * (a + b);
                 }
             }
         }
         // Vertical.
         for y in 0..height {
             let dst = &mut plane[y * width..(y + 1) * width];
-            dst.fill(0.0);
-            for (k, &w) in kernel.iter().enumerate() {
-                let src = &tmp[(y + k) * width..(y + k + 1) * width];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d += w * s;
+            let row = |k: usize| &tmp[(y + k) * width..(y + k + 1) * width];
+            for (d, s) in dst.iter_mut().zip(row(r)) {
+                *d = kernel[r] * s;
+            }
+            for k in 0..r {
+                for ((d, a), b) in dst.iter_mut().zip(row(k)).zip(row(2 * r - k)) {
+                    *d += kernel[k] * (a + b);
                 }
             }
             dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));

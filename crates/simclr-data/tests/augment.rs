@@ -311,3 +311,93 @@ fn blur_batch_frequency_and_effect() {
     assert!((flat[20 * side + 20] - 0.5).abs() < 1e-6);
     assert!(flat[0] < 0.5, "zero padding darkens the corner");
 }
+
+#[test]
+fn saturation_shortcut_equals_the_trip_through_hsv() {
+    use rand::Rng;
+    let mut r = rng(17);
+    for factor in [0.0f32, 0.2, 0.9, 1.0, 1.6, 5.0] {
+        let data: Vec<f32> = (0..300)
+            .map(|i| if i < 6 { 0.5 } else { r.random::<f32>() })
+            .collect();
+        let mut img = FImage {
+            height: 10,
+            width: 10,
+            data: data.clone(),
+        };
+        adjust_saturation_hue(&mut img, factor, 0.0);
+        for (px, got) in data.chunks_exact(3).zip(img.data.chunks_exact(3)) {
+            let (h, s, v) = rgb_to_hsv(px[0], px[1], px[2]);
+            let want = hsv_to_rgb(h, (s * factor).clamp(0.0, 1.0), v);
+            for (g, w) in got.iter().zip([want.0, want.1, want.2]) {
+                assert!(
+                    (g - w).abs() < 2e-6,
+                    "factor {factor}: {px:?} -> {got:?}, want {want:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn blur_equals_a_direct_zero_padded_convolution() {
+    use rand::Rng;
+    let mut r = rng(23);
+    let (h, w) = (13usize, 17usize);
+    let kernel = gaussian_kernel(64, 1.3); // radius 3: 7 taps
+    assert_eq!(kernel.len(), 7);
+    let img: Vec<f32> = (0..3 * h * w).map(|_| r.random::<f32>()).collect();
+    let mut got = img.clone();
+    blur_chw(&mut got, h, w, &kernel);
+    let rad = 3i64;
+    for c in 0..3 {
+        for y in 0..h as i64 {
+            for x in 0..w as i64 {
+                let mut acc = 0f64;
+                for dy in -rad..=rad {
+                    for dx in -rad..=rad {
+                        let (yy, xx) = (y + dy, x + dx);
+                        if (0..h as i64).contains(&yy) && (0..w as i64).contains(&xx) {
+                            let v = img[c * h * w + yy as usize * w + xx as usize] as f64;
+                            acc += kernel[(dy + rad) as usize] as f64
+                                * kernel[(dx + rad) as usize] as f64
+                                * v;
+                        }
+                    }
+                }
+                let g = got[c * h * w + y as usize * w + x as usize] as f64;
+                assert!(
+                    (g - acc.clamp(0.0, 1.0)).abs() < 1e-5,
+                    "({c}, {y}, {x}): {g} vs {acc}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hue_shift_equals_the_trip_through_hsv() {
+    use rand::Rng;
+    let mut r = rng(29);
+    for delta in [-0.2f32, -0.05, 0.01, 0.13, 0.2] {
+        let mut data: Vec<f32> = (0..600).map(|_| r.random::<f32>()).collect();
+        // Gray, black and saturated pixels too.
+        data[..12].copy_from_slice(&[0.4, 0.4, 0.4, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.3, 1.0]);
+        let mut img = FImage {
+            height: 10,
+            width: 20,
+            data: data.clone(),
+        };
+        adjust_saturation_hue(&mut img, 1.0, delta);
+        for (px, got) in data.chunks_exact(3).zip(img.data.chunks_exact(3)) {
+            let (h, s, v) = rgb_to_hsv(px[0], px[1], px[2]);
+            let want = hsv_to_rgb((h + delta).rem_euclid(1.0), s, v);
+            for (g, w) in got.iter().zip([want.0, want.1, want.2]) {
+                assert!(
+                    (g - w).abs() < 2e-6,
+                    "delta {delta}: {px:?} -> {got:?}, want {want:?}"
+                );
+            }
+        }
+    }
+}
