@@ -565,8 +565,8 @@ pub fn blur_chw(img: &mut [f32], height: usize, width: usize, kernel: &[f32]) {
             for (d, s) in dst.iter_mut().zip(&padded[r..r + width]) {
                 *d = kernel[r] * s;
             }
-            for k in 0..r {
-                let (w, lo, hi) = (kernel[k], &padded[k..k + width], &padded[2 * r - k..]);
+            for (k, &w) in kernel[..r].iter().enumerate() {
+                let (lo, hi) = (&padded[k..k + width], &padded[2 * r - k..]);
                 for ((d, a), b) in dst.iter_mut().zip(lo).zip(hi) {
                     *d += w * (a + b);
                 }
@@ -579,9 +579,9 @@ pub fn blur_chw(img: &mut [f32], height: usize, width: usize, kernel: &[f32]) {
             for (d, s) in dst.iter_mut().zip(row(r)) {
                 *d = kernel[r] * s;
             }
-            for k in 0..r {
+            for (k, &w) in kernel[..r].iter().enumerate() {
                 for ((d, a), b) in dst.iter_mut().zip(row(k)).zip(row(2 * r - k)) {
-                    *d += kernel[k] * (a + b);
+                    *d += w * (a + b);
                 }
             }
             dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
