@@ -67,8 +67,8 @@ fn is_fast(x: &Tensor) -> bool {
 
 /// `(N, C, P)` of a `[N, C, *]` tensor: batch, channels, and the product of the trailing dims.
 fn ncp(dims: &[usize]) -> Result<(usize, usize, usize)> {
-    if dims.len() < 2 {
-        bail!("batch norm needs a tensor of rank >= 2, got shape {dims:?}")
+    if dims.len() < 2 || dims[1] == 0 {
+        bail!("batch norm needs a tensor of rank >= 2 with channels, got shape {dims:?}")
     }
     Ok((dims[0], dims[1], dims[2..].iter().product()))
 }

@@ -81,6 +81,15 @@ pub fn elementwise(total: usize) -> LaunchConfig {
     }
 }
 
+/// One thread per element for kernels that do not loop: `⌈len / BLOCK⌉` blocks.
+pub fn one_per_thread(len: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (len.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Blocks per channel for a per-channel reduction over `per_channel` values: about 2,048
 /// blocks in all, each with at least 2,048 values. Fixed by the shapes, so the reduction
 /// order (and the result) is the same in every run.

@@ -77,7 +77,8 @@ impl ContrastLayout {
         let [rows, w] = dims else {
             bail!("{op}: expected a [2n, W] similarity matrix, got {dims:?}")
         };
-        if *rows != 2 * self.n || *w < 2 * self.global || self.offset + self.n > self.global {
+        let fits = self.n > 0 && *rows == 2 * self.n && *w >= 2 * self.global;
+        if !fits || self.offset + self.n > self.global {
             bail!("{op}: similarity {dims:?} does not fit the layout {self:?}")
         }
         Ok((*rows, *w))

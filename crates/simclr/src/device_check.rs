@@ -154,7 +154,8 @@ fn ops_parity(device: &Device, failed: &mut Vec<String>) -> Result<()> {
         seed += 1;
         normal(seed, mean, std, dims)
     };
-    let mut cases: Vec<(String, Vec<Tensor>, Op)> = Vec::new();
+    // (name, inputs, op, has a ReLU)
+    let mut cases: Vec<(String, Vec<Tensor>, Op, bool)> = Vec::new();
     for (n, c, h, w) in [(3usize, 5usize, 7usize, 9usize), (64, 32, 28, 28)] {
         for (residual, relu) in [(false, false), (false, true), (true, true)] {
             let x = randn(0.5, 2.0, &[n, c, h, w])?;
@@ -170,7 +171,7 @@ fn ops_parity(device: &Device, failed: &mut Vec<String>) -> Result<()> {
                 bn_ops::bn_apply_add(&t[0], &stats, &t[1], t.get(2), relu)
             });
             let name = format!("bn {n}x{c}x{h}x{w} residual={residual} relu={relu}");
-            cases.push((name, inputs, op));
+            cases.push((name, inputs, op, relu));
         }
     }
     for (n, d, offset, global, extra) in [
@@ -190,11 +191,29 @@ fn ops_parity(device: &Device, failed: &mut Vec<String>) -> Result<()> {
             contrastive_ce(&a.matmul(&c.t()?)?, layout)
         });
         let name = format!("nt-xent n={n} d={d} offset={offset} global={global} extra={extra}");
-        cases.push((name, vec![h, cands], op));
+        cases.push((name, vec![h, cands], op, false));
     }
-    for (i, (name, inputs, op)) in cases.iter().enumerate() {
-        let (y0, g0) = op_run(inputs, i as u64, &Device::Cpu, op.as_ref())?;
-        let (y, g) = op_run(inputs, i as u64, device, op.as_ref())?;
+    for (i, (name, inputs, op, relu)) in cases.iter().enumerate() {
+        let (mut y0, mut g0) = op_run(inputs, i as u64, &Device::Cpu, op.as_ref())?;
+        let (mut y, mut g) = op_run(inputs, i as u64, device, op.as_ref())?;
+        if *relu {
+            // The batch statistics are sums in another order on each device, so an output within
+            // rounding of 0 can land on either side of the ReLU, which switches its gradient on
+            // or off: a legitimate difference of the size of the gradient itself. Compare away
+            // from that band (1e-4 of the largest output) only.
+            let band = 1e-4 * y0.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let keep = (y0.abs()?.gt(band)? * y.abs()?.gt(band)?)?.to_dtype(DType::F32)?;
+            let masked = |t: &Tensor| -> Result<Tensor> {
+                Ok(if t.dims() == keep.dims() {
+                    (t * &keep)?
+                } else {
+                    t.clone()
+                })
+            };
+            (y0, y) = (masked(&y0)?, masked(&y)?);
+            g0 = g0.iter().map(masked).collect::<Result<_>>()?;
+            g = g.iter().map(masked).collect::<Result<_>>()?;
+        }
         let mut checks = vec![("output".to_string(), rel(&y, &y0)?)];
         for (k, (a, b)) in g.iter().zip(&g0).enumerate() {
             checks.push((format!("gradient of input {k}"), rel(a, b)?));

@@ -511,17 +511,38 @@ pub fn run(
 /// in NCCL for ever); dropping the guard stops any that still run.
 pub struct ReplicaProcesses {
     children: Arc<std::sync::Mutex<Vec<(usize, std::process::Child)>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+/// This program's arguments for a child rank: all of them but the ones the launcher sets
+/// itself (`--rank`, `--rendezvous`, `--no-progress`), which clap refuses to see twice.
+fn child_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let text = a.to_string_lossy();
+        match text.as_ref() {
+            "--rank" | "--rendezvous" => skip_value = true,
+            "--no-progress" => {}
+            t if t.starts_with("--rank=") || t.starts_with("--rendezvous=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
 }
 
 impl ReplicaProcesses {
     /// Starts ranks `1..world_size`.
     pub fn spawn(world_size: usize, rendezvous: &Rendezvous) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the running program")?;
-        let own: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        let mut children = Vec::new();
+        let own = child_args(std::env::args_os().skip(1));
+        let mut children: Vec<(usize, std::process::Child)> = Vec::new();
         for rank in 1..world_size {
-            let child = std::process::Command::new(&exe)
+            let started = std::process::Command::new(&exe)
                 .args(&own)
                 .args([
                     "--rank",
@@ -530,14 +551,26 @@ impl ReplicaProcesses {
                     &rendezvous.to_string(),
                 ])
                 .arg("--no-progress")
-                .spawn()
-                .with_context(|| format!("cannot start rank {rank} ({})", exe.display()))?;
-            children.push((rank, child));
+                .spawn();
+            match started {
+                Ok(child) => children.push((rank, child)),
+                Err(e) => {
+                    for (_, mut child) in children {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    bail!("cannot start rank {rank} ({}): {e}", exe.display())
+                }
+            }
         }
         let children = Arc::new(std::sync::Mutex::new(children));
-        let watched = children.clone();
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (watched, stop) = (children.clone(), stopping.clone());
         let watcher = std::thread::spawn(move || loop {
             let mut all = watched.lock().unwrap_or_else(|e| e.into_inner());
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return; // rank 0 is stopping them itself
+            }
             let mut running = 0;
             for (rank, child) in all.iter_mut() {
                 match child.try_wait() {
@@ -550,8 +583,9 @@ impl ReplicaProcesses {
                         }
                         std::process::exit(1);
                     }
-                    Ok(Some(_)) => {}
-                    _ => running += 1,
+                    Ok(None) => running += 1,
+                    // Finished, or no longer ours to wait for.
+                    Ok(Some(_)) | Err(_) => {}
                 }
             }
             drop(all);
@@ -562,6 +596,7 @@ impl ReplicaProcesses {
         });
         Ok(Self {
             children,
+            stopping,
             watcher: Some(watcher),
         })
     }
@@ -578,9 +613,46 @@ impl Drop for ReplicaProcesses {
     fn drop(&mut self) {
         if self.watcher.is_some() {
             let mut all = self.children.lock().unwrap_or_else(|e| e.into_inner());
+            // Under the lock: the watcher sees the flag before it could see the killed ranks.
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             for (_, child) in all.iter_mut() {
                 let _ = child.kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn child_ranks_get_the_arguments_without_the_launchers_own() {
+        let args = [
+            "pipeline",
+            "--gpus",
+            "0,1",
+            "--no-progress",
+            "--rank",
+            "3",
+            "--fraction",
+            "0.1",
+            "--rendezvous=tcp://h:1",
+            "--rendezvous",
+            "/tmp/x",
+            "--rank=2",
+            "--out",
+            "o",
+        ];
+        let got = super::child_args(args.iter().map(std::ffi::OsString::from));
+        let want = [
+            "pipeline",
+            "--gpus",
+            "0,1",
+            "--fraction",
+            "0.1",
+            "--out",
+            "o",
+        ];
+        assert_eq!(got, want.map(std::ffi::OsString::from));
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::{CudaDevice, Result};
 
-use crate::cuda::{elementwise, output, per_channel, splits, u32_arg};
+use crate::cuda::{elementwise, one_per_thread, output, per_channel, splits, u32_arg};
 use crate::launch;
 
 /// Per-channel `[Σx; Σx²]` (`[2, C]` f64) of `x` (`[N, C, P]`).
@@ -39,7 +39,7 @@ fn sum_partials(
 ) -> Result<CudaSlice<f64>> {
     let out = output::<f64>(dev, len)?;
     let len32 = u32_arg("bn", "length", len)?;
-    launch!(dev, "sum_partials_f64", elementwise(len); part, &out, &len32, &splits)?;
+    launch!(dev, "sum_partials_f64", one_per_thread(len); part, &out, &len32, &splits)?;
     Ok(out)
 }
 
@@ -128,7 +128,7 @@ pub(super) fn apply_grad(
             x, y, dy, params, &mut dx, &mut dres, &part, &n32, &c32, &p32, &has_dres, &relu)?;
     }
     let splits_used = if total == 0 { 1 } else { s };
-    launch!(dev, "bn_apply_grad_final", elementwise(c);
+    launch!(dev, "bn_apply_grad_final", one_per_thread(c);
         &part, params, &mut tail, &c32, &splits_used)?;
     Ok(out)
 }

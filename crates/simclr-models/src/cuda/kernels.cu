@@ -9,6 +9,7 @@
 // Layouts: activations are contiguous `[N, C, P]` (P = H·W); per-channel parameters are rows of
 // `[k, C]` arrays, as on the CPU.
 
+#include <math.h>
 #include <stdint.h>
 
 #define BLOCK 256
@@ -60,18 +61,21 @@ __device__ __forceinline__ uint32_t channel_of(uint64_t i, uint32_t p, uint32_t 
     return (uint32_t)((i / p) % c);
 }
 
-// Walks channel `ch`'s values in [begin, end) of its N·P, thread-strided: `body(i, e)` gets the
-// flat index i of value e. One division at the start, then increments.
+// Walks channel `ch`'s values in [begin, end) of its N·P, thread-strided: BODY sees the flat
+// index i of each. Value e is (image e / P, pixel e % P); one division at the start, then a
+// step of blockDim = dimg images + dj pixels with one carry. BODY must have no top-level comma.
 #define FOR_CHANNEL_VALUES(begin, end, ch, c, p, BODY)                          \
     {                                                                            \
+        const uint32_t dimg = blockDim.x / (p), dj = blockDim.x % (p);           \
         uint64_t e = (begin) + threadIdx.x;                                      \
         uint64_t img = e / (p);                                                  \
         uint32_t j = (uint32_t)(e - img * (p));                                  \
         for (; e < (end); e += blockDim.x) {                                     \
             const uint64_t i = (img * (c) + (ch)) * (p) + j;                     \
             BODY                                                                 \
-            j += blockDim.x;                                                     \
-            while (j >= (p)) { j -= (p); ++img; }                                \
+            img += dimg;                                                         \
+            j += dj;                                                             \
+            if (j >= (p)) { j -= (p); ++img; }                                   \
         }                                                                        \
     }
 
