@@ -218,6 +218,84 @@ fn bn_layer_step(x: &Tensor, r: &Tensor, replicas: Option<&dyn Collective>) -> V
     ]
 }
 
+/// A BN layer of `dtype` in training mode on this replica alone, with random γ and β, ending
+/// `relu?(bn(x) [+ residual])`, and the loss `Σ y·w`: the output, the gradients of x, γ, β
+/// (and the residual), and the moving statistics after the update.
+fn local_bn_layer(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    w: &Tensor,
+    relu: bool,
+    dtype: DType,
+) -> Vec<Tensor> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let c = x.dim(1).unwrap();
+    let bn = BatchNorm::new(vb, c, BatchNormOptions::new(1e-3, 0.9)).unwrap();
+    let data = varmap.data().lock().unwrap();
+    let to = |t: Tensor| t.to_dtype(dtype).unwrap();
+    data["gamma"].set(&to(random(&[c], 7, 1.0))).unwrap();
+    data["beta"].set(&to(random(&[c], 8, 0.0))).unwrap();
+    let xv = Var::from_tensor(&to(x.clone())).unwrap();
+    let rv = residual.map(|r| Var::from_tensor(&to(r.clone())).unwrap());
+    let y = match (&rv, relu) {
+        (Some(r), _) => bn
+            .forward_add_relu(xv.as_tensor(), r.as_tensor(), true)
+            .unwrap(),
+        (None, true) => bn.forward_relu(xv.as_tensor(), true).unwrap(),
+        (None, false) => bn.forward(xv.as_tensor(), true).unwrap(),
+    };
+    let g = (&y * to(w.clone()))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |t: &Tensor| g.get(t).unwrap().clone();
+    let mut out = vec![
+        y.clone(),
+        grad(xv.as_tensor()),
+        grad(data["gamma"].as_tensor()),
+        grad(data["beta"].as_tensor()),
+        bn.moving_mean(),
+        bn.moving_variance(),
+    ];
+    out.extend(rv.map(|r| grad(r.as_tensor())));
+    out
+}
+
+#[test]
+fn local_training_bn_layer_matches_a_float64_composition() {
+    // The whole layer on this replica alone (moments, statistics, apply, moving averages),
+    // ending in a ReLU and a residual or not: in f32 through the fused kernels, in f64 through
+    // candle's ops. Odd sizes, one value per channel and image, an offset mean.
+    let names = [
+        "y",
+        "dx",
+        "dgamma",
+        "dbeta",
+        "moving_mean",
+        "moving_var",
+        "dresidual",
+    ];
+    for (k, dims) in SHAPES.iter().enumerate() {
+        for (relu, with_residual) in [(false, false), (true, false), (true, true)] {
+            let seed = 500 + 10 * k as u64;
+            let x = random(dims, seed, 1.5);
+            let res = random(dims, seed + 1, 0.0);
+            let w = random(dims, seed + 2, 0.3);
+            let residual = with_residual.then_some(&res);
+            let fast = local_bn_layer(&x, residual, &w, relu, DType::F32);
+            let want = local_bn_layer(&x, residual, &w, relu, DType::F64);
+            assert_eq!(fast.len(), want.len());
+            for ((name, a), b) in names.iter().zip(&fast).zip(&want) {
+                let what = format!("{dims:?} relu={relu} residual={with_residual} {name}");
+                assert_close(&what, a, b, 1e-4);
+            }
+        }
+    }
+}
+
 #[test]
 fn global_bn_over_replicas_equals_one_replica_on_the_combined_batch() {
     for world in [2usize, 3] {
