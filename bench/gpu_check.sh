@@ -16,12 +16,14 @@
 # (timed steps, default 5), GPU_CHECK_ONLY (e.g. "r18" or "r50": one model only),
 # GPU_CHECK_SKIP_PARITY=1, GPU_CHECK_TF32=0 (skip the extra PyTorch TF32 run), GPU_CHECK_R18_BATCH
 # / GPU_CHECK_R50_BATCH (default 512 / 128), OURS_R18_MODEL / OURS_R50_MODEL (our --model names,
-# default r18 / r50; `r18` at 32 px is the CIFAR stem).
+# default r18 / r50; `r18` at 32 px is the CIFAR stem), GPU_CHECK_DEVICE (default cuda; `cpu`
+# with tiny batches is the dry run that checks this script here, without a GPU).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-420}
 STEPS=${GPU_CHECK_STEPS:-5}
+DEV=${GPU_CHECK_DEVICE:-cuda}
 RESERVE=20 # seconds kept back for the summary
 OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
@@ -298,7 +300,7 @@ if [ "${GPU_CHECK_SKIP_PARITY:-0}" != 1 ]; then
     fi
     if [ -n "$SIMCLR" ] && "$SIMCLR" --help 2>/dev/null | grep -qw parity; then
         hdr "parity: simclr parity --device cuda (one training step, CPU vs CUDA)"
-        if run_step simclr-parity 120 "$WORK/cliparity.out" "$SIMCLR" parity --device cuda; then
+        if run_step simclr-parity 120 "$WORK/cliparity.out" "$SIMCLR" parity --device "$DEV"; then
             rec parity "$WORK/cliparity.out" "$RC" "$WALL" bin=simclr-parity
         fi
     fi
@@ -318,12 +320,12 @@ for cfg in "${CONFIGS[@]}"; do
         if [ -n "$SIMCLR" ]; then
             hdr "ours: $MODEL ${SIDE}² batch $BATCH $PREC"
             if run_step "ours $MODEL $PREC" 120 "$WORK/o.out" "$SIMCLR" bench-step --model "$MODEL" \
-                --image-size "$SIDE" --batch "$BATCH" --precision "$PREC" --device cuda --steps "$STEPS"; then
+                --image-size "$SIDE" --batch "$BATCH" --precision "$PREC" --device "$DEV" --steps "$STEPS"; then
                 rec bench "$WORK/o.out" "$RC" "$WALL" impl=ours $tag model="$MODEL" smi_peak_mib="$SMI_PEAK"
             fi
         fi
         hdr "PyTorch: $SC batch $BATCH $PREC"
-        if run_step "torch $SC $PREC" 90 "$WORK/t.out" "$PY" bench/torch_bench.py "$SC" --device cuda \
+        if run_step "torch $SC $PREC" 90 "$WORK/t.out" "$PY" bench/torch_bench.py "$SC" --device "$DEV" \
             --precision "$PREC" --batch "$BATCH" --steps "$STEPS"; then
             rec bench "$WORK/t.out" "$RC" "$WALL" impl=torch $tag smi_peak_mib="$SMI_PEAK"
         fi
@@ -336,7 +338,7 @@ if [ "${GPU_CHECK_TF32:-1}" = 1 ] && [ "$(left)" -gt $((RESERVE + 60)) ]; then
         "" | *r50*)
             hdr "PyTorch: pretrain-r50-224 batch ${GPU_CHECK_R50_BATCH:-128} f32 with TF32 (PyTorch's conv default)"
             if run_step "torch r50 tf32" 60 "$WORK/t.out" "$PY" bench/torch_bench.py pretrain-r50-224 \
-                --device cuda --precision f32 --tf32 --batch "${GPU_CHECK_R50_BATCH:-128}" --steps "$STEPS"; then
+                --device "$DEV" --precision f32 --tf32 --batch "${GPU_CHECK_R50_BATCH:-128}" --steps "$STEPS"; then
                 rec bench "$WORK/t.out" "$RC" "$WALL" impl=torch scenario=r50-224 precision=f32 \
                     variant=tf32 batch="${GPU_CHECK_R50_BATCH:-128}" image_size=224 smi_peak_mib="$SMI_PEAK"
             fi
