@@ -43,10 +43,31 @@ pub fn make(source: &Path, out: &Path, check: bool) -> Result<()> {
         })?;
         let images = read_idx(&ip)?;
         let labels = read_idx(&lp)?;
-        let (h, w) = (images.dims[1], images.dims[2]);
+        let [n, h, w] = images.dims[..] else {
+            bail!(
+                "{}: expected an IDX image file [N, H, W], got dimensions {:?}",
+                ip.display(),
+                images.dims
+            )
+        };
+        if labels.dims != [n] || images.data.len() != n * h * w {
+            bail!(
+                "{} ({:?}) and {} ({:?}) do not describe the same {n} images",
+                ip.display(),
+                images.dims,
+                lp.display(),
+                labels.dims
+            )
+        }
         let mut taken = [0usize; 10];
         let mut keep = Vec::new();
         for (i, &l) in labels.data.iter().enumerate() {
+            if l as usize >= taken.len() {
+                bail!(
+                    "{}: label {l} of image {i} is not a Fashion-MNIST class (0-9)",
+                    lp.display()
+                );
+            }
             if taken[l as usize] < per_class {
                 taken[l as usize] += 1;
                 keep.push(i);

@@ -39,6 +39,8 @@ pub enum DataError {
     },
     #[error("hugging face hub: {0}")]
     Hub(String),
+    #[error("the data loader's prefetch thread stopped with a panic: {0}")]
+    LoaderPanic(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }

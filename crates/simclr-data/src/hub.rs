@@ -162,6 +162,16 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
             });
         }
         files = download_files(owner, name, split, revisions[revisions.len() - 1], &cache)?;
+        if files.is_empty() {
+            return Err(DataError::NotFound {
+                name: format!("hf:{repo_id} ({split})"),
+                help: format!(
+                    "the dataset has no parquet files for split {split:?} at revision {:?}; \
+                     check the split name (the test split is read for kNN monitoring and evaluation)",
+                    revisions[revisions.len() - 1]
+                ),
+            });
+        }
     }
     let mut ds: Option<ParquetParts> = None;
     for f in &files {

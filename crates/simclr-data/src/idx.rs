@@ -146,6 +146,12 @@ pub fn idx_dataset_from_arrays(
         ));
     }
     let (n, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
+    if h == 0 || w == 0 {
+        return Err(DataError::format(
+            images_path,
+            format!("images of {h}×{w} pixels (dimensions {:?})", images.dims),
+        ));
+    }
     if labels.dims[0] != n {
         return Err(DataError::format(
             labels_path,

@@ -152,6 +152,17 @@ impl Loader {
         if cfg.preprocess.image_size() == 0 {
             return Err(bad("image_size", "0".into(), "must be at least 1"));
         }
+        if let Preprocess::Augment(a) = &cfg.preprocess {
+            let s = a.color_jitter_strength;
+            // Jitter ranges scale with s: a non-finite or negative one has no distribution.
+            if !(s.is_finite() && s >= 0.0) {
+                return Err(bad(
+                    "color_jitter_strength",
+                    s.to_string(),
+                    "must be a finite number >= 0 (0 switches colour distortion off)",
+                ));
+            }
+        }
         if indices.is_empty() || (cfg.drop_last && indices.len() < cfg.batch_size) {
             return Err(bad(
                 "batch_size",
@@ -308,7 +319,7 @@ impl Loader {
             .expect("spawning the prefetch thread");
         EpochIter {
             rx,
-            _worker: worker,
+            worker: Some(worker),
         }
     }
 }
@@ -316,12 +327,23 @@ impl Loader {
 /// Iterator over one epoch's batches; dropping it stops the background work.
 pub struct EpochIter {
     rx: mpsc::Receiver<Result<Batch>>,
-    _worker: std::thread::JoinHandle<()>,
+    worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.recv().ok()
+        if let Ok(batch) = self.rx.recv() {
+            return Some(batch);
+        }
+        // The channel closed: the epoch is over, unless the prefetch thread died, which must not
+        // pass for the end of an epoch (a training loop would start the same epoch again).
+        let panic = self.worker.take()?.join().err()?;
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into());
+        Some(Err(DataError::LoaderPanic(what)))
     }
 }

@@ -161,3 +161,49 @@ fn loader_errors_name_the_problem() {
     assert!(e.contains(&victim.display().to_string()), "{e}");
     assert_eq!(results.len(), 1, "the epoch stops at the error");
 }
+
+/// A dataset whose every image read panics (a bug in a user's `Dataset`, say).
+struct PanickingDataset(Arc<dyn Dataset>);
+
+impl Dataset for PanickingDataset {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.0.label(index)
+    }
+    fn class_names(&self) -> &[String] {
+        self.0.class_names()
+    }
+    fn image(&self, _index: usize) -> simclr_data::Result<simclr_data::Image> {
+        panic!("a broken dataset")
+    }
+    fn sample_name(&self, index: usize) -> String {
+        self.0.sample_name(index)
+    }
+    fn describe(&self) -> String {
+        "a panicking dataset".into()
+    }
+}
+
+#[test]
+fn a_panic_in_the_prefetch_thread_is_an_error_not_the_end_of_the_epoch() {
+    let ds: Arc<dyn Dataset> = Arc::new(PanickingDataset(fmnist_train()));
+    let loader = Loader::new(ds, Some((0..64).collect()), pretrain_cfg(1, 28)).unwrap();
+    let items: Vec<_> = loader.epoch(0, 0).collect();
+    assert_eq!(items.len(), 1, "one error, then the iterator ends");
+    let e = items.into_iter().next().unwrap().unwrap_err().to_string();
+    assert!(e.contains("prefetch thread") && e.contains("a broken dataset"), "{e}");
+}
+
+#[test]
+fn a_colour_jitter_strength_without_a_distribution_is_refused() {
+    for s in [f32::INFINITY, f32::NAN, -0.5] {
+        let mut cfg = pretrain_cfg(1, 28);
+        if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
+            a.color_jitter_strength = s;
+        }
+        let e = Loader::new(fmnist_train(), None, cfg).err().expect("refused");
+        assert!(e.to_string().contains("color_jitter_strength"), "{e}");
+    }
+}

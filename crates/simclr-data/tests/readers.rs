@@ -97,6 +97,18 @@ fn idx_bad_input_is_a_clear_error() {
             .contains("label 10 of image 1")
     );
 
+    // Images without pixels (a header with a zero side and no data).
+    write(
+        &dir.path().join("train-images-idx3-ubyte"),
+        &encode_idx(&[2, 0, 28], &[]),
+    );
+    write(
+        &dir.path().join("train-labels-idx1-ubyte"),
+        &encode_idx(&[2], &[0, 1]),
+    );
+    let e = err_text(read_idx_dir(dir.path(), true, &FASHION_MNIST_CLASSES));
+    assert!(e.contains("0×28 pixels") && e.contains("train-images"), "{e}");
+
     let e = err_text(read_idx(&dir.path().join("missing")));
     assert!(e.contains("missing"), "{e}");
 }

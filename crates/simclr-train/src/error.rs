@@ -64,6 +64,18 @@ pub enum TrainError {
     /// A hyperparameter or schedule argument is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+
+    /// A fresh run was started in a folder that holds another run's checkpoint.
+    #[error(
+        "{}: the folder already holds a run ({}); pass --resume to continue it, or choose \
+         another output folder (or delete this one) to start again",
+        .dir.display(),
+        .checkpoint.display()
+    )]
+    ExistingRun {
+        dir: std::path::PathBuf,
+        checkpoint: std::path::PathBuf,
+    },
 }
 
 /// `Result` with [`TrainError`].

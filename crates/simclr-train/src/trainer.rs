@@ -286,6 +286,13 @@ pub fn train(
         source: e,
     })?;
     let ckpt = cfg.checkpoint_path();
+    if !cfg.resume && ckpt.is_file() {
+        // Starting over would delete its metrics at once and its checkpoint at the first save.
+        return Err(TrainError::ExistingRun {
+            dir: cfg.out_dir.clone(),
+            checkpoint: ckpt,
+        });
+    }
     let (start, before) = if cfg.resume && ckpt.is_file() {
         let (s, before) = restore(&ckpt, task, optimizer)?;
         tracing::info!(stage = %cfg.stage, step = s, "resuming from {}", ckpt.display());

@@ -215,3 +215,26 @@ fn resuming_with_another_architecture_is_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("another architecture"), "{e}");
 }
+
+#[test]
+fn a_fresh_run_into_a_finished_runs_folder_is_refused_and_leaves_it_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), 3, 0, false, None).unwrap();
+    let ckpt = dir.path().join("checkpoint.safetensors");
+    let metrics = dir.path().join("metrics.jsonl");
+    let (ckpt_before, metrics_before) = (
+        std::fs::read(&ckpt).unwrap(),
+        std::fs::read(&metrics).unwrap(),
+    );
+    let e = run(dir.path(), 5, 0, false, None).unwrap_err();
+    assert!(matches!(e, TrainError::ExistingRun { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("--resume") && text.contains("checkpoint.safetensors"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&ckpt).unwrap(), ckpt_before);
+    assert_eq!(std::fs::read(&metrics).unwrap(), metrics_before);
+    // Resuming continues it.
+    assert_eq!(run(dir.path(), 5, 0, true, None).unwrap().len(), 2);
+}
