@@ -193,7 +193,10 @@ fn a_panic_in_the_prefetch_thread_is_an_error_not_the_end_of_the_epoch() {
     let items: Vec<_> = loader.epoch(0, 0).collect();
     assert_eq!(items.len(), 1, "one error, then the iterator ends");
     let e = items.into_iter().next().unwrap().unwrap_err().to_string();
-    assert!(e.contains("prefetch thread") && e.contains("a broken dataset"), "{e}");
+    assert!(
+        e.contains("prefetch thread") && e.contains("a broken dataset"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -203,7 +206,9 @@ fn a_colour_jitter_strength_without_a_distribution_is_refused() {
         if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
             a.color_jitter_strength = s;
         }
-        let e = Loader::new(fmnist_train(), None, cfg).err().expect("refused");
+        let e = Loader::new(fmnist_train(), None, cfg)
+            .err()
+            .expect("refused");
         assert!(e.to_string().contains("color_jitter_strength"), "{e}");
     }
 }

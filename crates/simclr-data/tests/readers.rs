@@ -107,7 +107,10 @@ fn idx_bad_input_is_a_clear_error() {
         &encode_idx(&[2], &[0, 1]),
     );
     let e = err_text(read_idx_dir(dir.path(), true, &FASHION_MNIST_CLASSES));
-    assert!(e.contains("0×28 pixels") && e.contains("train-images"), "{e}");
+    assert!(
+        e.contains("0×28 pixels") && e.contains("train-images"),
+        "{e}"
+    );
 
     let e = err_text(read_idx(&dir.path().join("missing")));
     assert!(e.contains("missing"), "{e}");
