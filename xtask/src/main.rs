@@ -68,6 +68,9 @@ enum Cmd {
         model: Option<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// f32, or bf16 products with f32 master weights, BN statistics and losses (every stage).
+        #[arg(long, default_value = "f32")]
+        precision: simclr_models::Precision,
         /// cpu, cuda or cuda:N (default: CUDA when built with it and present).
         #[arg(long, conflicts_with = "gpus")]
         device: Option<String>,
@@ -114,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             preset,
             model,
             seed,
+            precision,
             device,
             gpus,
             rank,
@@ -134,7 +138,8 @@ fn run(cli: Cli) -> Result<()> {
                 &fractions,
                 model.as_deref(),
                 seed,
-            )?;
+            )?
+            .with_precision(precision);
             if gpus.len() <= 1 {
                 let spec = gpus.first().map(|g| format!("cuda:{g}"));
                 let device = simclr::args::device(spec.as_deref().or(device.as_deref()))?;

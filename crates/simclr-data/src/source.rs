@@ -102,12 +102,14 @@ pub fn embedded_subset_dir() -> Option<PathBuf> {
         .map(|d| d.canonicalize().unwrap_or(d))
 }
 
-/// Candidate folders for a dataset, in order: `--data-dir`, `$SIMCLR_DATA_DIR` (itself and its
-/// `<name>` subfolder), then a system location.
+/// Candidate folders for a dataset: `--data-dir` alone when it is given (a folder the user named
+/// that does not hold the dataset is an error, not a reason to read another copy), else
+/// `$SIMCLR_DATA_DIR` (itself and its `<name>` subfolder), then a system location.
 fn candidates(opts: &DataOptions, sub: &str, system: Option<&str>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(d) = &opts.data_dir {
         out.push(d.clone());
+        return out;
     }
     if let Ok(env) = std::env::var(DATA_DIR_ENV) {
         out.push(PathBuf::from(&env));
@@ -137,6 +139,18 @@ pub fn load_dataset(
     opts: &DataOptions,
 ) -> Result<Arc<dyn Dataset>> {
     let train = split.is_train();
+    if let (Some(d), DatasetName::FashionMnistSubset | DatasetName::Hub(_)) = (&opts.data_dir, name)
+    {
+        return Err(DataError::Config {
+            name: "data_dir",
+            value: d.display().to_string(),
+            reason: format!(
+                "dataset {name} does not read a data folder (the subset is committed, Hub \
+                 datasets use the Hub cache); for the full Fashion-MNIST in a folder use \
+                 --dataset fashion-mnist"
+            ),
+        });
+    }
     let idx_dir = |sub: &str, system: Option<&str>, extra: &str| -> Result<PathBuf> {
         let c = candidates(opts, sub, system);
         c.iter()

@@ -66,6 +66,26 @@ impl DistillConfig {
             num_workers: 0,
         }
     }
+
+    /// Refuses settings that have no meaning: the softmax temperature must be positive and the
+    /// weight of the distillation term a fraction.
+    pub fn validate(&self) -> simclr_train::Result<()> {
+        let bad = |what: String| Err(TrainError::InvalidConfig(what));
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "distillation temperature must be finite and positive, got {}",
+                self.temperature
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return bad(format!(
+                "alpha (the weight of the distillation loss against the labelled loss) must be \
+                 in [0, 1], got {}",
+                self.alpha
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where the student starts.
@@ -241,6 +261,7 @@ pub fn run_distill(
     progress: bool,
     device: &Device,
 ) -> simclr_train::Result<(TrainSummary, DistillTask)> {
+    cfg.validate()?;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;
     let batch = cfg.train_batch_size.min(train.len());

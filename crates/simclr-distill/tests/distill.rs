@@ -248,3 +248,38 @@ fn wrong_teacher_stage_or_class_count_fails_before_training() {
     );
     assert!(!dir.path().join("a").join("checkpoint.safetensors").exists());
 }
+
+#[test]
+fn a_temperature_or_alpha_without_meaning_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset();
+    let t_path = teacher(dir.path(), "finetune", 10);
+    for (tau, alpha, what) in [
+        (0.0, 1.0, "temperature"),
+        (-1.0, 1.0, "temperature"),
+        (f64::NAN, 1.0, "temperature"),
+        (1.0, -0.5, "alpha"),
+        (1.0, 3.0, "alpha"),
+    ] {
+        let mut cfg = settings();
+        cfg.temperature = tau;
+        cfg.alpha = alpha;
+        let out = dir.path().join(format!("{what}{tau}{alpha}"));
+        let e = run_distill(
+            &cfg,
+            &t_path,
+            &StudentInit::Scratch(tiny(10)),
+            ds.clone(),
+            &[],
+            &out,
+            false,
+            false,
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains(what), "{e}");
+        assert!(!out.exists(), "nothing written for {what}");
+    }
+}

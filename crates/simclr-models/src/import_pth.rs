@@ -321,6 +321,14 @@ fn shape_of<'a>(
     })
 }
 
+/// The first dimension of tensor `key` (its output channels or features).
+fn dim0_of(path: &Path, shapes: &Shapes, dict: &str, key: &str) -> Result<usize, ImportError> {
+    shape_of(path, shapes, dict, key)?
+        .first()
+        .copied()
+        .ok_or_else(|| unsupported(path, format!("{dict}/{key} is a scalar, expected a weight")))
+}
+
 fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, ImportError> {
     let stem0 = shape_of(path, resnet, "resnet", "net.0.0.weight")?;
     if stem0.len() != 4 {
@@ -333,7 +341,7 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
     let (stem, stem_width) = if resnet.contains_key("net.0.2.weight") {
         (
             StemKind::Deep,
-            shape_of(path, resnet, "resnet", "net.0.4.weight")?[0],
+            dim0_of(path, resnet, "resnet", "net.0.4.weight")?,
         )
     } else {
         match stem0[2] {
@@ -378,18 +386,18 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
         }
     };
     let sk = resnet.contains_key("net.1.blocks.0.net.2.main_conv.0.weight");
-    let num_classes = resnet.get("fc.weight").map(|s| s[0]);
+    let num_classes = resnet.get("fc.weight").and_then(|s| s.first().copied());
     let mut num_proj_layers = 0;
     while head.contains_key(&format!("layers.{}.weight", 3 * num_proj_layers)) {
         num_proj_layers += 1;
     }
     let proj_out_dim = if num_proj_layers > 0 {
-        shape_of(
+        dim0_of(
             path,
             head,
             "head",
             &format!("layers.{}.weight", 3 * (num_proj_layers - 1)),
-        )?[0]
+        )?
     } else {
         0
     };

@@ -753,7 +753,7 @@ fn import_bundle(
     }
     let global_step = match bundle.entries().get("global_step") {
         Some(e)
-            if e.num_elements() == 1
+            if e.num_elements() == Some(1)
                 && (e.dtype == TfDtype::INT64 || e.dtype == TfDtype::INT32) =>
         {
             let (v, _) = bundle.read_i64("global_step")?;

@@ -134,23 +134,19 @@ impl PthReader {
             .map_err(|e| corrupt(&path, format!("storage of `{name}`: {e}")))?;
         let elem = info.dtype.size_in_bytes();
         let n_storage = info.storage_size;
-        if bytes.len() < n_storage * elem {
+        let needed = n_storage.saturating_mul(elem);
+        if bytes.len() < needed {
             return Err(corrupt(
                 &path,
                 format!(
-                    "storage of `{name}` has {} bytes, expected {}",
-                    bytes.len(),
-                    n_storage * elem
+                    "storage of `{name}` has {} bytes, expected {n_storage} elements of {elem} bytes",
+                    bytes.len()
                 ),
             ));
         }
-        let storage = Tensor::from_raw_buffer(
-            &bytes[..n_storage * elem],
-            info.dtype,
-            &[n_storage],
-            &Device::Cpu,
-        )
-        .map_err(|e| corrupt(&path, format!("storage of `{name}`: {e}")))?;
+        let storage =
+            Tensor::from_raw_buffer(&bytes[..needed], info.dtype, &[n_storage], &Device::Cpu)
+                .map_err(|e| corrupt(&path, format!("storage of `{name}`: {e}")))?;
         // candle's TensorInfo keeps the storage offset in bytes.
         let offset = info.layout.start_offset() / elem;
         let shape = info.layout.dims().to_vec();
@@ -168,7 +164,9 @@ pub fn strided_view(
     shape: &[usize],
     strides: &[usize],
 ) -> candle_core::Result<Tensor> {
-    let numel: usize = shape.iter().product();
+    let Some(numel) = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+        candle_core::bail!("shape {shape:?} overflows")
+    };
     let n_storage = storage.elem_count();
     if shape.len() != strides.len() {
         candle_core::bail!("shape {shape:?} and strides {strides:?} differ in rank")
@@ -176,12 +174,14 @@ pub fn strided_view(
     if numel == 0 {
         return Tensor::zeros(shape, storage.dtype(), storage.device());
     }
-    let last = offset
-        + shape
-            .iter()
-            .zip(strides)
-            .map(|(d, s)| (d - 1) * s)
-            .sum::<usize>();
+    // Checked: the numbers come from the file; an overflow is a corrupt file, not a panic.
+    let last = shape
+        .iter()
+        .zip(strides)
+        .try_fold(offset, |acc, (d, s)| {
+            (d - 1).checked_mul(*s)?.checked_add(acc)
+        })
+        .unwrap_or(usize::MAX);
     if last >= n_storage {
         candle_core::bail!("strides {strides:?} with offset {offset} reach element {last} of a storage of {n_storage}")
     }

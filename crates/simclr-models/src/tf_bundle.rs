@@ -474,9 +474,9 @@ pub struct BundleEntry {
 }
 
 impl BundleEntry {
-    /// Number of elements.
-    pub fn num_elements(&self) -> usize {
-        self.shape.iter().product()
+    /// Number of elements, or `None` when the shape's product overflows (a corrupt entry).
+    pub fn num_elements(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 
     fn decode(buf: &[u8]) -> Result<Self, String> {
@@ -988,7 +988,12 @@ impl TfBundle {
                 ),
             });
         }
-        let numel = entry.num_elements();
+        let numel = entry.num_elements().ok_or_else(|| {
+            corrupt(
+                &self.index_path,
+                format!("tensor `{name}`: shape {:?} overflows", entry.shape),
+            )
+        })?;
         if let Some(bs) = entry.dtype.byte_size() {
             if numel.checked_mul(bs).map(|n| n as u64) != Some(entry.size) {
                 return Err(corrupt(
@@ -1258,10 +1263,18 @@ pub fn write_bundle(
         data.extend_from_slice(&t.data);
         table.push((name.as_bytes().to_vec(), entry.encode()));
     }
+    // Through a temporary file and a rename, as every checkpoint this project writes.
     let write = |path: &Path, bytes: &[u8]| -> Result<(), TfBundleError> {
-        let mut f = File::create(path).map_err(io_err(path))?;
-        f.write_all(bytes).map_err(io_err(path))?;
-        f.flush().map_err(io_err(path))
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        let written = File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(path)(e)
+        })
     };
     write(&data_path, &data)?;
     write(&index_path, &build_table(&table))

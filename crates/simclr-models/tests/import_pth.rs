@@ -196,3 +196,17 @@ fn imported_model_round_trips_through_a_checkpoint() {
         assert!(e < 1e-4, "{key}: {e:e}");
     }
 }
+
+#[test]
+fn strides_or_shapes_that_overflow_are_errors_not_panics() {
+    // Numbers read from a corrupt file: with overflow checks on, plain arithmetic would panic.
+    let storage =
+        candle_core::Tensor::zeros(16, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let huge = usize::MAX / 2 + 1;
+    let e = simclr_models::pth::strided_view(&storage, 0, &[huge, 3], &[3, 1]).unwrap_err();
+    assert!(e.to_string().contains("overflows"), "{e}");
+    let e = simclr_models::pth::strided_view(&storage, 0, &[2, 3], &[huge, 1]).unwrap_err();
+    assert!(e.to_string().contains("storage of 16"), "{e}");
+    let e = simclr_models::pth::strided_view(&storage, usize::MAX, &[2, 2], &[2, 1]).unwrap_err();
+    assert!(e.to_string().contains("storage of 16"), "{e}");
+}

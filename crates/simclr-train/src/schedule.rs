@@ -195,6 +195,13 @@ impl Default for LrScheduleConfig {
 impl LrScheduleConfig {
     /// The schedule for `num_examples` training examples at global batch `global_batch`.
     pub fn build(&self, num_examples: u64, global_batch: u64) -> Result<WarmupCosine> {
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            // A negative rate would climb the loss without any other sign of trouble.
+            return Err(TrainError::InvalidConfig(format!(
+                "learning_rate must be a finite number >= 0, got {}",
+                self.learning_rate
+            )));
+        }
         let total = train_steps(
             num_examples,
             self.train_epochs,

@@ -133,3 +133,18 @@ fn schedule_from_the_official_flags() {
     assert_eq!(parsed.train_steps, Some(7));
     assert_eq!(parsed.learning_rate, 0.3);
 }
+
+#[test]
+fn a_learning_rate_that_is_negative_or_not_finite_is_refused() {
+    for lr in [-0.1, f64::NAN, f64::INFINITY] {
+        let cfg = LrScheduleConfig {
+            learning_rate: lr,
+            ..Default::default()
+        };
+        let e = cfg.build(1000, 100).unwrap_err().to_string();
+        assert!(
+            e.contains("learning_rate") && e.contains(&lr.to_string()),
+            "{e}"
+        );
+    }
+}

@@ -66,8 +66,11 @@ pub struct ModelArgs {
     pub num_proj_layers: usize,
     #[arg(long, default_value_t = 128)]
     pub proj_out_dim: usize,
-    #[arg(long, default_value_t = 0)]
-    pub ft_proj_selector: i32,
+    /// The projection-head layer the fine-tuned or evaluated network ends at (0: the encoder
+    /// output; negative counts from the end). Default: 1 when fine-tuning a pretrained
+    /// checkpoint (SimCLRv2), else 0 (linear evaluation, the supervised baseline).
+    #[arg(long, allow_negative_numbers = true)]
+    pub ft_proj_selector: Option<i32>,
 }
 
 impl ModelArgs {
@@ -79,7 +82,7 @@ impl ModelArgs {
             base_width: self.base_width,
             num_proj_layers: self.num_proj_layers,
             proj_out_dim: self.proj_out_dim,
-            ft_proj_selector: self.ft_proj_selector,
+            ft_proj_selector: self.ft_proj_selector.unwrap_or(0),
             num_classes,
             ..ModelConfig::default()
         }

@@ -125,13 +125,22 @@ struct LabelArgs {
     #[arg(long, default_value_t = 0.01)]
     fraction: f64,
     /// A split file (`1percent.txt` format) instead of --fraction.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fraction")]
     split_file: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 impl LabelArgs {
+    /// The labelled fraction the stage's defaults follow (the fine-tuning epochs): `--fraction`,
+    /// or what the split file keeps of the training set.
+    fn fraction_of(&self, labelled: usize, total: usize) -> f64 {
+        match &self.split_file {
+            Some(_) => labelled as f64 / total.max(1) as f64,
+            None => self.fraction,
+        }
+    }
+
     fn indices(&self, train: &dyn simclr_data::Dataset) -> Result<Vec<usize>> {
         Ok(match &self.split_file {
             Some(p) => simclr_data::split::read_split_file(p, train)?,
@@ -350,7 +359,10 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     let image_size = a.data.image_size()?;
     let train = a.data.load(Split::Train)?;
     let labelled = a.labels.indices(train.as_ref())?;
-    let mut cfg = FinetuneConfig::new(image_size, a.labels.fraction);
+    let mut cfg = FinetuneConfig::new(
+        image_size,
+        a.labels.fraction_of(labelled.len(), train.len()),
+    );
     a.train.apply(
         &mut cfg.train_batch_size,
         &mut cfg.schedule,
@@ -360,7 +372,13 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     cfg.ft_proj_selector = a
         .model
         .ft_proj_selector
-        .max(if a.from_scratch { 0 } else { 1 });
+        // SimCLRv2 fine-tunes from the first head layer; linear evaluation and the supervised
+        // baseline keep the official default, the encoder output.
+        .unwrap_or(if a.from_scratch || a.fine_tune_after_block >= 4 {
+            0
+        } else {
+            1
+        });
     cfg.fine_tune_after_block = a.fine_tune_after_block;
     cfg.zero_init_logits_layer = a.zero_init_logits_layer;
     cfg.seed = a.labels.seed;
@@ -520,6 +538,13 @@ fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
         "test" | "val" => Split::Test,
         s => bail!("--split {s}: expected train or test"),
     };
+    // Before the features are computed: a folder that cannot take the file fails now.
+    let dir = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    check_writable(dir)?;
     let ds = a.data.load(split)?;
     let loader = Loader::new(ds, None, LoaderConfig::eval(256, a.data.image_size()?))?;
     let (features, labels) = simclr_eval::features(&ckpt.model, &loader, &a.layer, device)?;
@@ -528,7 +553,7 @@ fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
         &candle_core::Device::Cpu,
     )?;
     let tmp = a.out.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(
+    let written = candle_core::safetensors::save(
         &[
             ("features".to_string(), features.clone()),
             ("labels".to_string(), labels),
@@ -536,8 +561,13 @@ fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
         .into_iter()
         .collect(),
         &tmp,
-    )?;
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    )
+    .map_err(anyhow::Error::from)
+    .and_then(|()| std::fs::rename(&tmp, &a.out).map_err(anyhow::Error::from));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", a.out.display())));
+    }
     println!(
         "wrote {} features of dim {} to {}",
         features.dim(0)?,

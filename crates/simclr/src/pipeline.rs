@@ -3,8 +3,9 @@
 //!
 //! One pretraining serves every fraction. Each stage writes into its own folder of
 //! `checkpoints/<run>/`, where `<run>` names the dataset, preset and model and ends with a hash of
-//! the whole configuration; a stage whose checkpoint is complete is reused, an interrupted one
-//! resumes, so running the same command again continues where it stopped.
+//! the data and pretraining settings; each later stage's folder name ends with a hash of its own
+//! settings and of the stage it starts from. A stage whose checkpoint is complete is reused, an
+//! interrupted one resumes, so running the same command again continues where it stopped.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use simclr_data::{
 use simclr_distill::{run_distill, DistillConfig, StudentInit};
 use simclr_eval::EvalReport;
 use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
-use simclr_models::ModelConfig;
+use simclr_models::{ModelConfig, Precision};
 use simclr_pretrain::stage::{knn_top1, KnnData};
 use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
 use simclr_train::schedule::LearningRateScaling;
@@ -58,6 +59,18 @@ pub struct PipelineConfig {
     pub finetune: Vec<FinetuneConfig>,
     pub baseline: Vec<FinetuneConfig>,
     pub distill: DistillConfig,
+}
+
+impl PipelineConfig {
+    /// Every stage at `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.pretrain.precision = precision;
+        for f in self.finetune.iter_mut().chain(self.baseline.iter_mut()) {
+            f.precision = precision;
+        }
+        self.distill.precision = precision;
+        self
+    }
 }
 
 /// The model named `name` (`r18`, `r50`, `r50_2x_sk1`, `r18_w16`, …) at `image_size` (the CIFAR

@@ -151,7 +151,7 @@ pub fn bar_chart(title: &str, groups: &[(String, Vec<(String, f64)>)]) -> String
     svg
 }
 
-/// Writes report.json, report.md, accuracy.svg and losses.svg into `run_dir`.
+/// Writes report.json, report.md, accuracy.svg, loss_pretrain.svg and loss_stages.svg into `run_dir`.
 pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result<()> {
     simclr_data::write_atomic(
         &run_dir.join("report.json"),
