@@ -1,0 +1,134 @@
+//! The `simclr` binary end to end on bad input: a clear error naming the value or file, a
+//! non-zero exit, no panic and no backtrace; and flags that must reach the stage as given.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn simclr(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_BACKTRACE")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the simclr binary runs")
+}
+
+/// Fails with a message that contains every one of `needles`, and without a panic.
+fn fails_with(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail; stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("stack backtrace"),
+        "a panic: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{n:?} missing from: {err}");
+    }
+}
+
+/// The repository root, where the committed subset lives.
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+#[test]
+fn bad_values_are_named_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+
+    let missing = dir.path().join("no-such-folder");
+    let missing = missing.to_str().unwrap();
+    let r = simclr(
+        &[
+            "pretrain",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            missing,
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(&r, &["no-such-folder"]);
+
+    let r = simclr(
+        &["pretrain", "--color-jitter-strength", "inf", "--out", out],
+        root(),
+    );
+    fails_with(&r, &["color_jitter_strength", "inf"]);
+
+    let r = simclr(
+        &[
+            "finetune",
+            "--from-scratch",
+            "--fraction",
+            "0.1",
+            "--split-file",
+            "x.txt",
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(&r, &["--split-file", "--fraction"]);
+
+    let r = simclr(
+        &[
+            "finetune",
+            "--from-scratch",
+            "--fraction",
+            "1.5",
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(&r, &["1.5", "(0, 1]"]);
+}
+
+#[test]
+fn ft_proj_selector_defaults_to_1_from_a_pretrained_checkpoint_and_an_explicit_0_is_kept() {
+    // One pretraining step of a tiny network, then one fine-tuning step from it: without the
+    // flag the SimCLRv2 default (the first head layer, 1); `--ft-proj-selector 0` (the encoder
+    // output, SimCLRv1's choice) must reach the checkpoint as given, not be raised to 1.
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = ["--resnet-depth", "18", "--base-width", "4", "--no-progress"];
+    let steps = ["--train-steps", "1", "--train-batch-size", "8"];
+    let pre = dir.path().join("pre");
+    let mut args = vec![
+        "pretrain",
+        "--knn-every-epochs",
+        "0",
+        "--out",
+        pre.to_str().unwrap(),
+    ];
+    args.extend(tiny.iter().chain(&steps));
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let ckpt = pre.join("checkpoint.safetensors");
+    for (flag, want) in [(None, 1), (Some("0"), 0)] {
+        let out = dir.path().join(format!("ft{want}"));
+        let mut args = vec![
+            "finetune",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--fraction",
+            "0.1",
+            "--no-progress",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(&steps);
+        if let Some(v) = flag {
+            args.extend(["--ft-proj-selector", v]);
+        }
+        let r = simclr(&args, root());
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let meta =
+            simclr_models::checkpoint::read_meta(out.join("checkpoint.safetensors")).unwrap();
+        assert_eq!(meta.config.ft_proj_selector, want, "flag {flag:?}");
+    }
+}
