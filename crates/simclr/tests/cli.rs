@@ -132,3 +132,58 @@ fn ft_proj_selector_defaults_to_1_from_a_pretrained_checkpoint_and_an_explicit_0
         assert_eq!(meta.config.ft_proj_selector, want, "flag {flag:?}");
     }
 }
+
+#[test]
+fn a_split_file_sets_the_epochs_from_its_own_fraction() {
+    // The 10 % split a --fraction 0.1 run wrote, read back with --split-file: 30 epochs (the
+    // recipe for more than 1 % of labels), not the 60 of the default --fraction 0.01.
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = [
+        "--from-scratch",
+        "--resnet-depth",
+        "18",
+        "--base-width",
+        "4",
+        "--train-steps",
+        "1",
+        "--train-batch-size",
+        "8",
+        "--no-progress",
+    ];
+    let epochs = |out: &Path| -> u64 {
+        let meta =
+            simclr_models::checkpoint::read_meta(out.join("checkpoint.safetensors")).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&meta.extra["finetune_config"]).unwrap();
+        cfg["schedule"]["train_epochs"].as_u64().unwrap()
+    };
+    let first = dir.path().join("fraction");
+    let mut args = vec![
+        "finetune",
+        "--fraction",
+        "0.1",
+        "--out",
+        first.to_str().unwrap(),
+    ];
+    args.extend(tiny);
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(epochs(&first), 30);
+    let split = first.join("labelled_split.txt");
+    let second = dir.path().join("split");
+    let mut args = vec![
+        "finetune",
+        "--split-file",
+        split.to_str().unwrap(),
+        "--out",
+        second.to_str().unwrap(),
+    ];
+    args.extend(tiny);
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(epochs(&second), 30);
+    assert_eq!(
+        std::fs::read(&split).unwrap(),
+        std::fs::read(second.join("labelled_split.txt")).unwrap(),
+        "the same labelled images"
+    );
+}
