@@ -18,6 +18,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Recreate data/fashion-mnist-subset from Debian's dataset-fashion-mnist package
@@ -66,8 +68,18 @@ enum Cmd {
         /// Network: r18, r50, r50_2x_sk1, r18_w16 (base width 16), …; default from the preset.
         #[arg(long)]
         model: Option<String>,
+        /// Seeds the labelled split, every initialisation and the augmentation streams.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Hold this many training images per class out as a validation split and evaluate on
+        /// it instead of the test set (how the presets' settings are chosen; docs/results.md).
+        #[arg(long, default_value_t = 0)]
+        validation_per_class: usize,
+        /// Override one setting of the run's configuration (as pipeline.json spells it), e.g.
+        /// `--set pretrain.schedule.train_epochs=10` or `--set baseline.*.optimizer.weight_decay=1e-4`;
+        /// repeatable.
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        overrides: Vec<String>,
         /// f32, or bf16 products with f32 master weights, BN statistics and losses (every stage).
         #[arg(long, default_value = "f32")]
         precision: simclr_models::Precision,
@@ -117,6 +129,8 @@ fn run(cli: Cli) -> Result<()> {
             preset,
             model,
             seed,
+            validation_per_class,
+            overrides,
             precision,
             device,
             gpus,
@@ -131,7 +145,7 @@ fn run(cli: Cli) -> Result<()> {
                 image_size,
                 num_workers: 0,
             };
-            let cfg = simclr::pipeline::PipelineConfig::new(
+            let mut cfg = simclr::pipeline::PipelineConfig::new(
                 preset,
                 &dataset,
                 args.image_size()?,
@@ -140,10 +154,19 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             )?
             .with_precision(precision);
+            cfg.validation_per_class = validation_per_class;
             if gpus.len() <= 1 {
                 let spec = gpus.first().map(|g| format!("cuda:{g}"));
                 let device = simclr::args::device(spec.as_deref().or(device.as_deref()))?;
-                simclr::pipeline::run(&cfg, data_dir, &out, !no_progress, &device, None)?;
+                simclr::pipeline::run(
+                    &cfg,
+                    &overrides,
+                    data_dir,
+                    &out,
+                    !no_progress,
+                    &device,
+                    None,
+                )?;
                 return Ok(());
             }
             let Some(&gpu) = gpus.get(rank) else {
@@ -172,7 +195,15 @@ fn run(cli: Cli) -> Result<()> {
                 rendezvous,
             };
             let progress = !no_progress && rank == 0;
-            simclr::pipeline::run(&cfg, data_dir, &out, progress, &device, Some(&replica))?;
+            simclr::pipeline::run(
+                &cfg,
+                &overrides,
+                data_dir,
+                &out,
+                progress,
+                &device,
+                Some(&replica),
+            )?;
             if let Some(others) = others {
                 others.wait();
             }

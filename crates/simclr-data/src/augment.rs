@@ -30,6 +30,25 @@ pub struct AugmentConfig {
     pub color_jitter_strength: f32,
     /// `use_blur`: Gaussian blur at p 0.5, applied per batch by the loader.
     pub use_blur: bool,
+    /// The smallest crop area, as a fraction of the image (the official 0.08). Not an official
+    /// flag: a milder crop suits 28×28 images, whose objects fill the frame (`docs/results.md`).
+    #[serde(
+        default = "default_crop_min_area",
+        skip_serializing_if = "is_default_crop_min_area"
+    )]
+    pub crop_min_area: f32,
+}
+
+/// The official Inception crop's smallest area (TF's `area_range=(0.08, 1.0)`).
+pub const CROP_MIN_AREA: f32 = 0.08;
+
+fn default_crop_min_area() -> f32 {
+    CROP_MIN_AREA
+}
+
+// Keeps the serialised form (and so the pipeline's stage hashes) of configs that leave it alone.
+fn is_default_crop_min_area(a: &f32) -> bool {
+    *a == CROP_MIN_AREA
 }
 
 impl AugmentConfig {
@@ -42,6 +61,7 @@ impl AugmentConfig {
             flip: true,
             color_jitter_strength: if small { 0.5 } else { 1.0 },
             use_blur: !small,
+            crop_min_area: CROP_MIN_AREA,
         }
     }
 
@@ -53,6 +73,7 @@ impl AugmentConfig {
             flip: true,
             color_jitter_strength: 0.0,
             use_blur: false,
+            crop_min_area: CROP_MIN_AREA,
         }
     }
 }
@@ -68,15 +89,25 @@ pub fn sample_crop(
     width: usize,
     rng: &mut impl Rng,
 ) -> (usize, usize, usize, usize) {
-    const AREA: (f32, f32) = (0.08, 1.0);
+    sample_crop_area(height, width, CROP_MIN_AREA, rng)
+}
+
+/// [`sample_crop`] with the smallest area `min_area` instead of 0.08.
+pub fn sample_crop_area(
+    height: usize,
+    width: usize,
+    min_area: f32,
+    rng: &mut impl Rng,
+) -> (usize, usize, usize, usize) {
+    let area = (min_area, 1.0f32);
     const MIN_COVERED: f32 = 0.1;
     let image_aspect = width as f32 / height as f32;
     let (ar_lo, ar_hi) = (0.75 * image_aspect, 4.0 / 3.0 * image_aspect);
     let total = (height * width) as f32;
     for _ in 0..100 {
         let aspect: f32 = rng.random::<f32>() * (ar_hi - ar_lo) + ar_lo;
-        let min_rel: f32 = rng.random::<f32>() * (AREA.1 - AREA.0) + AREA.0;
-        if let Some((h, w)) = random_crop_size(height, width, min_rel, AREA.1, aspect, rng) {
+        let min_rel: f32 = rng.random::<f32>() * (area.1 - area.0) + area.0;
+        if let Some((h, w)) = random_crop_size(height, width, min_rel, area.1, aspect, rng) {
             if (h * w) as f32 / total >= MIN_COVERED {
                 let y = if h < height {
                     rng.random_range(0..height - h)
@@ -471,7 +502,7 @@ pub fn color_jitter(img: &mut FImage, strength: f32, gray: bool, rng: &mut impl 
 /// One training view of `image` (blur excepted, see [`blur_batch_chw`]).
 pub fn augment(image: &Image, cfg: &AugmentConfig, rng: &mut impl Rng) -> FImage {
     let region = if cfg.crop {
-        sample_crop(image.height, image.width, rng)
+        sample_crop_area(image.height, image.width, cfg.crop_min_area, rng)
     } else {
         (0, 0, image.height, image.width)
     };

@@ -162,6 +162,14 @@ impl Loader {
                     "must be a finite number >= 0 (0 switches colour distortion off)",
                 ));
             }
+            let m = a.crop_min_area;
+            if !(m > 0.0 && m <= 1.0) {
+                return Err(bad(
+                    "crop_min_area",
+                    m.to_string(),
+                    "must be in (0, 1] (a fraction of the image's area)",
+                ));
+            }
         }
         if indices.is_empty() || (cfg.drop_last && indices.len() < cfg.batch_size) {
             return Err(bad(

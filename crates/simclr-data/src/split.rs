@@ -51,6 +51,45 @@ pub fn class_balanced_subset(
     Ok(chosen)
 }
 
+/// A class-balanced validation split carved out of a training set: `per_class` images of each
+/// class, drawn by `seed` on a stream of their own (so the labelled split drawn from the rest
+/// with the same seed is not correlated with it). Returns `(rest, validation)`, both sorted.
+/// Errors if a class has `per_class` images or fewer: nothing of it would be left to train on.
+pub fn validation_split(
+    labels: &[usize],
+    num_classes: usize,
+    per_class: usize,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
+    for (i, &l) in labels.iter().enumerate() {
+        members[l].push(i);
+    }
+    let (mut rest, mut val) = (Vec::new(), Vec::new());
+    for (class, m) in members.iter_mut().enumerate() {
+        if m.len() <= per_class {
+            return Err(DataError::Config {
+                name: "validation_per_class",
+                value: per_class.to_string(),
+                reason: format!(
+                    "class {class} has only {} training images; the validation split must leave \
+                     some to train on",
+                    m.len()
+                ),
+            });
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            (seed ^ 0x5641_4C49_4441_5445).wrapping_add((class as u64).wrapping_mul(0x2545_F491)),
+        );
+        m.shuffle(&mut rng);
+        val.extend_from_slice(&m[..per_class]);
+        rest.extend_from_slice(&m[per_class..]);
+    }
+    rest.sort_unstable();
+    val.sort_unstable();
+    Ok((rest, val))
+}
+
 /// Errors if a class of the dataset has no labelled image in `indices`.
 pub fn check_all_classes_labelled(dataset: &dyn Dataset, indices: &[usize]) -> Result<()> {
     let mut seen = vec![false; dataset.num_classes()];

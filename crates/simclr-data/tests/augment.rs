@@ -14,6 +14,32 @@ fn rng(seed: u64) -> ChaCha8Rng {
 }
 
 #[test]
+fn a_larger_minimum_crop_area_is_honoured() {
+    for (h, w, slack) in [(28usize, 28usize, 0.06), (224, 224, 0.01)] {
+        let mut r = rng(5);
+        let n = 5000;
+        let (mut below_60, mut sum) = (0, 0.0);
+        for _ in 0..n {
+            let (y, x, ch, cw) = sample_crop_area(h, w, 0.5, &mut r);
+            assert!(y + ch <= h && x + cw <= w, "crop inside the image");
+            let area = (ch * cw) as f64 / (h * w) as f64;
+            // a ~ U[0.5, 1] is the smallest area of an attempt, up to the pixel rounding of
+            // the height and of round(h·r).
+            assert!(area >= 0.5 - slack, "area {area} at {h}×{w}");
+            below_60 += usize::from(area < 0.6);
+            sum += area;
+        }
+        // Still a crop, not the whole image: areas near the minimum occur.
+        assert!(
+            below_60 > n / 20,
+            "{below_60} of {n} crops under 0.6 at {h}×{w}"
+        );
+        let mean = sum / n as f64;
+        assert!((0.6..0.9).contains(&mean), "mean area {mean}");
+    }
+}
+
+#[test]
 fn inception_crop_area_and_aspect_distribution() {
     for (h, w) in [(224usize, 224usize), (256, 320), (28, 28)] {
         let mut r = rng(1);
@@ -218,6 +244,7 @@ fn flip_grayscale_and_jitter_frequencies() {
         flip: true,
         color_jitter_strength: 0.0,
         use_blur: false,
+        crop_min_area: CROP_MIN_AREA,
     };
     let plain = src.to_rgb_f32();
     let mut flips = 0;
@@ -241,6 +268,7 @@ fn flip_grayscale_and_jitter_frequencies() {
         flip: false,
         color_jitter_strength: 1.0,
         use_blur: false,
+        crop_min_area: CROP_MIN_AREA,
     };
     let (mut gray, mut unchanged) = (0, 0);
     for _ in 0..n {

@@ -212,3 +212,25 @@ fn a_colour_jitter_strength_without_a_distribution_is_refused() {
         assert!(e.to_string().contains("color_jitter_strength"), "{e}");
     }
 }
+
+#[test]
+fn a_minimum_crop_area_outside_the_unit_interval_is_refused() {
+    for m in [0.0f32, -0.1, 1.5, f32::NAN] {
+        let mut cfg = pretrain_cfg(1, 28);
+        if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
+            a.crop_min_area = m;
+        }
+        let e = Loader::new(fmnist_train(), None, cfg)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("crop_min_area"), "{m}: {e}");
+    }
+    let mut cfg = pretrain_cfg(1, 28);
+    if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
+        a.crop_min_area = 1.0;
+    }
+    assert!(
+        Loader::new(fmnist_train(), None, cfg).is_ok(),
+        "1.0: crop the whole image"
+    );
+}

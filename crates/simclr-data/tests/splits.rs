@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use simclr_data::split::{
     check_all_classes_labelled, class_balanced_subset, read_split_file, validate_fraction,
-    write_split_file,
+    validation_split, write_split_file,
 };
 use simclr_data::{DataError, Dataset, ImageFolder, InMemoryDataset};
 
@@ -46,6 +46,46 @@ fn class_balanced_and_deterministic() {
     // A fraction too small for any class still keeps one image of each.
     let s = class_balanced_subset(&labels, sizes.len(), 0.001, 1).unwrap();
     assert_eq!(s.len(), 1 + 1 + 1 + 1 + 1);
+}
+
+#[test]
+fn validation_split_is_class_balanced_disjoint_and_seeded() {
+    let sizes = [40, 55, 31];
+    let labels = labels_with_sizes(&sizes);
+    let (rest, val) = validation_split(&labels, sizes.len(), 10, 3).unwrap();
+    assert_eq!(rest.len() + val.len(), labels.len());
+    let mut all: Vec<usize> = rest.iter().chain(&val).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..labels.len()).collect::<Vec<_>>(), "a partition");
+    for c in 0..sizes.len() {
+        assert_eq!(
+            val.iter().filter(|&&i| labels[i] == c).count(),
+            10,
+            "class {c}"
+        );
+    }
+    assert_eq!(
+        validation_split(&labels, 3, 10, 3).unwrap().1,
+        val,
+        "deterministic"
+    );
+    assert_ne!(
+        validation_split(&labels, 3, 10, 4).unwrap().1,
+        val,
+        "seeded"
+    );
+    // The labelled split drawn with the same seed is not the validation split's first images.
+    let labelled = class_balanced_subset(&labels, 3, 0.3, 3).unwrap();
+    assert_ne!(
+        labelled.iter().filter(|i| val.contains(i)).count(),
+        labelled.len()
+    );
+    // A class that would be left empty is refused, naming the setting.
+    let err = validation_split(&labels, 3, 31, 3).unwrap_err().to_string();
+    assert!(
+        err.contains("validation_per_class") && err.contains("class 2"),
+        "{err}"
+    );
 }
 
 #[test]

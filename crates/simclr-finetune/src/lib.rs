@@ -12,6 +12,6 @@
 mod finetune;
 
 pub use finetune::{
-    epochs_for_fraction, run_finetune, FinetuneConfig, FinetuneInit, FinetuneTask,
-    PRETRAINED_STAGES,
+    baseline_batch_size, baseline_train_steps, epochs_for_fraction, run_finetune, FinetuneConfig,
+    FinetuneInit, FinetuneTask, PRETRAINED_STAGES,
 };

@@ -151,6 +151,55 @@ pub fn bar_chart(title: &str, groups: &[(String, Vec<(String, f64)>)]) -> String
     svg
 }
 
+fn eval_split_title(summary: &Value) -> &'static str {
+    match summary["eval_split"].as_str() {
+        Some("validation") => "Validation",
+        _ => "Test",
+    }
+}
+
+/// One line per fraction: each pretrained model's top-1 minus the supervised baseline's, with
+/// its sign spelt out.
+pub fn verdicts(results: &[StageResult], split: &str) -> Vec<String> {
+    let mut fractions: Vec<f64> = results.iter().filter_map(|r| r.fraction).collect();
+    fractions.dedup();
+    let find = |f: f64, m: &str| {
+        results
+            .iter()
+            .find(|r| r.fraction == Some(f) && r.stage == m)
+            .map(|r| 100.0 * r.top1)
+    };
+    let mut lines = Vec::new();
+    for f in fractions {
+        let Some(base) = find(f, "baseline") else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        for (m, words) in [("distill", "distilled"), ("finetune", "fine-tuned")] {
+            if let Some(v) = find(f, m) {
+                let d = v - base;
+                let side = if d > 0.0 {
+                    "ABOVE"
+                } else if d < 0.0 {
+                    "BELOW"
+                } else {
+                    "LEVEL WITH"
+                };
+                parts.push(format!(
+                    "{words} {v:.2}% is {:.2} points {side} the supervised baseline's {base:.2}%",
+                    d.abs()
+                ));
+            }
+        }
+        lines.push(format!(
+            "**{}% labels** ({split} top-1): {}.",
+            f * 100.0,
+            parts.join("; ")
+        ));
+    }
+    lines
+}
+
 /// Writes report.json, report.md, accuracy.svg, loss_pretrain.svg and loss_stages.svg into `run_dir`.
 pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result<()> {
     simclr_data::write_atomic(
@@ -177,7 +226,7 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
         .collect();
     simclr_data::write_atomic(
         &run_dir.join("accuracy.svg"),
-        bar_chart("Test top-1 (%)", &groups).as_bytes(),
+        bar_chart(&format!("{} top-1 (%)", eval_split_title(summary)), &groups).as_bytes(),
     )?;
     let mut series = vec![(
         "pretrain".to_string(),
@@ -230,16 +279,32 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
         100.0 * p["knn_top1"].as_f64().unwrap_or(0.0),
         100.0 * p["knn_top1_random_init"].as_f64().unwrap_or(0.0)
     );
+    let split = summary["eval_split"].as_str().unwrap_or("test");
+    let _ = writeln!(
+        md,
+        "- Every model is evaluated on the {split} split ({}){}",
+        summary["test"].as_str().unwrap_or(""),
+        if split == "validation" {
+            "; held out of the training set, the test set untouched"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(
         md,
         "- Total wall time: {:.0} s\n",
         summary["total_wall_seconds"].as_f64().unwrap_or(0.0)
     );
-    let _ = writeln!(md, "| labels | method | top-1 | top-5 | steps | wall s | images/s |\n|---|---|---|---|---|---|---|");
+    md.push_str("## Verdict\n\n");
+    for line in verdicts(results, split) {
+        let _ = writeln!(md, "- {line}");
+    }
+    let _ = writeln!(md, "\n## Models\n");
+    let _ = writeln!(md, "| labels | method | {split} top-1 | top-5 | steps | train s | eval s | images/s |\n|---|---|---|---|---|---|---|---|");
     for r in results {
         let _ = writeln!(
             md,
-            "| {}% | {} | {:.2} | {} | {} | {:.0} | {:.1} |",
+            "| {}% | {} | {:.2} | {} | {} | {:.0} | {:.1} | {:.1} |",
             r.fraction.unwrap_or(1.0) * 100.0,
             r.stage,
             100.0 * r.top1,
@@ -248,7 +313,26 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
                 .unwrap_or_else(|| "-".into()),
             r.steps,
             r.wall_seconds,
+            r.eval_seconds,
             r.images_per_second
+        );
+    }
+    let _ = writeln!(md, "\n## How each model was trained\n");
+    let _ = writeln!(
+        md,
+        "- pretraining: {} ({:.0} s; kNN of the pretrained and random networks {:.0} s)",
+        p["recipe"].as_str().unwrap_or(""),
+        p["wall_seconds"].as_f64().unwrap_or(0.0),
+        summary["knn_seconds"].as_f64().unwrap_or(0.0)
+    );
+    for r in results {
+        let _ = writeln!(
+            md,
+            "- {} at {}% labels: {} ({:.0} s)",
+            r.stage,
+            r.fraction.unwrap_or(1.0) * 100.0,
+            r.recipe,
+            r.wall_seconds
         );
     }
     let _ = writeln!(md, "\n![top-1](accuracy.svg)\n\n![pretraining loss](loss_pretrain.svg)\n\n![stage losses](loss_stages.svg)\n");
