@@ -1,6 +1,6 @@
 //! With the `cuda` feature, compiles `src/cuda/kernels.cu` to PTX with nvcc (`$NVCC`, else
-//! `$CUDA_HOME/bin/nvcc`, else `nvcc` on the path; `../shared/tools/cuda-toolchain.sh` sets
-//! them). The default build does nothing here, so CPU builds need no CUDA toolchain.
+//! `$CUDA_HOME/bin/nvcc`, else `nvcc` on the path; the team's toolchain script sets
+//! them; `docs/gpu.md`). The default build does nothing here, so CPU builds need no CUDA toolchain.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -199,38 +199,34 @@ fn a_panic_in_the_prefetch_thread_is_an_error_not_the_end_of_the_epoch() {
     );
 }
 
-#[test]
-fn a_colour_jitter_strength_without_a_distribution_is_refused() {
-    for s in [f32::INFINITY, f32::NAN, -0.5] {
-        let mut cfg = pretrain_cfg(1, 28);
-        if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
-            a.color_jitter_strength = s;
-        }
-        let e = Loader::new(fmnist_train(), None, cfg)
-            .err()
-            .expect("refused");
-        assert!(e.to_string().contains("color_jitter_strength"), "{e}");
+/// A 28×28 pretraining loader configuration with `set` applied to its augmentation.
+fn augment_cfg(set: impl Fn(&mut AugmentConfig)) -> LoaderConfig {
+    let mut cfg = pretrain_cfg(1, 28);
+    if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
+        set(a);
     }
+    cfg
 }
 
 #[test]
-fn a_minimum_crop_area_outside_the_unit_interval_is_refused() {
+fn augmentation_settings_without_a_meaning_are_refused_by_name() {
+    for s in [f32::INFINITY, f32::NAN, -0.5] {
+        let cfg = augment_cfg(|a| a.color_jitter_strength = s);
+        let e = Loader::new(fmnist_train(), None, cfg)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("color_jitter_strength"), "{s}: {e}");
+    }
     for m in [0.0f32, -0.1, 1.5, f32::NAN] {
-        let mut cfg = pretrain_cfg(1, 28);
-        if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
-            a.crop_min_area = m;
-        }
+        let cfg = augment_cfg(|a| a.crop_min_area = m);
         let e = Loader::new(fmnist_train(), None, cfg)
             .err()
             .expect("refused");
         assert!(e.to_string().contains("crop_min_area"), "{m}: {e}");
     }
-    let mut cfg = pretrain_cfg(1, 28);
-    if let simclr_data::Preprocess::Augment(a) = &mut cfg.preprocess {
-        a.crop_min_area = 1.0;
-    }
+    let whole = augment_cfg(|a| a.crop_min_area = 1.0);
     assert!(
-        Loader::new(fmnist_train(), None, cfg).is_ok(),
-        "1.0: crop the whole image"
+        Loader::new(fmnist_train(), None, whole).is_ok(),
+        "1.0: the whole image"
     );
 }

@@ -1060,27 +1060,16 @@ mod tests {
             "test",
         );
         assert_eq!(lines.len(), 2);
-        assert!(
-            lines[0].contains("distilled 72.50% is 8.50 points ABOVE"),
-            "{}",
-            lines[0]
-        );
-        assert!(
-            lines[0].contains("fine-tuned 70.00% is 6.00 points ABOVE"),
-            "{}",
-            lines[0]
-        );
-        assert!(
-            lines[1].contains("fine-tuned 80.00% is 4.60 points BELOW"),
-            "{}",
-            lines[1]
-        );
-        assert!(
-            lines[1].contains("distilled 84.60% is 0.00 points LEVEL WITH"),
-            "{}",
-            lines[1]
-        );
+        for (line, says) in [
+            (0, "distilled 72.50% is 8.50 points ABOVE"),
+            (0, "fine-tuned 70.00% is 6.00 points ABOVE"),
+            (1, "fine-tuned 80.00% is 4.60 points BELOW"),
+            (1, "distilled 84.60% is 0.00 points LEVEL WITH"),
+        ] {
+            assert!(lines[line].contains(says), "{}", lines[line]);
+        }
     }
+
     #[test]
     fn child_ranks_get_the_arguments_without_the_launchers_own() {
         let args = [
