@@ -80,6 +80,10 @@ enum Cmd {
         /// repeatable.
         #[arg(long = "set", value_name = "PATH=VALUE")]
         overrides: Vec<String>,
+        /// Stop after pretraining and its kNN evaluation (tuning the pretraining settings on a
+        /// validation split); a later full run with the same settings reuses the checkpoint.
+        #[arg(long, conflicts_with = "fractions")]
+        pretrain_only: bool,
         /// f32, or bf16 products with f32 master weights, BN statistics and losses (every stage).
         #[arg(long, default_value = "f32")]
         precision: simclr_models::Precision,
@@ -131,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             validation_per_class,
             overrides,
+            pretrain_only,
             precision,
             device,
             gpus,
@@ -145,6 +150,7 @@ fn run(cli: Cli) -> Result<()> {
                 image_size,
                 num_workers: 0,
             };
+            let fractions = if pretrain_only { Vec::new() } else { fractions };
             let mut cfg = simclr::pipeline::PipelineConfig::new(
                 preset,
                 &dataset,

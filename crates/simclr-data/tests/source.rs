@@ -59,3 +59,34 @@ fn a_data_dir_for_a_dataset_that_reads_no_folder_is_refused() {
         );
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn atomic_writes_refuse_to_replace_links_and_special_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target.txt");
+    std::fs::write(&target, b"old").unwrap();
+    let link = dir.path().join("link.txt");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let sock = dir.path().join("report.md");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    for path in [&link, &sock] {
+        let e = simclr_data::write_atomic(path, b"new").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("refusing to replace") && text.contains(&path.display().to_string()),
+            "{text}"
+        );
+    }
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"old");
+    // A regular file is replaced, a missing one created.
+    simclr_data::write_atomic(&target, b"new").unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    let fresh = dir.path().join("fresh.txt");
+    simclr_data::write_atomic(&fresh, b"x").unwrap();
+    assert_eq!(std::fs::read(&fresh).unwrap(), b"x");
+}

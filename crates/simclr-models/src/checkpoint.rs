@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
@@ -42,6 +43,52 @@ const RESERVED: [&str; 5] = [KEY_FORMAT, KEY_CONFIG, KEY_STAGE, KEY_STEP, KEY_PR
 
 /// Names of training-state tensors (optimizer slots, queues) stored beside the model's.
 pub const STATE_PREFIX: &str = "train_state/";
+
+/// Whether the loaders accept tensors holding NaN or infinity; see [`set_allow_non_finite`].
+static ALLOW_NON_FINITE: AtomicBool = AtomicBool::new(false);
+
+/// Lets [`load`] and [`load_tensors`] accept checkpoints whose tensors hold NaN or infinity
+/// (for inspecting a diverged run; `--allow-non-finite` on the command line). Off by default:
+/// such a network only ever produces NaN, and a stage that started from it would say nothing.
+pub fn set_allow_non_finite(allow: bool) {
+    ALLOW_NON_FINITE.store(allow, Ordering::Relaxed);
+}
+
+/// The name of the first of `tensors` (in the order given) that holds a NaN or an infinity.
+/// Integer tensors are skipped.
+pub fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> candle_core::Result<Option<String>> {
+    for (name, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Ok(Some(name.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// [`first_non_finite`] over a name -> tensor map, in name order, as a load error.
+fn refuse_non_finite(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), CheckpointError> {
+    if ALLOW_NON_FINITE.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut sorted: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    sorted.sort_by_key(|(k, _)| *k);
+    match first_non_finite(sorted).map_err(candle_err(path))? {
+        Some(name) => Err(CheckpointError::NonFinite {
+            path: path.to_path_buf(),
+            name,
+        }),
+        None => Ok(()),
+    }
+}
 
 /// `"simclr-models <version>"`, the default `producer`.
 pub fn producer() -> String {
@@ -167,6 +214,14 @@ pub enum CheckpointError {
         /// The dtype found.
         dtype: String,
     },
+    /// A tensor holds NaN or infinite values (the run that wrote it diverged).
+    #[error("{}: tensor `{name}` holds NaN or infinite values (written by a diverged run?); pass --allow-non-finite to load it anyway", .path.display())]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The first such tensor, in name order.
+        name: String,
+    },
     /// The stored config is not valid.
     #[error("{}: {source}", .path.display())]
     Config {
@@ -197,6 +252,26 @@ fn candle_err(path: &Path) -> impl FnOnce(candle_core::Error) -> CheckpointError
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Validates the stored `config` and checks that the file's tensors are exactly its variables,
+/// from the header alone (nothing is allocated).
+fn validate_layout(
+    path: &Path,
+    config: &ModelConfig,
+    st: &SafeTensors,
+) -> Result<Vec<(String, Vec<usize>)>, CheckpointError> {
+    config
+        .validate()
+        .map_err(|source| CheckpointError::Config {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let shapes: HashMap<String, Vec<usize>> = st
+        .iter()
+        .map(|(name, view)| (name.to_string(), view.shape().to_vec()))
+        .collect();
+    check_layout(path, config, &shapes)
 }
 
 /// Checks that `tensors` (name -> shape) are exactly the variables of `config`.
@@ -263,6 +338,7 @@ pub fn save_with_state(
     state: &[(String, Tensor)],
 ) -> Result<(), CheckpointError> {
     let path = path.as_ref();
+    refuse_special_target(path)?;
     if let Some((name, _)) = state.iter().find(|(n, _)| !n.starts_with(STATE_PREFIX)) {
         return Err(CheckpointError::InvalidMetadata {
             path: path.to_path_buf(),
@@ -359,6 +435,23 @@ pub fn save_with_state(
     Ok(())
 }
 
+/// The save is a rename over `path`, which would turn a symlink or a device node into a plain
+/// file: refused (the same rule as `simclr_data::write_atomic`, which this crate does not
+/// depend on).
+fn refuse_special_target(path: &Path) -> Result<(), CheckpointError> {
+    let reason = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            "is a symbolic link; refusing to replace it (write to the file it points to)"
+        }
+        Ok(m) if !m.is_file() => "is not a regular file; refusing to replace it",
+        _ => return Ok(()),
+    };
+    Err(CheckpointError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+    })
+}
+
 fn parse_meta(
     path: &Path,
     md: Option<&HashMap<String, String>>,
@@ -441,11 +534,15 @@ pub fn load_tensors(
     let map = map_file(path)?;
     let (st, md) = parse(path, &map)?;
     let meta = parse_meta(path, md.as_ref())?;
+    // The stored configuration must describe the stored tensors before anything is built from
+    // it: a config edited to claim another width would otherwise size the caller's model.
+    validate_layout(path, &meta.config, &st)?;
     let mut out = HashMap::new();
     for (name, view) in st.iter() {
         let t = view.load(device).map_err(candle_err(path))?;
         out.insert(name.to_string(), t);
     }
+    refuse_non_finite(path, &out)?;
     Ok((meta, out))
 }
 
@@ -455,17 +552,7 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, Check
     let map = map_file(path)?;
     let (st, md) = parse(path, &map)?;
     let meta = parse_meta(path, md.as_ref())?;
-    meta.config
-        .validate()
-        .map_err(|source| CheckpointError::Config {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let shapes: HashMap<String, Vec<usize>> = st
-        .iter()
-        .map(|(name, view)| (name.to_string(), view.shape().to_vec()))
-        .collect();
-    let expected = check_layout(path, &meta.config, &shapes)?;
+    let expected = validate_layout(path, &meta.config, &st)?;
 
     let varmap = VarMap::new();
     {
@@ -495,6 +582,17 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, Check
             let var = Var::from_tensor(&t).map_err(candle_err(path))?;
             data.insert(name.clone(), var);
         }
+    }
+    {
+        let data = varmap.data().lock().map_err(|_| CheckpointError::Candle {
+            path: path.to_path_buf(),
+            source: candle_core::Error::Msg("variable store lock poisoned".into()),
+        })?;
+        let tensors: HashMap<String, Tensor> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        refuse_non_finite(path, &tensors)?;
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = SimclrModel::new(&meta.config, vb).map_err(|source| CheckpointError::Config {

@@ -199,7 +199,7 @@ impl ModelConfig {
                 format!("must be a finite number >= 0, got {}", self.sk_ratio),
             );
         }
-        if self.stem_kind() == StemKind::Deep && self.stem_width() % 2 != 0 {
+        if self.stem_kind() == StemKind::Deep && !self.stem_width().is_multiple_of(2) {
             return bad(
                 "base_width",
                 format!(

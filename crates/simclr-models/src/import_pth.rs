@@ -471,7 +471,7 @@ pub(crate) fn resolve_config(
             "a ResNet-D deep stem (SK1 only)".into(),
         ));
     }
-    if inf.stem_width % name.width_multiplier != 0 {
+    if !inf.stem_width.is_multiple_of(name.width_multiplier) {
         return Err(contradiction(
             "width",
             format!("{}x", name.width_multiplier),

@@ -32,7 +32,7 @@ impl Conv2d {
         kernel: usize,
         stride: usize,
     ) -> Result<Self> {
-        if kernel % 2 == 0 || stride == 0 {
+        if kernel.is_multiple_of(2) || stride == 0 {
             candle_core::bail!(
                 "Conv2d needs an odd kernel and a stride >= 1, got k={kernel} s={stride}"
             )

@@ -365,3 +365,91 @@ fn training_state_travels_with_the_model_and_is_skipped_by_model_loaders() {
     let e = save_with_state(&path, &varmap, &meta, &[("resnet.x".into(), slot)]).unwrap_err();
     assert!(e.to_string().contains("train_state/"), "{e}");
 }
+
+#[test]
+fn a_config_claiming_another_width_is_refused_before_anything_is_built() {
+    // The metadata claims a network 4096 times as wide as the tensors: a loader that trusted it
+    // would allocate tens of GiB (the fine-tuning and distillation paths did, and aborted).
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config, varmap) = saved(dir.path());
+    let huge = ModelConfig {
+        width_multiplier: 4096,
+        ..config
+    };
+    write_raw(&path, &tensors_of(&varmap), Some(metadata_for(&huge)));
+    for result in [
+        checkpoint::load_tensors(&path, &Device::Cpu).map(|_| ()),
+        checkpoint::load(&path, &Device::Cpu).map(|_| ()),
+    ] {
+        match result.unwrap_err() {
+            e @ CheckpointError::ShapeMismatch { .. } => {
+                assert!(e.to_string().contains(&path.display().to_string()), "{e}")
+            }
+            other => panic!("expected a shape mismatch, got {other}"),
+        }
+    }
+}
+
+#[test]
+fn non_finite_tensors_are_refused_on_load_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, varmap) = saved(dir.path());
+    let meta = checkpoint::read_meta(&path).unwrap();
+    let mut tensors = tensors_of(&varmap);
+    let name = tensors
+        .keys()
+        .find(|k| k.ends_with("moving_variance"))
+        .unwrap()
+        .clone();
+    let t = &tensors[&name];
+    let mut values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let middle = values.len() / 2;
+    values[middle] = f32::INFINITY;
+    tensors.insert(
+        name.clone(),
+        Tensor::from_vec(values, t.shape(), &Device::Cpu).unwrap(),
+    );
+    write_raw(&path, &tensors, Some(metadata_for(&meta.config)));
+    for result in [
+        checkpoint::load_tensors(&path, &Device::Cpu).map(|_| ()),
+        checkpoint::load(&path, &Device::Cpu).map(|_| ()),
+    ] {
+        match result.unwrap_err() {
+            CheckpointError::NonFinite { name: n, .. } => assert_eq!(n, name),
+            other => panic!("expected NonFinite, got {other}"),
+        }
+    }
+    // Inspecting a diverged run stays possible.
+    checkpoint::set_allow_non_finite(true);
+    let loaded = checkpoint::load_tensors(&path, &Device::Cpu);
+    checkpoint::set_allow_non_finite(false);
+    assert!(loaded.is_ok());
+}
+
+#[cfg(unix)]
+#[test]
+fn saving_over_a_symlink_or_a_socket_is_refused_and_leaves_them_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, config, varmap) = saved(dir.path());
+    let meta = CheckpointMeta::new(config, "test", 1);
+    let target = dir.path().join("elsewhere.txt");
+    std::fs::write(&target, b"keep me").unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let sock = dir.path().join("sock.safetensors");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    for path in [&link, &sock] {
+        let e = checkpoint::save(path, &varmap, &meta).unwrap_err();
+        assert!(e.to_string().contains("refusing to replace"), "{e}");
+    }
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .file_type()
+        .is_socket());
+}

@@ -259,7 +259,7 @@ impl TrainTask for PretrainTask {
         let Some(knn) = &self.knn else {
             return Ok(Vec::new());
         };
-        if every == 0 || (epoch + 1) % every != 0 {
+        if every == 0 || !(epoch + 1).is_multiple_of(every) {
             return Ok(Vec::new());
         }
         let top1 = knn_top1(&self.model, knn, &self.config.knn, &self.device)?;

@@ -47,10 +47,7 @@ pub enum TrainError {
     /// The loss became NaN or infinite: the run stops, the last checkpoint stays as it was.
     #[error(
         "{stage}: the loss is {value} at step {step} (epoch {epoch}, batch {batch}); stopping. {}",
-        match .last_checkpoint {
-            Some(p) => format!("The last good checkpoint is {}; lower the learning rate and resume from it.", p.display()),
-            None => "No checkpoint was written yet.".to_string(),
-        }
+        last_good(.last_checkpoint)
     )]
     NonFiniteLoss {
         stage: String,
@@ -59,6 +56,46 @@ pub enum TrainError {
         batch: usize,
         value: f64,
         last_checkpoint: Option<std::path::PathBuf>,
+    },
+
+    /// The loss ran away while finite (weights growing without bound): the run stops.
+    #[error(
+        "{stage}: the loss is {value:.4e} at step {step}, more than {} times its running median \
+         {median:.4}: the run has diverged; stopping. {}",
+        crate::trainer::DIVERGENCE_FACTOR,
+        last_good(.last_checkpoint)
+    )]
+    Diverged {
+        stage: String,
+        step: u64,
+        value: f64,
+        median: f64,
+        last_checkpoint: Option<std::path::PathBuf>,
+    },
+
+    /// A weight, BN statistic or optimizer slot became NaN or infinite; it was not saved.
+    #[error(
+        "{stage}: `{tensor}` holds NaN or infinite values at step {step}; stopping without saving \
+         it. {}",
+        last_good(.last_checkpoint)
+    )]
+    NonFiniteState {
+        stage: String,
+        step: u64,
+        tensor: String,
+        last_checkpoint: Option<std::path::PathBuf>,
+    },
+
+    /// Another run holds the output folder.
+    #[error(
+        "{}: another run is writing into this folder (process {}); wait for it to finish or \
+         choose another output folder",
+        .dir.display(),
+        if .holder.is_empty() { "unknown" } else { .holder.as_str() }
+    )]
+    Locked {
+        dir: std::path::PathBuf,
+        holder: String,
     },
 
     /// A hyperparameter or schedule argument is out of range.
@@ -76,6 +113,17 @@ pub enum TrainError {
         dir: std::path::PathBuf,
         checkpoint: std::path::PathBuf,
     },
+}
+
+/// The advice that ends a stopped run's message.
+fn last_good(last_checkpoint: &Option<std::path::PathBuf>) -> String {
+    match last_checkpoint {
+        Some(p) => format!(
+            "The last good checkpoint is {}; lower the learning rate and resume from it.",
+            p.display()
+        ),
+        None => "No checkpoint was written yet.".to_string(),
+    }
 }
 
 /// `Result` with [`TrainError`].

@@ -202,6 +202,14 @@ impl LrScheduleConfig {
                 self.learning_rate
             )));
         }
+        if self.train_steps == Some(0) {
+            // The official flag's 0 means "derive from the epochs"; here that is `None`, and a
+            // 0 that was meant as a number would silently train for the epochs instead.
+            return Err(TrainError::InvalidConfig(
+                "train_steps must be at least 1 (leave it unset to derive it from train_epochs)"
+                    .into(),
+            ));
+        }
         let total = train_steps(
             num_examples,
             self.train_epochs,

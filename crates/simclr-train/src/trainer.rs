@@ -133,13 +133,8 @@ fn save_checkpoint(
     step: u64,
     done: bool,
     totals: (f64, u64),
+    last_saved: &Option<PathBuf>,
 ) -> Result<PathBuf> {
-    // With several replicas, rank 0 writes for all of them: their trainable variables are
-    // identical (and with global BN their statistics too). Every rank reads it on resume, so
-    // the output folder must be shared.
-    if task.replicas().is_some_and(|r| r.rank() != 0) {
-        return Ok(cfg.checkpoint_path());
-    }
     let mut state: Vec<(String, Tensor)> = optimizer
         .state_tensors()
         .into_iter()
@@ -150,6 +145,37 @@ fn save_checkpoint(
             .into_iter()
             .map(|(k, t)| (format!("{TASK_PREFIX}{k}"), t)),
     );
+    // Only healthy state is saved: a checkpoint with an infinite BN variance would be named
+    // "the last good one" by the next failure. Every replica checks (their state is the same),
+    // so they all stop together.
+    let variables: Vec<(String, Tensor)> = {
+        let data = task
+            .varmap()
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(String, Tensor)> = data
+            .iter()
+            .map(|(k, var)| (k.clone(), var.as_tensor().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let all = variables.iter().chain(&state).map(|(k, t)| (k.as_str(), t));
+    if let Some(tensor) = checkpoint::first_non_finite(all)? {
+        return Err(TrainError::NonFiniteState {
+            stage: cfg.stage.clone(),
+            step,
+            tensor,
+            last_checkpoint: last_saved.clone(),
+        });
+    }
+    // With several replicas, rank 0 writes for all of them: their trainable variables are
+    // identical (and with global BN their statistics too). Every rank reads it on resume, so
+    // the output folder must be shared.
+    if task.replicas().is_some_and(|r| r.rank() != 0) {
+        return Ok(cfg.checkpoint_path());
+    }
     let mut meta = CheckpointMeta::new(task.model_config().clone(), cfg.stage.clone(), step)
         .with_extra("complete", if done { "true" } else { "false" })
         .with_extra("total_steps", cfg.total_steps.to_string())
@@ -210,6 +236,102 @@ fn restore(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     Ok((meta.step, (seconds, images)))
+}
+
+/// A loss this many times its running median (or 1, whichever is larger) means the run has
+/// diverged: the losses of every stage here are cross-entropies of order 1–10, so the bound
+/// (1000 at least) is far above any noisy batch and far below a run whose weights blow up
+/// (such a run's loss grows by orders of magnitude within steps while staying finite).
+pub const DIVERGENCE_FACTOR: f64 = 1000.0;
+
+/// The last losses of the run, for the divergence bound.
+#[derive(Default)]
+struct RecentLosses {
+    window: std::collections::VecDeque<f64>,
+}
+
+impl RecentLosses {
+    /// Losses kept; the median needs at least [`RecentLosses::MIN`] of them.
+    const LEN: usize = 100;
+    const MIN: usize = 5;
+
+    fn push(&mut self, loss: f64) {
+        if self.window.len() == Self::LEN {
+            self.window.pop_front();
+        }
+        self.window.push_back(loss);
+    }
+
+    fn median(&self) -> Option<f64> {
+        if self.window.len() < Self::MIN {
+            return None;
+        }
+        let mut v: Vec<f64> = self.window.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    }
+}
+
+/// An exclusive lock on a stage's output folder, held for the whole run: a second run writing
+/// into the same folder would interleave its checkpoints and metrics with the first's.
+struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    const FILE: &'static str = ".lock";
+
+    fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        let io = |e| TrainError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(TrainError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // The holder's PID, for the message a second run prints.
+        file.set_len(0).map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(RunLock { _file: file })
+    }
+}
+
+/// Removes the temporary files that killed runs left behind while writing a checkpoint
+/// (`.checkpoint.safetensors.XXXX.tmp`). Called with the folder's lock held, so none of them
+/// belongs to a live writer.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".checkpoint.safetensors.")
+            && name.ends_with(".tmp")
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            tracing::info!(
+                "removed {}, left by an interrupted run",
+                entry.path().display()
+            );
+        }
+    }
 }
 
 /// Appends rows to the JSONL metrics file; on resume, drops rows past the resumed step so the
@@ -285,6 +407,17 @@ pub fn train(
         path: cfg.out_dir.clone(),
         source: e,
     })?;
+    let primary = task.replicas().is_none_or(|r| r.rank() == 0);
+    // Held until this function returns; the kernel drops it when the process dies, so a
+    // killed run never blocks its own resume.
+    let _lock = if primary {
+        Some(RunLock::acquire(&cfg.out_dir)?)
+    } else {
+        None
+    };
+    if primary {
+        remove_stale_temporaries(&cfg.out_dir);
+    }
     let ckpt = cfg.checkpoint_path();
     if !cfg.resume && ckpt.is_file() {
         // Starting over would delete its metrics at once and its checkpoint at the first save.
@@ -306,7 +439,6 @@ pub fn train(
             before.1 + images as u64,
         )
     };
-    let primary = task.replicas().is_none_or(|r| r.rank() == 0);
     let mut log = if primary {
         Some(MetricsLog::open(
             &cfg.metrics_path(),
@@ -326,6 +458,7 @@ pub fn train(
     let mut images = 0usize;
     let mut step = start;
     let mut last_saved = (start > 0).then(|| ckpt.clone());
+    let mut recent = RecentLosses::default();
     let trainable = named_vars(task.varmap());
     while step < cfg.total_steps {
         let epoch = (step / per_epoch) as usize;
@@ -342,25 +475,38 @@ pub fn train(
                 .loss
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
+            let median = recent.median();
+            let diverged = median.is_some_and(|m| loss > DIVERGENCE_FACTOR * m.max(1.0));
             // With several replicas, every one must stop together: one that left alone would
             // leave the others waiting in their next collective.
-            let finite = match task.replicas().filter(|r| r.world_size() > 1) {
+            let healthy = match task.replicas().filter(|r| r.world_size() > 1) {
                 Some(r) => {
-                    let bad = Tensor::new(&[f32::from(!loss.is_finite())], out.loss.device())?;
+                    let bad = f32::from(!loss.is_finite() || diverged);
+                    let bad = Tensor::new(&[bad], out.loss.device())?;
                     r.all_reduce_sum(&bad)?.to_vec1::<f32>()?[0] == 0.0
                 }
-                None => loss.is_finite(),
+                None => loss.is_finite() && !diverged,
             };
-            if !finite {
-                return Err(TrainError::NonFiniteLoss {
-                    stage: cfg.stage.clone(),
-                    step,
-                    epoch,
-                    batch: batch.index,
-                    value: loss,
-                    last_checkpoint: last_saved.clone(),
+            if !healthy {
+                return Err(match median.filter(|_| loss.is_finite()) {
+                    Some(median) => TrainError::Diverged {
+                        stage: cfg.stage.clone(),
+                        step,
+                        value: loss,
+                        median,
+                        last_checkpoint: last_saved.clone(),
+                    },
+                    None => TrainError::NonFiniteLoss {
+                        stage: cfg.stage.clone(),
+                        step,
+                        epoch,
+                        batch: batch.index,
+                        value: loss,
+                        last_checkpoint: last_saved.clone(),
+                    },
                 });
             }
+            recent.push(loss);
             let mut grads = out.loss.backward()?;
             if let Some(replicas) = task.replicas() {
                 all_reduce_gradients(&mut grads, &trainable, replicas)?;
@@ -412,6 +558,7 @@ pub fn train(
                     step,
                     false,
                     totals(&t0, images),
+                    &last_saved,
                 )?);
             }
         }
@@ -436,7 +583,15 @@ pub fn train(
     }
     pb.finish_and_clear();
     let (seconds, all_images) = totals(&t0, images);
-    summary.checkpoint = save_checkpoint(cfg, task, optimizer, step, true, (seconds, all_images))?;
+    summary.checkpoint = save_checkpoint(
+        cfg,
+        task,
+        optimizer,
+        step,
+        true,
+        (seconds, all_images),
+        &last_saved,
+    )?;
     summary.steps = step;
     summary.final_loss = summary.losses.last().copied().unwrap_or(f64::NAN);
     summary.wall_seconds = seconds;

@@ -28,6 +28,13 @@ fn explicit_train_steps_override() {
     // The official `train_steps or …`: 0 means "derive it".
     assert_eq!(train_steps(IMAGENET, 800, 4096, Some(0)).unwrap(), 250_228);
     assert!(train_steps(IMAGENET, 1, 0, None).is_err());
+    // In a configuration "derive it" is `None`: an explicit 0 is refused rather than ignored.
+    let zero = LrScheduleConfig {
+        train_steps: Some(0),
+        ..LrScheduleConfig::default()
+    };
+    let e = zero.build(IMAGENET, 4096).unwrap_err().to_string();
+    assert!(e.contains("train_steps must be at least 1"), "{e}");
 }
 
 #[test]

@@ -11,15 +11,31 @@ use simclr_models::{ModelConfig, SimclrModel};
 use simclr_train::optim::{build_optimizer, named_vars, OptimizerSettings};
 use simclr_train::{train, StepOutput, TrainError, TrainTask, TrainerConfig};
 
+/// What goes wrong, and at which step.
+#[derive(Clone, Copy)]
+enum Fault {
+    None,
+    /// The loss is NaN.
+    NanLoss(u64),
+    /// The loss is multiplied by a large finite factor (a run whose weights blow up).
+    LossTimes(u64, f64),
+    /// A BN moving variance becomes infinite after the step (the loss stays finite).
+    InfiniteStatistic(u64),
+}
+
 struct Supervised {
     config: ModelConfig,
     varmap: VarMap,
     model: SimclrModel,
-    nan_at: Option<u64>,
+    fault: Fault,
 }
 
 impl Supervised {
     fn new(nan_at: Option<u64>) -> Self {
+        Self::with_fault(nan_at.map_or(Fault::None, Fault::NanLoss))
+    }
+
+    fn with_fault(fault: Fault) -> Self {
         let config = ModelConfig {
             resnet_depth: 18,
             base_width: 2,
@@ -34,7 +50,7 @@ impl Supervised {
             config,
             varmap,
             model,
-            nan_at,
+            fault,
         }
     }
 }
@@ -47,13 +63,27 @@ impl TrainTask for Supervised {
             .logits_sup
             .unwrap();
         let mut loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
-        if self.nan_at == Some(step) {
-            loss = (loss * f64::NAN)?;
+        match self.fault {
+            Fault::NanLoss(s) if s == step => loss = (loss * f64::NAN)?,
+            Fault::LossTimes(s, k) if s == step => loss = (loss * k)?,
+            _ => {}
         }
         Ok(StepOutput {
             loss,
             metrics: vec![("probe".into(), step as f64)],
         })
+    }
+    fn after_step(&mut self, step: u64) -> simclr_train::Result<()> {
+        if matches!(self.fault, Fault::InfiniteStatistic(s) if s == step) {
+            let data = self.varmap.data().lock().unwrap();
+            let (_, var) = data
+                .iter()
+                .filter(|(k, _)| k.ends_with("moving_variance"))
+                .min_by_key(|(k, _)| k.as_str())
+                .unwrap();
+            var.set(&(var.ones_like()? * f64::INFINITY)?)?;
+        }
+        Ok(())
     }
     fn varmap(&self) -> &VarMap {
         &self.varmap
@@ -111,7 +141,23 @@ fn run(
     resume: bool,
     nan_at: Option<u64>,
 ) -> simclr_train::Result<Vec<f64>> {
-    let mut task = Supervised::new(nan_at);
+    run_with(
+        dir,
+        total,
+        every,
+        resume,
+        nan_at.map_or(Fault::None, Fault::NanLoss),
+    )
+}
+
+fn run_with(
+    dir: &std::path::Path,
+    total: u64,
+    every: u64,
+    resume: bool,
+    fault: Fault,
+) -> simclr_train::Result<Vec<f64>> {
+    let mut task = Supervised::with_fault(fault);
     let mut opt = build_optimizer(named_vars(&task.varmap), &OptimizerSettings::default()).unwrap();
     Ok(train(
         &mut task,
@@ -237,4 +283,99 @@ fn a_fresh_run_into_a_finished_runs_folder_is_refused_and_leaves_it_intact() {
     assert_eq!(std::fs::read(&metrics).unwrap(), metrics_before);
     // Resuming continues it.
     assert_eq!(run(dir.path(), 5, 0, true, None).unwrap().len(), 2);
+}
+
+fn checkpoint_step(dir: &std::path::Path) -> u64 {
+    simclr_models::checkpoint::read_meta(dir.join("checkpoint.safetensors"))
+        .unwrap()
+        .step
+}
+
+#[test]
+fn a_diverging_finite_loss_stops_the_run() {
+    // A loss a million times its running median, still finite: the run used to go on and exit
+    // 0 with the blown-up network as its result.
+    let dir = tempfile::tempdir().unwrap();
+    let e = run_with(dir.path(), 12, 2, false, Fault::LossTimes(7, 1e6)).unwrap_err();
+    match &e {
+        TrainError::Diverged {
+            step,
+            value,
+            median,
+            last_checkpoint,
+            ..
+        } => {
+            assert_eq!(*step, 7);
+            assert!(value.is_finite() && *value > 1000.0 * median.max(1.0));
+            assert_eq!(
+                last_checkpoint.as_deref(),
+                Some(dir.path().join("checkpoint.safetensors").as_path())
+            );
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(e.to_string().contains("diverged"), "{e}");
+    assert_eq!(checkpoint_step(dir.path()), 6);
+    // An ordinary run of the same task (losses of order 1) never trips the bound.
+    let ok = tempfile::tempdir().unwrap();
+    assert_eq!(
+        run_with(ok.path(), 12, 2, false, Fault::None)
+            .unwrap()
+            .len(),
+        12
+    );
+}
+
+#[test]
+fn a_non_finite_bn_statistic_is_never_saved_as_the_last_good_checkpoint() {
+    // The step-3 update poisons a moving variance; the loss of later steps may stay finite for a
+    // while, but the checkpoint due at step 4 must not be written.
+    let dir = tempfile::tempdir().unwrap();
+    let e = run_with(dir.path(), 8, 2, false, Fault::InfiniteStatistic(2)).unwrap_err();
+    match &e {
+        TrainError::NonFiniteState {
+            step,
+            tensor,
+            last_checkpoint,
+            ..
+        } => {
+            assert_eq!(*step, 4);
+            assert!(tensor.ends_with("moving_variance"), "{tensor}");
+            assert!(last_checkpoint.is_some());
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert_eq!(checkpoint_step(dir.path()), 2);
+    // What is on disk is healthy: it loads (loaders refuse non-finite tensors).
+    simclr_models::checkpoint::load(dir.path().join("checkpoint.safetensors"), &Device::Cpu)
+        .unwrap();
+}
+
+#[test]
+fn a_second_writer_is_refused_naming_the_holder_and_a_dead_one_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock_path = dir.path().join(".lock");
+    let holder = std::fs::File::create(&lock_path).unwrap();
+    holder.try_lock().unwrap();
+    std::fs::write(&lock_path, "4242").unwrap();
+    match run(dir.path(), 3, 0, false, None).unwrap_err() {
+        e @ TrainError::Locked { .. } => assert!(e.to_string().contains("4242"), "{e}"),
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(!dir.path().join("checkpoint.safetensors").exists());
+    // The lock dies with its holder (here: the file is closed); the lock file stays.
+    drop(holder);
+    assert_eq!(run(dir.path(), 3, 0, false, None).unwrap().len(), 3);
+}
+
+#[test]
+fn temporaries_of_killed_checkpoint_writes_are_removed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join(".checkpoint.safetensors.a1B2c3.tmp");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    let other = dir.path().join("notes.tmp");
+    std::fs::write(&other, b"not ours").unwrap();
+    run(dir.path(), 2, 0, false, None).unwrap();
+    assert!(!stale.exists());
+    assert!(other.exists());
 }

@@ -22,8 +22,8 @@ pub struct DataArgs {
     /// Network input side; defaults to 28 for (Fashion-)MNIST, 32 for CIFAR, 224 otherwise.
     #[arg(long)]
     pub image_size: Option<usize>,
-    /// Decoding/augmentation threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
+    /// Decoding/augmentation threads (0: one per core; at most 256).
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=256))]
     pub num_workers: usize,
 }
 
@@ -100,8 +100,8 @@ pub struct TrainArgs {
     pub train_batch_size: Option<usize>,
     #[arg(long)]
     pub train_epochs: Option<u64>,
-    /// Overrides the step count derived from the epochs.
-    #[arg(long)]
+    /// Overrides the step count derived from the epochs (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub train_steps: Option<u64>,
     #[arg(long)]
     pub learning_rate: Option<f64>,

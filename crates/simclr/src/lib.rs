@@ -22,21 +22,39 @@ pub fn main_with(run: impl FnOnce() -> anyhow::Result<()>) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run() {
+        // The whole chain, backtraces included, for `RUST_LOG=debug`.
+        tracing::debug!("{e:?}");
         eprintln!("error: {}", error_report(&e));
         std::process::exit(1);
     }
 }
 
 /// An error and its causes on one line, each cause once: library errors often already quote
-/// their source (`file: No such file or directory`), which `{:#}` would print twice.
+/// their source (`file: No such file or directory`), which `{:#}` would print twice. Only the
+/// first line of each is kept: with `RUST_BACKTRACE` set, candle's errors carry their backtrace
+/// in their message.
 pub fn error_report(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
+    let first_line = |m: String| m.lines().next().unwrap_or_default().trim_end().to_string();
+    let mut out = first_line(e.to_string());
     for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !out.contains(&c) {
+        let c = first_line(cause.to_string());
+        if !c.is_empty() && !out.contains(&c) {
             out.push_str(": ");
             out.push_str(&c);
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_report_is_one_line_even_with_a_backtrace_in_a_message() {
+        let inner = std::io::Error::other("disk on fire\nstack backtrace:\n   0: main");
+        let e = anyhow::Error::new(inner).context("run/checkpoint.safetensors: cannot write");
+        assert_eq!(
+            super::error_report(&e),
+            "run/checkpoint.safetensors: cannot write: disk on fire"
+        );
+    }
 }

@@ -20,6 +20,10 @@ struct Cli {
     /// cpu, cuda or cuda:N (default: CUDA when built with it and present, else CPU).
     #[arg(long, global = true)]
     device: Option<String>,
+    /// Load checkpoints whose tensors hold NaN or infinity (to inspect a diverged run); refused
+    /// otherwise.
+    #[arg(long, global = true)]
+    allow_non_finite: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -263,6 +267,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    checkpoint::set_allow_non_finite(cli.allow_non_finite);
     let device = device(cli.device.as_deref())?;
     match cli.command {
         Command::Pretrain(a) => pretrain(a, &device),

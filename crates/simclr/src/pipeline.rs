@@ -338,7 +338,7 @@ impl PipelineConfig {
         for (o, parts, new) in &parsed {
             let mut again = back.clone();
             set_path(&mut again, parts, new);
-            if again != back {
+            if !same_settings(&again, &back) {
                 bail!(
                     "--set {o}: {} is not a setting of the pipeline (see pipeline.json)",
                     parts.join(".")
@@ -417,6 +417,27 @@ fn set_path(v: &mut serde_json::Value, parts: &[&str], new: &serde_json::Value) 
         }
         serde_json::Value::Object(map) => set_path(map.get_mut(*first)?, rest, new),
         _ => None,
+    }
+}
+
+/// JSON equality where numbers agree to f32 precision: an f32 setting reads back as the f64
+/// nearest its f32 value (`0.2` becomes `0.20000000298…`).
+fn same_settings(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (a, b) {
+        (V::Number(x), V::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-6 * x.abs().max(y.abs()),
+            _ => x == y,
+        },
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_settings(x, y))
+        }
+        (V::Object(x), V::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_settings(v, w)))
+        }
+        _ => a == b,
     }
 }
 
@@ -1006,8 +1027,11 @@ mod tests {
             "baseline.*.optimizer.weight_decay=1e-3".into(),
             "finetune.1.optimizer.optimizer=lars".into(),
             "distill.schedule.train_steps=5".into(),
+            // An f32 setting left out of pipeline.json while it has its default value.
+            "pretrain.augment.crop_min_area=0.2".into(),
         ])
         .unwrap();
+        assert_eq!(cfg.pretrain.augment.crop_min_area, 0.2);
         assert_eq!(cfg.pretrain.schedule.train_epochs, 11);
         assert!(cfg
             .baseline
@@ -1022,6 +1046,7 @@ mod tests {
             ("finetune.9.seed=1", "finetune.9.seed"),
             ("fractions=[1.5]", "1.5"),
             ("pretrain.train_batch_size=big", "wrong type"),
+            ("pretrain.augment.crop_min_areas=0.2", "crop_min_areas"),
             ("no-equals-sign", "PATH=VALUE"),
         ] {
             let err = format!("{:#}", cfg.apply_overrides(&[bad.into()]).unwrap_err());

@@ -295,27 +295,16 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
         "- Total wall time: {:.0} s\n",
         summary["total_wall_seconds"].as_f64().unwrap_or(0.0)
     );
-    md.push_str("## Verdict\n\n");
-    for line in verdicts(results, split) {
-        let _ = writeln!(md, "- {line}");
-    }
-    let _ = writeln!(md, "\n## Models\n");
-    let _ = writeln!(md, "| labels | method | {split} top-1 | top-5 | steps | train s | eval s | images/s |\n|---|---|---|---|---|---|---|---|");
-    for r in results {
-        let _ = writeln!(
-            md,
-            "| {}% | {} | {:.2} | {} | {} | {:.0} | {:.1} | {:.1} |",
-            r.fraction.unwrap_or(1.0) * 100.0,
-            r.stage,
-            100.0 * r.top1,
-            r.top5
-                .map(|t| format!("{:.2}", 100.0 * t))
-                .unwrap_or_else(|| "-".into()),
-            r.steps,
-            r.wall_seconds,
-            r.eval_seconds,
-            r.images_per_second
-        );
+    if results.is_empty() {
+        // `--pretrain-only`: there is no labelled stage to judge.
+        md.push_str("Pretraining only: no labelled stage was run, so there is no verdict.\n");
+    } else {
+        md.push_str("## Verdict\n\n");
+        for line in verdicts(results, split) {
+            let _ = writeln!(md, "- {line}");
+        }
+        let _ = writeln!(md, "\n## Models\n");
+        models_table(&mut md, results, split);
     }
     let _ = writeln!(md, "\n## How each model was trained\n");
     let _ = writeln!(
@@ -339,4 +328,25 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
     let _ = writeln!(md, "Each fraction's folder holds its labelled split (`labelled_split.txt`, the official split-file format) and the per-class evaluation of each model (`eval_*.md`). The full configuration is in `pipeline.json`.");
     simclr_data::write_atomic(&run_dir.join("report.md"), md.as_bytes())?;
     Ok(())
+}
+
+/// The models table of the report: one row per trained model.
+fn models_table(md: &mut String, results: &[StageResult], split: &str) {
+    let _ = writeln!(md, "| labels | method | {split} top-1 | top-5 | steps | train s | eval s | images/s |\n|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let _ = writeln!(
+            md,
+            "| {}% | {} | {:.2} | {} | {} | {:.0} | {:.1} | {:.1} |",
+            r.fraction.unwrap_or(1.0) * 100.0,
+            r.stage,
+            100.0 * r.top1,
+            r.top5
+                .map(|t| format!("{:.2}", 100.0 * t))
+                .unwrap_or_else(|| "-".into()),
+            r.steps,
+            r.wall_seconds,
+            r.eval_seconds,
+            r.images_per_second
+        );
+    }
 }

@@ -187,3 +187,68 @@ fn a_split_file_sets_the_epochs_from_its_own_fraction() {
         "the same labelled images"
     );
 }
+
+#[test]
+fn a_diverging_run_stops_non_zero_in_one_line_and_keeps_a_finite_checkpoint() {
+    // Both cases of the robustness issue: LARS at lr 1e6 (BN variances overflow) and momentum
+    // at 1e8 (the loss grows to 1e16 while finite; that run used to exit 0). With
+    // RUST_BACKTRACE=1, as in many developers' shells, the error is still one line.
+    for (optimizer, lr) in [("lars", "1e6"), ("momentum", "1e8")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let r = Command::new(env!("CARGO_BIN_EXE_simclr"))
+            .args([
+                "pretrain",
+                "--resnet-depth",
+                "18",
+                "--base-width",
+                "4",
+                "--train-batch-size",
+                "32",
+                "--warmup-epochs",
+                "0",
+                "--checkpoint-every",
+                "2",
+                "--optimizer",
+                optimizer,
+                "--learning-rate",
+                lr,
+                "--train-steps",
+                "20",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .current_dir(root())
+            .env("RUST_BACKTRACE", "1")
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        fails_with(&r, &["stopping"]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{optimizer}: {err}");
+        // Whatever it names as the last good checkpoint is healthy: the loaders, which refuse
+        // non-finite tensors, read it.
+        let ckpt = out.join("checkpoint.safetensors");
+        if err.contains("last good checkpoint") {
+            simclr_models::checkpoint::load(&ckpt, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{optimizer}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn counts_that_would_be_ignored_or_unbounded_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    // 0 used to mean "derive from the epochs" in silence.
+    let r = simclr(&["pretrain", "--train-steps", "0", "--out", out], root());
+    fails_with(&r, &["--train-steps", "0"]);
+    // One thread each: 100,000 of them hung the machine.
+    let r = simclr(
+        &["pretrain", "--num-workers", "100000", "--out", out],
+        root(),
+    );
+    fails_with(&r, &["--num-workers", "100000"]);
+}
