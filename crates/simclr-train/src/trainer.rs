@@ -2,7 +2,8 @@
 //!
 //! A stage supplies a [`TrainTask`] (its forward pass and loss, plus optional hooks); the loop
 //! owns everything else: the learning-rate schedule, backward and the optimizer step, the
-//! non-finite-loss guard, metrics (JSONL), the progress bar, periodic and final checkpoints, and
+//! non-finite-loss and divergence guards, the folder lock, metrics (JSONL), the progress bar,
+//! periodic and final checkpoints (only of finite state), and
 //! resumption.
 //!
 //! A training checkpoint is one safetensors file: the model's variables (so every later stage can
