@@ -5,6 +5,11 @@
 
 mod bench;
 mod embedded;
+mod fuzz;
+
+/// The system allocator with a size bound that only fuzz workers switch on (`fuzz.rs`).
+#[global_allocator]
+static ALLOCATOR: fuzz::BoundedAlloc = fuzz::BoundedAlloc;
 
 use std::path::PathBuf;
 
@@ -49,6 +54,33 @@ enum Cmd {
         /// The Python that runs the PyTorch script.
         #[arg(long, default_value = "python3")]
         python: String,
+    },
+    /// Fuzz the input parsers (IDX, CIFAR, images, split files, checkpoints, .pth, TF bundles,
+    /// parquet) with random mutations of valid files; failing inputs are saved under
+    /// fuzz/regressions/<target>/ and become regression tests.
+    Fuzz {
+        /// Targets (default: all): idx, cifar, image, split, checkpoint, pth, tf-bundle, parquet.
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Seeds the mutations.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// One fuzzing process (started by `fuzz`, which watches it for aborts and hangs).
+    #[command(hide = true)]
+    FuzzWorker {
+        target: String,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        scratch: PathBuf,
+        /// Run this one saved input (with the allocation bound) instead of mutating.
+        #[arg(long)]
+        replay: Option<PathBuf>,
     },
     /// Pretrain → fine-tune → distill → evaluate (plus the supervised baseline), with a report in
     /// checkpoints/<run>/report.md.
@@ -125,6 +157,21 @@ fn run(cli: Cli) -> Result<()> {
             stock,
             python,
         }),
+        Cmd::Fuzz {
+            targets,
+            seconds,
+            seed,
+        } => fuzz::run(&targets, seconds, seed),
+        Cmd::FuzzWorker {
+            target,
+            seconds,
+            seed,
+            scratch,
+            replay,
+        } => match replay {
+            Some(input) => fuzz::replay(&target, &input, &scratch),
+            None => fuzz::worker(&target, seconds, seed, &scratch),
+        },
         Cmd::Pipeline {
             fractions,
             dataset,

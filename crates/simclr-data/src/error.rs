@@ -27,6 +27,12 @@ pub enum DataError {
     },
     #[error("the labelled split leaves class {class:?} (index {index}) with no labelled image")]
     ClassWithoutLabels { class: String, index: usize },
+    #[error("{path}: the class folders differ from those of {other} ({reason}); the labels would not match")]
+    ClassMismatch {
+        path: PathBuf,
+        other: PathBuf,
+        reason: String,
+    },
     #[error("dataset {name:?} not found. {help}")]
     NotFound { name: String, help: String },
     #[error("unknown dataset {0:?}: expected fashion-mnist-subset, fashion-mnist, mnist, cifar10, cifar100, imagefolder or hf:<owner>/<name>")]

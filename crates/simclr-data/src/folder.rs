@@ -72,6 +72,38 @@ impl ImageFolder {
         })
     }
 
+    /// The class folder names under `root`, sorted, without reading the images.
+    pub fn class_folders(root: impl AsRef<Path>) -> Result<Vec<String>> {
+        Ok(sorted_entries(root.as_ref())?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string))
+            .collect())
+    }
+
+    /// Refuses an evaluation split whose classes are not the training split's: labels are
+    /// positions in the sorted class list, so a renamed, missing or extra folder would shift
+    /// every label after it and be evaluated against the wrong classes without a word.
+    pub fn check_same_classes(&self, train_classes: &[String], train_root: &Path) -> Result<()> {
+        if self.class_names == train_classes {
+            return Ok(());
+        }
+        let only = |a: &[String], b: &[String]| -> Vec<String> {
+            a.iter().filter(|c| !b.contains(c)).cloned().collect()
+        };
+        let extra = only(&self.class_names, train_classes);
+        let missing = only(train_classes, &self.class_names);
+        Err(DataError::ClassMismatch {
+            path: self.root.clone(),
+            other: train_root.to_path_buf(),
+            reason: format!(
+                "{} classes here, {} there; only here: {extra:?}; only there: {missing:?}",
+                self.class_names.len(),
+                train_classes.len()
+            ),
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -81,12 +113,24 @@ impl ImageFolder {
     }
 }
 
+/// Decodes a JPEG or PNG held in memory; the error is the reason, for the caller to name its
+/// file (and row).
+pub(crate) fn decode_encoded(bytes: &[u8]) -> std::result::Result<image::DynamicImage, String> {
+    // The JPEG decoder pads a stream that stops early with grey and returns a picture; a file
+    // cut short (a broken copy, with or without bytes after the cut) then trains as a
+    // different image. Every complete JPEG ends its scan with the EOI marker.
+    if bytes.starts_with(&[0xFF, 0xD8]) && !bytes[2..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err("the JPEG stream has no end-of-image marker (the file was cut short)".into());
+    }
+    image::load_from_memory(bytes).map_err(|e| e.to_string())
+}
+
 /// Decodes a JPEG or PNG file of any size; gray, gray+alpha, RGBA and CMYK become RGB.
 pub fn decode_image_file(path: &Path) -> Result<Image> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    let decoded = image::load_from_memory(&bytes).map_err(|e| DataError::Decode {
+    let decoded = decode_encoded(&bytes).map_err(|reason| DataError::Decode {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason,
     })?;
     let rgb = decoded.to_rgb8();
     let (w, h) = rgb.dimensions();

@@ -181,10 +181,28 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
     if parts.images.is_empty() {
         return Err(DataError::format(&files[0], "no rows in the parquet files"));
     }
-    let class_names = parts.class_names.clone().unwrap_or_else(|| {
-        let n = parts.labels.iter().max().map_or(0, |m| m + 1);
-        (0..n).map(|i| i.to_string()).collect()
-    });
+    let class_names = match parts.class_names.clone() {
+        Some(names) => names,
+        None => {
+            // Without names the classes are 0..=max label; a label from a damaged file must not
+            // size that list (one such label asked for 2^60 names).
+            let (row, max) = parts
+                .labels
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, &l)| l)
+                .map_or((0, 0), |(i, &l)| (i, l));
+            if max >= MAX_UNNAMED_CLASSES {
+                return Err(DataError::format(
+                    &files[0],
+                    format!(
+                        "row {row}: label {max} with no class names in the file's metadata;                          more than {MAX_UNNAMED_CLASSES} classes is not a plausible label set"
+                    ),
+                ));
+            }
+            (0..=max).map(|i| i.to_string()).collect()
+        }
+    };
     if let Some((i, &l)) = parts
         .labels
         .iter()
@@ -206,6 +224,10 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
         format!("hf:{repo_id} ({split}, {} parquet files)", files.len()),
     ))
 }
+
+/// The most classes a dataset without class names in its metadata may have (ImageNet-21k has
+/// 21,841).
+const MAX_UNNAMED_CLASSES: usize = 1 << 20;
 
 #[derive(Default)]
 struct ParquetParts {
@@ -232,7 +254,39 @@ fn class_names_from_metadata(reader: &SerializedFileReader<File>) -> Option<Vec<
     })
 }
 
+/// [`read_rows`] of one parquet file. The parquet crate panics on some malformed files
+/// (slice indices taken from the file without a check, found by `cargo xtask fuzz parquet`):
+/// such a panic becomes this file's error instead of taking the process down.
 fn read_parquet_file(path: &Path, parts: &mut ParquetParts) -> Result<()> {
+    let mut local = ParquetParts {
+        class_names: parts.class_names.take(),
+        ..Default::default()
+    };
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rows(path, &mut local)));
+    parts.class_names = local.class_names.take();
+    match result {
+        Ok(Ok(())) => {
+            parts.images.append(&mut local.images);
+            parts.labels.append(&mut local.labels);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(DataError::format(
+                path,
+                format!("malformed parquet data (the reader failed: {what})"),
+            ))
+        }
+    }
+}
+
+fn read_rows(path: &Path, parts: &mut ParquetParts) -> Result<()> {
     let bad = |reason: String| DataError::format(path, reason);
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let reader = SerializedFileReader::new(file)
@@ -271,7 +325,7 @@ fn read_parquet_file(path: &Path, parts: &mut ParquetParts) -> Result<()> {
         let label = label.ok_or_else(|| bad(format!("row {i}: no integer label column")))?;
         let label =
             usize::try_from(label).map_err(|_| bad(format!("row {i}: negative label {label}")))?;
-        let img = image::load_from_memory(&bytes).map_err(|e| DataError::Decode {
+        let img = crate::folder::decode_encoded(&bytes).map_err(|e| DataError::Decode {
             path: path.to_path_buf(),
             reason: format!("row {i}: {e}"),
         })?;

@@ -217,7 +217,13 @@ pub fn load_dataset(
                         " (a folder holding train/<class>/* and val/<class>/*)",
                     )
                 })?;
-            Arc::new(ImageFolder::open(root.join(sub))?)
+            let folder = ImageFolder::open(root.join(sub))?;
+            let train_root = root.join("train");
+            if !train && train_root.is_dir() {
+                folder
+                    .check_same_classes(&ImageFolder::class_folders(&train_root)?, &train_root)?;
+            }
+            Arc::new(folder)
         }
         DatasetName::Hub(repo) => Arc::new(read_hub_dataset(
             repo,

@@ -257,6 +257,25 @@ fn image_folder_bad_input_is_a_clear_error() {
     std::fs::write(&victim, &bytes[..bytes.len() / 3]).unwrap();
     let e = err_text(ds.image(1));
     assert!(e.contains(&victim.display().to_string()), "{e}");
+    // Cut short at several points, with and without junk after the cut: each is refused
+    // (the decoder alone returned a grey-padded picture for some of them).
+    for keep in [bytes.len() / 2, bytes.len() * 9 / 10, bytes.len() - 2] {
+        for junk in [&b""[..], &[0x13u8; 40][..], &b"trailing text"[..]] {
+            let mut cut = bytes[..keep].to_vec();
+            cut.extend_from_slice(junk);
+            std::fs::write(&victim, &cut).unwrap();
+            match ds.image(1) {
+                Err(DataError::Decode { path, .. }) => assert_eq!(path, victim),
+                Err(other) => panic!("keep {keep}: {other}"),
+                Ok(_) => panic!("keep {keep}, {} junk bytes: a cut JPEG decoded", junk.len()),
+            }
+        }
+    }
+    // The whole file with junk after its end still decodes (trailing bytes are harmless).
+    let mut padded = bytes.clone();
+    padded.extend_from_slice(b"junk");
+    std::fs::write(&victim, &padded).unwrap();
+    ds.image(1).unwrap();
     std::fs::write(&victim, b"GIF89a garbage").unwrap();
     assert!(matches!(ds.image(1), Err(DataError::Decode { .. })));
 }

@@ -90,3 +90,36 @@ fn atomic_writes_refuse_to_replace_links_and_special_files() {
     simclr_data::write_atomic(&fresh, b"x").unwrap();
     assert_eq!(std::fs::read(&fresh).unwrap(), b"x");
 }
+
+/// An ImageFolder whose `val/` classes are not those of `train/` (a renamed folder) is refused
+/// naming both folders and the names that differ: the labels would be shifted.
+#[test]
+fn image_folder_val_classes_must_be_the_train_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let wnids = write_image_folder(&dir.path().join("train"), 3, 2);
+    write_image_folder(&dir.path().join("val"), 3, 2);
+    let name = DatasetName::ImageFolder;
+    let val = load_dataset(&name, Split::Test, &opts(dir.path())).unwrap();
+    assert_eq!(val.num_classes(), 3);
+    let mut sorted = wnids.clone();
+    sorted.sort();
+    std::fs::rename(
+        dir.path().join("val").join(&sorted[1]),
+        dir.path().join("val").join("renamed"),
+    )
+    .unwrap();
+    let e = load_dataset(&name, Split::Test, &opts(dir.path()))
+        .err()
+        .expect("refused");
+    assert!(matches!(e, DataError::ClassMismatch { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("val")
+            && text.contains("train")
+            && text.contains("\"renamed\"")
+            && text.contains(&format!("{:?}", sorted[1])),
+        "{text}"
+    );
+    // The training split itself is still readable.
+    load_dataset(&name, Split::Train, &opts(dir.path())).unwrap();
+}

@@ -38,8 +38,9 @@ pub struct DistillConfig {
     pub alpha: f64,
     pub augment: AugmentConfig,
     pub seed: u64,
-    pub checkpoint_every: u64,
-    pub num_workers: usize,
+    /// Checkpoint cadence and history, resume policy, loader threads.
+    #[serde(flatten)]
+    pub run: simclr_train::RunOptions,
 }
 
 impl DistillConfig {
@@ -62,8 +63,7 @@ impl DistillConfig {
             alpha: 1.0,
             augment: AugmentConfig::finetune(image_size),
             seed: 0,
-            checkpoint_every: 0,
-            num_workers: 0,
+            run: simclr_train::RunOptions::default(),
         }
     }
 
@@ -266,18 +266,16 @@ pub fn run_distill(
     let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;
     let batch = cfg.train_batch_size.min(train.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
-    lc.num_threads = cfg.num_workers;
+    lc.num_threads = cfg.run.num_workers;
+    let train_classes = train.class_names().to_vec();
     let loader = Loader::new(train, None, lc).map_err(data_err)?;
     let run = StageRun {
         stage: "distill",
         out_dir,
         resume,
         progress,
-        checkpoint_every: cfg.checkpoint_every,
-        extra_meta: vec![(
-            "distill_config".into(),
-            serde_json::to_string(&cfg).map_err(terr)?,
-        )],
+        options: &cfg.run,
+        extra_meta: simclr_train::stage_meta("distill_config", &cfg, Some(&train_classes))?,
     };
     let summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
     Ok((summary, task))

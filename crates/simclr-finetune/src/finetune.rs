@@ -36,8 +36,9 @@ pub struct FinetuneConfig {
     pub zero_init_logits_layer: bool,
     pub augment: AugmentConfig,
     pub seed: u64,
-    pub checkpoint_every: u64,
-    pub num_workers: usize,
+    /// Checkpoint cadence and history, resume policy, loader threads.
+    #[serde(flatten)]
+    pub run: simclr_train::RunOptions,
 }
 
 /// The paper's fine-tuning epochs: 60 for 1 % labels, 30 for 10 % and 100 %.
@@ -72,8 +73,7 @@ impl FinetuneConfig {
             zero_init_logits_layer: true,
             augment: AugmentConfig::finetune(image_size),
             seed: 0,
-            checkpoint_every: 0,
-            num_workers: 0,
+            run: simclr_train::RunOptions::default(),
         }
     }
 }
@@ -124,8 +124,7 @@ impl FinetuneConfig {
             zero_init_logits_layer: false,
             augment: AugmentConfig::finetune(image_size),
             seed: 0,
-            checkpoint_every: 0,
-            num_workers: 0,
+            run: simclr_train::RunOptions::default(),
         }
     }
 }
@@ -261,18 +260,16 @@ pub fn run_finetune(
     // Small labelled sets: the batch never exceeds the set (the official batch is 1024).
     let batch = cfg.train_batch_size.min(labelled.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
-    lc.num_threads = cfg.num_workers;
+    lc.num_threads = cfg.run.num_workers;
+    let train_classes = train.class_names().to_vec();
     let loader = Loader::new(train, Some(labelled), lc).map_err(data_err)?;
     let run = StageRun {
         stage,
         out_dir,
         resume,
         progress,
-        checkpoint_every: cfg.checkpoint_every,
-        extra_meta: vec![(
-            "finetune_config".into(),
-            serde_json::to_string(&cfg).map_err(terr)?,
-        )],
+        options: &cfg.run,
+        extra_meta: simclr_train::stage_meta("finetune_config", &cfg, Some(&train_classes))?,
     };
     let summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
     Ok((summary, task))

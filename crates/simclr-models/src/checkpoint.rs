@@ -9,6 +9,7 @@
 //! | `stage` | what produced the weights (`pretrain`, `finetune`, `import`, ...) |
 //! | `step` | global step (decimal) |
 //! | `producer` | crate name and version that wrote the file |
+//! | `digest` | `sha256:<hex>` of every tensor (name, dtype, shape, bytes) and every other field |
 //! | anything else | free-form extra fields, kept as they are |
 //!
 //! The tensors are exactly the variables of the configured model (this crate's names, f32).
@@ -16,6 +17,12 @@
 //! config (missing, unexpected, wrong shape) is rejected with the tensor's name. [`save`]
 //! writes to a temporary file in the destination directory, syncs it and renames it over the
 //! destination, so a crash never leaves a half-written checkpoint under the final name.
+//!
+//! The digest makes a checkpoint that was damaged after it was written (a flipped bit on disk,
+//! a file patched by hand) fail to load with [`CheckpointError::DigestMismatch`] instead of
+//! training or evaluating on silently wrong weights; the trainer's resume then falls back to an
+//! older checkpoint of the same run. Files without the field (written before it existed, or by
+//! other tools) still load.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,7 +31,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use safetensors::SafeTensors;
+use safetensors::{SafeTensors, View};
+use sha2::{Digest, Sha256};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
@@ -39,7 +47,19 @@ const KEY_CONFIG: &str = "config";
 const KEY_STAGE: &str = "stage";
 const KEY_STEP: &str = "step";
 const KEY_PRODUCER: &str = "producer";
-const RESERVED: [&str; 5] = [KEY_FORMAT, KEY_CONFIG, KEY_STAGE, KEY_STEP, KEY_PRODUCER];
+const KEY_DIGEST: &str = "digest";
+const RESERVED: [&str; 6] = [
+    KEY_FORMAT,
+    KEY_CONFIG,
+    KEY_STAGE,
+    KEY_STEP,
+    KEY_PRODUCER,
+    KEY_DIGEST,
+];
+
+/// Extra metadata field holding the class names of a supervised head, as a JSON list in
+/// label order (written by the stages that train one; absent in older files and imports).
+pub const CLASS_NAMES: &str = "class_names";
 
 /// Names of training-state tensors (optimizer slots, queues) stored beside the model's.
 pub const STATE_PREFIX: &str = "train_state/";
@@ -222,6 +242,12 @@ pub enum CheckpointError {
         /// The first such tensor, in name order.
         name: String,
     },
+    /// The tensors or metadata are not what was written: the stored digest does not match.
+    #[error("{}: contents do not match the stored digest (damaged after it was written?)", .path.display())]
+    DigestMismatch {
+        /// The file.
+        path: PathBuf,
+    },
     /// The stored config is not valid.
     #[error("{}: {source}", .path.display())]
     Config {
@@ -389,6 +415,22 @@ pub fn save_with_state(
     md.insert(KEY_STAGE.into(), meta.stage.clone());
     md.insert(KEY_STEP.into(), meta.step.to_string());
     md.insert(KEY_PRODUCER.into(), meta.producer.clone());
+    // The bytes are taken once (from the device if need be), hashed, then written.
+    let owned: Vec<(String, HostTensor)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                HostTensor {
+                    dtype: View::dtype(&t),
+                    shape: t.dims().to_vec(),
+                    bytes: View::data(&t).into_owned(),
+                },
+            )
+        })
+        .collect();
+    let digest = content_digest(owned.iter().map(|(k, t)| (k.as_str(), t)), &md);
+    md.insert(KEY_DIGEST.into(), digest);
 
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -404,7 +446,7 @@ pub fn save_with_state(
         .tempfile_in(&dir)
         .map_err(io_err(path))?
         .into_temp_path();
-    let views = tensors.iter().map(|(k, t)| (k.as_str(), t));
+    let views = owned.iter().map(|(k, t)| (k.as_str(), t));
     safetensors::serialize_to_file(views, Some(md), &tmp).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(source) => CheckpointError::Io {
             path: path.to_path_buf(),
@@ -431,6 +473,81 @@ pub fn save_with_state(
     // Make the rename itself durable where the platform allows syncing a directory.
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// A tensor's bytes on the host, as safetensors stores them (little-endian).
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// `sha256:<hex>` over each tensor's name, dtype, shape and bytes (in name order) and every
+/// metadata field but the digest (in key order), each length-prefixed so that no two different
+/// contents hash the same byte stream.
+fn content_digest<'a, V: View + 'a>(
+    tensors: impl Iterator<Item = (&'a str, V)>,
+    md: &HashMap<String, String>,
+) -> String {
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    let mut tensors: Vec<(&str, V)> = tensors.collect();
+    tensors.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, view) in &tensors {
+        field(name.as_bytes());
+        field(format!("{:?}", view.dtype()).as_bytes());
+        let shape: Vec<u8> = view
+            .shape()
+            .iter()
+            .flat_map(|&d| (d as u64).to_le_bytes())
+            .collect();
+        field(&shape);
+        field(&view.data());
+    }
+    let mut keys: Vec<&String> = md.keys().filter(|k| *k != KEY_DIGEST).collect();
+    keys.sort();
+    for k in keys {
+        field(k.as_bytes());
+        field(md[k].as_bytes());
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Checks the stored digest, when there is one, against the file's contents.
+fn verify_digest(
+    path: &Path,
+    st: &SafeTensors,
+    md: Option<&HashMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    let Some(md) = md else { return Ok(()) };
+    let Some(stored) = md.get(KEY_DIGEST) else {
+        return Ok(());
+    };
+    if content_digest(st.iter(), md) != *stored {
+        return Err(CheckpointError::DigestMismatch {
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -537,6 +654,7 @@ pub fn load_tensors(
     // The stored configuration must describe the stored tensors before anything is built from
     // it: a config edited to claim another width would otherwise size the caller's model.
     validate_layout(path, &meta.config, &st)?;
+    verify_digest(path, &st, md.as_ref())?;
     let mut out = HashMap::new();
     for (name, view) in st.iter() {
         let t = view.load(device).map_err(candle_err(path))?;
@@ -553,6 +671,7 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, Check
     let (st, md) = parse(path, &map)?;
     let meta = parse_meta(path, md.as_ref())?;
     let expected = validate_layout(path, &meta.config, &st)?;
+    verify_digest(path, &st, md.as_ref())?;
 
     let varmap = VarMap::new();
     {

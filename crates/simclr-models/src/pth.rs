@@ -64,8 +64,32 @@ impl PthReader {
             path: path.to_path_buf(),
             source,
         })?;
-        let archive = zip::ZipArchive::new(BufReader::new(file))
+        let mut archive = zip::ZipArchive::new(BufReader::new(file))
             .map_err(|e| corrupt(path, format!("not a PyTorch zip archive: {e}")))?;
+        // `torch.save` records the writer's byte order; the storages are read as little-endian
+        // (files without the record predate it and were little-endian on every usual machine).
+        let record = archive
+            .file_names()
+            .filter_map(|n| n.ok().map(|n| n.into_owned()))
+            .find(|n| n == "byteorder" || n.ends_with("/byteorder"));
+        if let Some(name) = record {
+            let mut order = String::new();
+            archive
+                .by_name(&name)
+                .map_err(|e| corrupt(path, e))?
+                .take(64)
+                .read_to_string(&mut order)
+                .map_err(|e| corrupt(path, format!("{name}: {e}")))?;
+            if order.trim() != "little" {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "{name} says {:?}: only little-endian files can be read (save it again on a little-endian machine)",
+                        order.trim()
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             archive,

@@ -453,3 +453,67 @@ fn saving_over_a_symlink_or_a_socket_is_refused_and_leaves_them_alone() {
         .file_type()
         .is_socket());
 }
+
+/// Every bit flip in the tensor data of a saved checkpoint is caught by the stored digest on
+/// both loaders, before the damaged values are used; metadata edited after the fact too.
+#[test]
+fn a_flipped_bit_or_an_edited_field_fails_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config, varmap) = saved(dir.path());
+    let clean = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(clean[..8].try_into().unwrap()) as usize;
+    let data_start = 8 + header_len;
+    assert!(clean.len() > data_start + 64);
+    // Positions spread over the data section: first byte, last byte, and between.
+    let span = clean.len() - data_start;
+    for k in 0..16usize {
+        let at = data_start + (k * (span - 1)) / 15;
+        for bit in [0u8, 7] {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 1 << bit;
+            let damaged = dir.path().join("damaged.safetensors");
+            std::fs::write(&damaged, &bytes).unwrap();
+            for result in [
+                checkpoint::load_tensors(&damaged, &Device::Cpu).map(|_| ()),
+                checkpoint::load(&damaged, &Device::Cpu).map(|_| ()),
+            ] {
+                match result {
+                    Err(CheckpointError::DigestMismatch { path: p }) => assert_eq!(p, damaged),
+                    Err(other) => {
+                        panic!("byte {at} bit {bit}: expected DigestMismatch, got {other}")
+                    }
+                    Ok(()) => panic!("byte {at} bit {bit}: a damaged checkpoint loaded"),
+                }
+            }
+        }
+    }
+    // The step changed in the metadata, the stored digest kept: refused.
+    let meta_digest = {
+        let st = safetensors::SafeTensors::read_metadata(&clean).unwrap().1;
+        st.metadata().clone().unwrap()["digest"].clone()
+    };
+    assert!(meta_digest.starts_with("sha256:") && meta_digest.len() == 7 + 64);
+    let mut md = metadata_for(&config);
+    md.insert("step".into(), "100".into());
+    md.insert("digest".into(), meta_digest.clone());
+    let edited = dir.path().join("edited.safetensors");
+    // The fields of `metadata_for` name another producer ("test") than the one that wrote the
+    // file, so the stored digest does not cover them…
+    write_raw(&edited, &tensors_of(&varmap), Some(md.clone()));
+    let m = checkpoint::load(&edited, &Device::Cpu);
+    assert!(matches!(m, Err(CheckpointError::DigestMismatch { .. })));
+    // …with the real producer these are the tensors and fields that were written: it loads.
+    md.insert("producer".into(), checkpoint::producer());
+    write_raw(&edited, &tensors_of(&varmap), Some(md.clone()));
+    checkpoint::load(&edited, &Device::Cpu).unwrap();
+    md.insert("step".into(), "900".into());
+    write_raw(&edited, &tensors_of(&varmap), Some(md.clone()));
+    assert!(matches!(
+        checkpoint::load(&edited, &Device::Cpu),
+        Err(CheckpointError::DigestMismatch { .. })
+    ));
+    // A file without a digest (older writers, other tools) still loads.
+    md.remove("digest");
+    write_raw(&edited, &tensors_of(&varmap), Some(md));
+    checkpoint::load(&edited, &Device::Cpu).unwrap();
+}

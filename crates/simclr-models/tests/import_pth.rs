@@ -210,3 +210,42 @@ fn strides_or_shapes_that_overflow_are_errors_not_panics() {
     let e = simclr_models::pth::strided_view(&storage, usize::MAX, &[2, 2], &[2, 1]).unwrap_err();
     assert!(e.to_string().contains("storage of 16"), "{e}");
 }
+
+/// The fixture rewritten with its `byteorder` record set to `order` (every other entry kept).
+fn with_byteorder(order: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::io::{Read, Write};
+    let src = std::fs::File::open(fixture("r18_1x_sk0.pth")).unwrap();
+    let mut archive = zip::ZipArchive::new(src).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r18_1x_sk0.pth");
+    let mut w = zip::ZipWriter::new(std::fs::File::create(&out).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..archive.len() {
+        let mut f = archive.by_index(i).unwrap();
+        let name = f.name().unwrap().into_owned();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        if name.ends_with("/byteorder") {
+            bytes = order.as_bytes().to_vec();
+        }
+        w.start_file(name, opts).unwrap();
+        w.write_all(&bytes).unwrap();
+    }
+    w.finish().unwrap();
+    (dir, out)
+}
+
+#[test]
+fn a_big_endian_pth_is_refused_naming_the_record() {
+    let (_d, little) = with_byteorder("little");
+    import_pth(&little, &Device::Cpu).expect("the rewritten archive itself is readable");
+    let (_d, big) = with_byteorder("big");
+    let err = import_pth(&big, &Device::Cpu).err().expect("must fail");
+    let text = err.to_string();
+    assert!(matches!(err, ImportError::Corrupt { .. }), "{text}");
+    assert!(
+        text.contains("r18_1x_sk0.pth") && text.contains("byteorder") && text.contains("\"big\""),
+        "{text}"
+    );
+}

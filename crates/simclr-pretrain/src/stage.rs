@@ -47,8 +47,9 @@ pub struct PretrainConfig {
     /// kNN top-1 on the test set every this many epochs (0: never).
     pub knn_every_epochs: usize,
     pub knn: KnnConfig,
-    pub checkpoint_every: u64,
-    pub num_workers: usize,
+    /// Checkpoint cadence and history, resume policy, loader threads.
+    #[serde(flatten)]
+    pub run: simclr_train::RunOptions,
 }
 
 fn default_true() -> bool {
@@ -73,8 +74,7 @@ impl PretrainConfig {
             seed: 0,
             knn_every_epochs: 1,
             knn: KnnConfig::default(),
-            checkpoint_every: 0,
-            num_workers: 0,
+            run: simclr_train::RunOptions::default(),
         }
     }
 }
@@ -390,12 +390,12 @@ pub fn run_pretrain_replica(
         config.augment.clone(),
         config.seed,
     );
-    loader_cfg.num_threads = config.num_workers;
+    loader_cfg.num_threads = config.run.num_workers;
     let loader = Loader::new(data.train.clone(), None, loader_cfg).map_err(data_err)?;
     let knn = match &data.test {
         Some(test) if config.knn_every_epochs > 0 => {
             let mut eval = LoaderConfig::eval(256, config.image_size);
-            eval.num_threads = config.num_workers;
+            eval.num_threads = config.run.num_workers;
             Some(KnnData {
                 bank: Loader::new(data.train.clone(), None, eval.clone()).map_err(data_err)?,
                 queries: Loader::new(test.clone(), None, eval).map_err(data_err)?,
@@ -410,11 +410,8 @@ pub fn run_pretrain_replica(
         out_dir,
         resume,
         progress: progress && primary,
-        checkpoint_every: config.checkpoint_every,
-        extra_meta: vec![(
-            "pretrain_config".into(),
-            serde_json::to_string(&config).map_err(terr)?,
-        )],
+        options: &config.run,
+        extra_meta: simclr_train::stage_meta("pretrain_config", &config, None)?,
     };
     run_stage(&mut task, &loader, &config.schedule, &config.optimizer, run)
 }

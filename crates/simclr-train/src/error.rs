@@ -98,6 +98,13 @@ pub enum TrainError {
         holder: String,
     },
 
+    /// `--resume` with settings that differ from the ones the checkpoint was trained with.
+    #[error("{}: written with other settings ({changes}); resume with the same settings, start a fresh output folder, or pass --allow-changed-settings to continue and record the change", .checkpoint.display())]
+    ChangedSettings {
+        checkpoint: std::path::PathBuf,
+        changes: String,
+    },
+
     /// A hyperparameter or schedule argument is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -55,4 +55,7 @@ pub use schedule::{
     scaled_lr, train_steps, warmup_steps, LearningRateScaling, LrScheduleConfig, WarmupCosine,
 };
 pub use simclr_models::{param_group, ParamGroup};
-pub use trainer::{run_stage, train, StageRun, StepOutput, TrainSummary, TrainTask, TrainerConfig};
+pub use trainer::{
+    run_stage, stage_meta, train, RunOptions, StageRun, StepOutput, TrainSummary, TrainTask,
+    TrainerConfig, KEEP_CHECKPOINT_MAX,
+};

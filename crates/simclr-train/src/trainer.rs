@@ -85,6 +85,10 @@ pub struct TrainerConfig {
     pub total_steps: u64,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Checkpoints kept (at least 1): see [`RunOptions::keep_checkpoint_max`].
+    pub keep_checkpoint_max: usize,
+    /// See [`RunOptions::allow_changed_settings`].
+    pub allow_changed_settings: bool,
     /// Append a metrics row every this many steps.
     pub log_every: u64,
     /// Continue from `out_dir`'s checkpoint when there is one.
@@ -94,6 +98,66 @@ pub struct TrainerConfig {
     /// Extra metadata written into checkpoints (e.g. the run's settings as JSON).
     pub extra_meta: Vec<(String, String)>,
 }
+
+/// Checkpoints a stage keeps by default: the newest and four older ones, as the official code's
+/// `keep_checkpoint_max`.
+pub const KEEP_CHECKPOINT_MAX: usize = 5;
+
+/// How a stage runs, apart from what it computes; every stage's config holds one, flattened
+/// (its fields sit at the stage's level in JSON, so files written before it existed still read).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunOptions {
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in the stage's folder: `checkpoint.safetensors` and older ones as
+    /// `checkpoint-<step>.safetensors`, which `--resume` falls back on when the newest does not
+    /// verify (the official `keep_checkpoint_max`).
+    #[serde(
+        default = "keep_checkpoint_max_default",
+        skip_serializing_if = "is_keep_checkpoint_max_default"
+    )]
+    pub keep_checkpoint_max: usize,
+    /// Let a resumed run continue with settings that differ from its checkpoint's; the change is
+    /// recorded in every later checkpoint (`settings_changed`). Without it such a resume is an
+    /// error listing the differences.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_changed_settings: bool,
+    /// Data-loading threads (0: the loader's default).
+    pub num_workers: usize,
+}
+
+fn keep_checkpoint_max_default() -> usize {
+    KEEP_CHECKPOINT_MAX
+}
+
+fn is_keep_checkpoint_max_default(n: &usize) -> bool {
+    *n == KEEP_CHECKPOINT_MAX
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            checkpoint_every: 0,
+            keep_checkpoint_max: KEEP_CHECKPOINT_MAX,
+            allow_changed_settings: false,
+            num_workers: 0,
+        }
+    }
+}
+
+/// Settings that change how a run is carried out but not what it computes: a resume may change
+/// them freely. (`knn*` only evaluates; the rest are [`RunOptions`].)
+const NOT_SETTINGS: [&str; 6] = [
+    "checkpoint_every",
+    "keep_checkpoint_max",
+    "allow_changed_settings",
+    "num_workers",
+    "knn_every_epochs",
+    "knn",
+];
+
+/// Metadata key of the record of settings changed by resumed runs.
+const SETTINGS_CHANGED: &str = "settings_changed";
 
 /// What a finished run reports.
 #[derive(Clone, Debug, Default)]
@@ -125,6 +189,112 @@ impl TrainerConfig {
     pub fn metrics_path(&self) -> PathBuf {
         self.out_dir.join("metrics.jsonl")
     }
+    /// An older checkpoint kept for `--resume` to fall back on.
+    pub fn history_path(&self, step: u64) -> PathBuf {
+        self.out_dir.join(format!("checkpoint-{step}.safetensors"))
+    }
+    /// The older checkpoints in the folder, newest (highest step) first.
+    pub fn history(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.out_dir) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let step = name
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        found.sort_by_key(|e| std::cmp::Reverse(e.0));
+        found
+    }
+}
+
+/// A checkpoint read for a resume: its file, metadata and tensors.
+type Loaded = (PathBuf, CheckpointMeta, HashMap<String, Tensor>);
+
+/// The checkpoints of the run so far.
+struct Saved {
+    /// The newest healthy checkpoint (named by the errors that stop a run).
+    newest: Option<PathBuf>,
+    /// The step held by `checkpoint.safetensors` when it is healthy (kept as history when the
+    /// next checkpoint replaces it).
+    on_disk: Option<u64>,
+}
+
+/// Before a new checkpoint replaces `checkpoint.safetensors` (holding step `previous`, known to
+/// be healthy), keeps it as `checkpoint-<previous>.safetensors`: a hard link, so nothing is
+/// copied (a copy where links are not supported).
+fn keep_previous(cfg: &TrainerConfig, previous: Option<u64>) -> Result<()> {
+    let Some(previous) = previous.filter(|_| cfg.keep_checkpoint_max > 1) else {
+        return Ok(());
+    };
+    let (from, to) = (cfg.checkpoint_path(), cfg.history_path(previous));
+    if to.exists() || !from.is_file() {
+        return Ok(());
+    }
+    std::fs::hard_link(&from, &to)
+        .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+        .map_err(|source| TrainError::Io { path: to, source })
+}
+
+/// Removes the older checkpoints beyond `keep_checkpoint_max − 1` (the newest is the running one).
+fn prune_history(cfg: &TrainerConfig) {
+    for (_, path) in cfg
+        .history()
+        .into_iter()
+        .skip(cfg.keep_checkpoint_max.saturating_sub(1))
+    {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(
+                "could not remove the old checkpoint {}: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// The settings in `now` that differ from `before` (both stage configs as JSON), as
+/// `path: old -> new`, leaving out [`NOT_SETTINGS`].
+fn changed_settings(before: &str, now: &str) -> Vec<String> {
+    fn flatten(prefix: &str, v: &Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if NOT_SETTINGS.contains(&k.as_str()) {
+                        continue;
+                    }
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&path, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap_or(Value::String(s.into()));
+    let (mut a, mut b) = Default::default();
+    flatten("", &parse(before), &mut a);
+    flatten("", &parse(now), &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let absent = "(absent)".to_string();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&absent), b.get(k).unwrap_or(&absent));
+            (x != y).then(|| format!("{k}: {x} -> {y}"))
+        })
+        .collect()
 }
 
 fn save_checkpoint(
@@ -134,7 +304,7 @@ fn save_checkpoint(
     step: u64,
     done: bool,
     totals: (f64, u64),
-    last_saved: &Option<PathBuf>,
+    saved: &Saved,
 ) -> Result<PathBuf> {
     let mut state: Vec<(String, Tensor)> = optimizer
         .state_tensors()
@@ -168,7 +338,7 @@ fn save_checkpoint(
             stage: cfg.stage.clone(),
             step,
             tensor,
-            last_checkpoint: last_saved.clone(),
+            last_checkpoint: saved.newest.clone(),
         });
     }
     // With several replicas, rank 0 writes for all of them: their trainable variables are
@@ -187,17 +357,61 @@ fn save_checkpoint(
         meta = meta.with_extra(k.clone(), v.clone());
     }
     let path = cfg.checkpoint_path();
+    keep_previous(cfg, saved.on_disk.filter(|&p| p != step))?;
     checkpoint::save_with_state(&path, task.varmap(), &meta, &state)?;
+    prune_history(cfg);
     Ok(path)
 }
 
-/// Restores the model, optimizer and task state of `path`; returns its step.
-/// Restores a run; returns its step and the training seconds and images so far.
+/// The newest checkpoint of the run in `cfg.out_dir` that loads and verifies:
+/// `checkpoint.safetensors`, else the older ones newest first (each failure is logged, and
+/// the first one is returned when none loads). `None` when the folder holds no checkpoint.
+fn load_for_resume(cfg: &TrainerConfig, device: &candle_core::Device) -> Result<Option<Loaded>> {
+    let newest = cfg.checkpoint_path();
+    let candidates: Vec<PathBuf> = newest
+        .is_file()
+        .then(|| newest.clone())
+        .into_iter()
+        .chain(cfg.history().into_iter().map(|(_, p)| p))
+        .collect();
+    let mut first_error = None;
+    for path in candidates {
+        match checkpoint::load_tensors(&path, device) {
+            Ok((meta, tensors)) => {
+                if path != newest {
+                    tracing::warn!(
+                        "resuming from the older checkpoint {} (step {}): {}",
+                        path.display(),
+                        meta.step,
+                        match &first_error {
+                            Some(e) => format!("the newest did not load: {e}"),
+                            None => format!("{} is missing", newest.display()),
+                        }
+                    );
+                }
+                return Ok(Some((path, meta, tensors)));
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(None),
+    }
+}
+
+/// Restores the model, optimizer and task state of the run in `cfg.out_dir` (see
+/// [`load_for_resume`]); returns the checkpoint it used, its step, the training seconds and
+/// images so far, and the settings-change record to carry on. `None`: nothing to resume.
+#[allow(clippy::type_complexity)]
 fn restore(
-    path: &Path,
+    cfg: &TrainerConfig,
     task: &mut dyn TrainTask,
     optimizer: &mut dyn Optimizer,
-) -> Result<(u64, (f64, u64))> {
+) -> Result<Option<(PathBuf, u64, (f64, u64), Option<String>)>> {
     let device = {
         let data = task
             .varmap()
@@ -209,13 +423,43 @@ fn restore(
             .map(|v| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu)
     };
-    let (meta, tensors) = checkpoint::load_tensors(path, &device)?;
+    let Some((path, meta, tensors)) = load_for_resume(cfg, &device)? else {
+        return Ok(None);
+    };
+    let path = path.as_path();
     if &meta.config != task.model_config() {
         return Err(TrainError::InvalidConfig(format!(
             "{}: written for another architecture ({:?}); use a fresh output folder or the same settings",
             path.display(),
             meta.config
         )));
+    }
+    // The run continues only with the settings it was started with, unless told otherwise:
+    // the checkpoint's record of them would be false.
+    let mut record = meta.extra.get(SETTINGS_CHANGED).cloned();
+    let mut changes = Vec::new();
+    for (key, now) in &cfg.extra_meta {
+        if let Some(before) = meta.extra.get(key) {
+            changes.extend(changed_settings(before, now));
+        }
+    }
+    if !changes.is_empty() {
+        if !cfg.allow_changed_settings {
+            return Err(TrainError::ChangedSettings {
+                checkpoint: path.to_path_buf(),
+                changes: changes.join("; "),
+            });
+        }
+        tracing::warn!(
+            "resuming {} with changed settings: {}",
+            path.display(),
+            changes.join("; ")
+        );
+        let entry = format!("at step {}: {}", meta.step, changes.join("; "));
+        record = Some(match record {
+            Some(r) => format!("{r} | {entry}"),
+            None => entry,
+        });
     }
     checkpoint::assign_variables(task.varmap(), &tensors, |_| false)?;
     let strip = |prefix: &str| -> HashMap<String, Tensor> {
@@ -236,7 +480,12 @@ fn restore(
         .get("train_images")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Ok((meta.step, (seconds, images)))
+    Ok(Some((
+        path.to_path_buf(),
+        meta.step,
+        (seconds, images),
+        record,
+    )))
 }
 
 /// A loss this many times its running median (or 1, whichever is larger) means the run has
@@ -420,20 +669,39 @@ pub fn train(
         remove_stale_temporaries(&cfg.out_dir);
     }
     let ckpt = cfg.checkpoint_path();
-    if !cfg.resume && ckpt.is_file() {
+    if !cfg.resume {
         // Starting over would delete its metrics at once and its checkpoint at the first save.
-        return Err(TrainError::ExistingRun {
-            dir: cfg.out_dir.clone(),
-            checkpoint: ckpt,
-        });
+        if let Some(existing) = ckpt
+            .is_file()
+            .then(|| ckpt.clone())
+            .or_else(|| cfg.history().first().map(|(_, p)| p.clone()))
+        {
+            return Err(TrainError::ExistingRun {
+                dir: cfg.out_dir.clone(),
+                checkpoint: existing,
+            });
+        }
     }
-    let (start, before) = if cfg.resume && ckpt.is_file() {
-        let (s, before) = restore(&ckpt, task, optimizer)?;
-        tracing::info!(stage = %cfg.stage, step = s, "resuming from {}", ckpt.display());
-        (s, before)
-    } else {
-        (0, (0.0, 0))
+    let mut cfg = cfg.clone();
+    let cfg = &mut cfg;
+    // `previous`: the step of a healthy `checkpoint.safetensors` on disk, kept as history when
+    // the next checkpoint replaces it.
+    let (start, before, previous, resumed_from) = match cfg.resume {
+        true => match restore(cfg, task, optimizer)? {
+            Some((path, s, before, record)) => {
+                tracing::info!(stage = %cfg.stage, step = s, "resuming from {}", path.display());
+                if let Some(record) = record {
+                    cfg.extra_meta.retain(|(k, _)| k != SETTINGS_CHANGED);
+                    cfg.extra_meta.push((SETTINGS_CHANGED.into(), record));
+                }
+                let previous = (path == ckpt).then_some(s);
+                (s, before, previous, Some(path))
+            }
+            None => (0, (0.0, 0), None, None),
+        },
+        false => (0, (0.0, 0), None, None),
     };
+    let cfg = &*cfg;
     let totals = |t0: &Instant, images: usize| {
         (
             before.0 + t0.elapsed().as_secs_f64(),
@@ -458,7 +726,10 @@ pub fn train(
     };
     let mut images = 0usize;
     let mut step = start;
-    let mut last_saved = (start > 0).then(|| ckpt.clone());
+    let mut saved = Saved {
+        newest: resumed_from,
+        on_disk: previous,
+    };
     let mut recent = RecentLosses::default();
     let trainable = named_vars(task.varmap());
     while step < cfg.total_steps {
@@ -495,7 +766,7 @@ pub fn train(
                         step,
                         value: loss,
                         median,
-                        last_checkpoint: last_saved.clone(),
+                        last_checkpoint: saved.newest.clone(),
                     },
                     None => TrainError::NonFiniteLoss {
                         stage: cfg.stage.clone(),
@@ -503,7 +774,7 @@ pub fn train(
                         epoch,
                         batch: batch.index,
                         value: loss,
-                        last_checkpoint: last_saved.clone(),
+                        last_checkpoint: saved.newest.clone(),
                     },
                 });
             }
@@ -552,15 +823,16 @@ pub fn train(
                 && step % cfg.checkpoint_every == 0
                 && step < cfg.total_steps
             {
-                last_saved = Some(save_checkpoint(
+                saved.newest = Some(save_checkpoint(
                     cfg,
                     task,
                     optimizer,
                     step,
                     false,
                     totals(&t0, images),
-                    &last_saved,
+                    &saved,
                 )?);
+                saved.on_disk = Some(step);
             }
         }
         if step % per_epoch == 0 && step > start {
@@ -591,7 +863,7 @@ pub fn train(
         step,
         true,
         (seconds, all_images),
-        &last_saved,
+        &saved,
     )?;
     summary.steps = step;
     summary.final_loss = summary.losses.last().copied().unwrap_or(f64::NAN);
@@ -606,9 +878,29 @@ pub struct StageRun<'a> {
     pub out_dir: &'a Path,
     pub resume: bool,
     pub progress: bool,
-    pub checkpoint_every: u64,
+    pub options: &'a RunOptions,
     /// The stage's settings, written into its checkpoints.
     pub extra_meta: Vec<(String, String)>,
+}
+
+/// The metadata a stage writes into its checkpoints: its settings as JSON under `key`
+/// (`pretrain_config`, …; what a resume compares) and, for a stage that trains a supervised
+/// head, the class names in label order (what `simclr eval` compares with its data).
+pub fn stage_meta(
+    key: &str,
+    settings: &impl serde::Serialize,
+    class_names: Option<&[String]>,
+) -> Result<Vec<(String, String)>> {
+    let err = |e: serde_json::Error| TrainError::InvalidConfig(format!("{key}: {e}"));
+    let mut meta = vec![(
+        key.to_string(),
+        serde_json::to_string(settings).map_err(err)?,
+    )];
+    if let Some(names) = class_names {
+        let names = serde_json::to_string(names).map_err(err)?;
+        meta.push((checkpoint::CLASS_NAMES.to_string(), names));
+    }
+    Ok(meta)
 }
 
 /// The common tail of every stage: the schedule for the loader's images and batch, the
@@ -628,7 +920,9 @@ pub fn run_stage(
         out_dir: run.out_dir.to_path_buf(),
         stage: run.stage.to_string(),
         total_steps: schedule.total_steps,
-        checkpoint_every: run.checkpoint_every,
+        checkpoint_every: run.options.checkpoint_every,
+        keep_checkpoint_max: run.options.keep_checkpoint_max.max(1),
+        allow_changed_settings: run.options.allow_changed_settings,
         log_every: 1,
         resume: run.resume,
         progress: run.progress,

@@ -122,6 +122,8 @@ fn trainer(dir: &std::path::Path, total: u64, every: u64, resume: bool) -> Train
         stage: "test".into(),
         total_steps: total,
         checkpoint_every: every,
+        keep_checkpoint_max: simclr_train::KEEP_CHECKPOINT_MAX,
+        allow_changed_settings: false,
         log_every: 1,
         resume,
         progress: false,
@@ -157,16 +159,13 @@ fn run_with(
     resume: bool,
     fault: Fault,
 ) -> simclr_train::Result<Vec<f64>> {
+    run_cfg(&trainer(dir, total, every, resume), fault)
+}
+
+fn run_cfg(cfg: &TrainerConfig, fault: Fault) -> simclr_train::Result<Vec<f64>> {
     let mut task = Supervised::with_fault(fault);
     let mut opt = build_optimizer(named_vars(&task.varmap), &OptimizerSettings::default()).unwrap();
-    Ok(train(
-        &mut task,
-        &loader(),
-        opt.as_mut(),
-        &lr,
-        &trainer(dir, total, every, resume),
-    )?
-    .losses)
+    Ok(train(&mut task, &loader(), opt.as_mut(), &lr, cfg)?.losses)
 }
 
 #[test]
@@ -378,4 +377,124 @@ fn temporaries_of_killed_checkpoint_writes_are_removed_at_the_next_start() {
     run(dir.path(), 2, 0, false, None).unwrap();
     assert!(!stale.exists());
     assert!(other.exists());
+}
+
+fn kept_checkpoints(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `keep_checkpoint_max` older checkpoints are kept, and a resume whose newest checkpoint is
+/// damaged continues from the newest one that verifies, repeating the uninterrupted run.
+#[test]
+fn history_is_kept_and_resume_falls_back_past_a_damaged_checkpoint() {
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = run(full_dir.path(), 10, 0, false, None).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let keep3 = |total, resume| TrainerConfig {
+        keep_checkpoint_max: 3,
+        ..trainer(dir.path(), total, 2, resume)
+    };
+    assert_eq!(run_cfg(&keep3(6, false), Fault::None).unwrap(), full[..6]);
+    assert_eq!(
+        kept_checkpoints(dir.path()),
+        [
+            "checkpoint-2.safetensors",
+            "checkpoint-4.safetensors",
+            "checkpoint.safetensors"
+        ]
+    );
+    // One bit of the newest checkpoint's last tensor byte flipped on disk.
+    let newest = dir.path().join("checkpoint.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    std::fs::write(&newest, &bytes).unwrap();
+    // Without a fallback it would not load at all.
+    assert!(matches!(
+        simclr_models::checkpoint::load_tensors(&newest, &Device::Cpu),
+        Err(simclr_models::checkpoint::CheckpointError::DigestMismatch { .. })
+    ));
+    let rest = run_cfg(&keep3(10, true), Fault::None).unwrap();
+    assert_eq!(rest, full[4..], "resumed from step 4, bit for bit");
+    assert_eq!(checkpoint_step(dir.path()), 10);
+    assert_eq!(
+        kept_checkpoints(dir.path()),
+        [
+            "checkpoint-6.safetensors",
+            "checkpoint-8.safetensors",
+            "checkpoint.safetensors"
+        ]
+    );
+    // Each kept one is the state of its step.
+    for step in [6u64, 8] {
+        let p = dir.path().join(format!("checkpoint-{step}.safetensors"));
+        assert_eq!(simclr_models::checkpoint::read_meta(p).unwrap().step, step);
+    }
+    // With the newest missing altogether, the newest older one is used.
+    std::fs::remove_file(&newest).unwrap();
+    let again = run_cfg(&keep3(10, true), Fault::None).unwrap();
+    assert_eq!(again, full[8..]);
+    // keep_checkpoint_max 1: no history at all.
+    let single = tempfile::tempdir().unwrap();
+    let keep1 = TrainerConfig {
+        keep_checkpoint_max: 1,
+        ..trainer(single.path(), 6, 2, false)
+    };
+    run_cfg(&keep1, Fault::None).unwrap();
+    assert_eq!(kept_checkpoints(single.path()), ["checkpoint.safetensors"]);
+}
+
+/// A resume with other settings than the checkpoint's is refused with the differences; with
+/// `allow_changed_settings` it continues and every later checkpoint records the change.
+/// Options that do not change the computation (checkpoint cadence, loader threads) may change.
+#[test]
+fn resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |total, settings: &str, allow| TrainerConfig {
+        extra_meta: vec![("test_config".into(), settings.into())],
+        allow_changed_settings: allow,
+        ..trainer(dir.path(), total, 0, true)
+    };
+    let a = r#"{"lr":0.1,"schedule":{"warmup":1},"checkpoint_every":0,"num_workers":0}"#;
+    let b = r#"{"lr":0.2,"schedule":{"warmup":1},"checkpoint_every":0,"num_workers":0}"#;
+    let only_options = r#"{"lr":0.1,"schedule":{"warmup":1},"checkpoint_every":7,"num_workers":3}"#;
+    run_cfg(&with(3, a, false), Fault::None).unwrap();
+    let before = std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap();
+    let e = run_cfg(&with(5, b, false), Fault::None).unwrap_err();
+    assert!(matches!(e, TrainError::ChangedSettings { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("lr: 0.1 -> 0.2")
+            && !text.contains("warmup")
+            && text.contains("--allow-changed-settings"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap(),
+        before,
+        "a refused resume leaves the checkpoint as it was"
+    );
+    // Run options only: accepted, nothing recorded.
+    run_cfg(&with(4, only_options, false), Fault::None).unwrap();
+    let meta =
+        simclr_models::checkpoint::read_meta(dir.path().join("checkpoint.safetensors")).unwrap();
+    assert!(!meta.extra.contains_key("settings_changed"));
+    // Allowed: continues, and the record stays in later checkpoints.
+    run_cfg(&with(5, b, true), Fault::None).unwrap();
+    let meta =
+        simclr_models::checkpoint::read_meta(dir.path().join("checkpoint.safetensors")).unwrap();
+    assert_eq!(meta.step, 5);
+    assert_eq!(meta.extra["settings_changed"], "at step 4: lr: 0.1 -> 0.2");
+    assert_eq!(meta.extra["test_config"], b);
+    run_cfg(&with(6, b, false), Fault::None).unwrap();
+    let meta =
+        simclr_models::checkpoint::read_meta(dir.path().join("checkpoint.safetensors")).unwrap();
+    assert_eq!(meta.extra["settings_changed"], "at step 4: lr: 0.1 -> 0.2");
 }

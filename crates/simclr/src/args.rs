@@ -50,22 +50,63 @@ impl DataArgs {
     }
 }
 
+/// How a stage runs: resuming, checkpoints, progress (the same flags on every stage).
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Continue the run in the output folder (from the newest checkpoint that verifies).
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: continue even if settings differ from the checkpoint's, and record the
+    /// change in its metadata (`settings_changed`).
+    #[arg(long)]
+    pub allow_changed_settings: bool,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in the output folder: the newest and older ones to fall back on
+    /// (`checkpoint-<step>.safetensors`).
+    #[arg(long, default_value_t = simclr_train::KEEP_CHECKPOINT_MAX, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub keep_checkpoint_max: usize,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl RunArgs {
+    /// The stage's [`simclr_train::RunOptions`] from these flags.
+    pub fn options(&self, num_workers: usize) -> simclr_train::RunOptions {
+        simclr_train::RunOptions {
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoint_max: self.keep_checkpoint_max,
+            allow_changed_settings: self.allow_changed_settings,
+            num_workers,
+        }
+    }
+}
+
+/// The architecture flags. Unset ones take [`ModelConfig::default`]'s values (ResNet-50 1×, no
+/// SK, base width 64, a 3-layer projection head of 128 outputs); where the architecture comes
+/// from a checkpoint, setting any of them is an error rather than a flag silently ignored.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    #[arg(long, default_value_t = 50)]
-    pub resnet_depth: usize,
-    #[arg(long, default_value_t = 1)]
-    pub width_multiplier: usize,
-    /// Selective kernels (0.0625 for the released SK1 models); also switches on the ResNet-D stem and shortcut.
-    #[arg(long, default_value_t = 0.0)]
-    pub sk_ratio: f64,
-    /// First-stage width before the multiplier (64 in every official model).
-    #[arg(long, default_value_t = 64)]
-    pub base_width: usize,
-    #[arg(long, default_value_t = 3)]
-    pub num_proj_layers: usize,
-    #[arg(long, default_value_t = 128)]
-    pub proj_out_dim: usize,
+    /// [default: 50]
+    #[arg(long)]
+    pub resnet_depth: Option<usize>,
+    /// [default: 1]
+    #[arg(long)]
+    pub width_multiplier: Option<usize>,
+    /// Selective kernels (0.0625 for the released SK1 models); also switches on the ResNet-D
+    /// stem and shortcut. [default: 0]
+    #[arg(long)]
+    pub sk_ratio: Option<f64>,
+    /// First-stage width before the multiplier (64 in every official model). [default: 64]
+    #[arg(long)]
+    pub base_width: Option<usize>,
+    /// [default: 3]
+    #[arg(long)]
+    pub num_proj_layers: Option<usize>,
+    /// [default: 128]
+    #[arg(long)]
+    pub proj_out_dim: Option<usize>,
     /// The projection-head layer the fine-tuned or evaluated network ends at (0: the encoder
     /// output; negative counts from the end). Default: 1 when fine-tuning a pretrained
     /// checkpoint (SimCLRv2), else 0 (linear evaluation, the supervised baseline).
@@ -75,20 +116,49 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn config(&self, image_size: usize, num_classes: Option<usize>) -> Result<ModelConfig> {
+        let d = ModelConfig::default();
         let c = ModelConfig {
-            resnet_depth: self.resnet_depth,
-            width_multiplier: self.width_multiplier,
-            sk_ratio: self.sk_ratio,
-            base_width: self.base_width,
-            num_proj_layers: self.num_proj_layers,
-            proj_out_dim: self.proj_out_dim,
+            resnet_depth: self.resnet_depth.unwrap_or(d.resnet_depth),
+            width_multiplier: self.width_multiplier.unwrap_or(d.width_multiplier),
+            sk_ratio: self.sk_ratio.unwrap_or(d.sk_ratio),
+            base_width: self.base_width.unwrap_or(d.base_width),
+            num_proj_layers: self.num_proj_layers.unwrap_or(d.num_proj_layers),
+            proj_out_dim: self.proj_out_dim.unwrap_or(d.proj_out_dim),
             ft_proj_selector: self.ft_proj_selector.unwrap_or(0),
             num_classes,
-            ..ModelConfig::default()
+            ..d
         }
         .with_image_size(image_size);
         c.validate()?;
         Ok(c)
+    }
+
+    /// The architecture flags given on the command line (`--ft-proj-selector` is not one: it
+    /// applies to a loaded network too).
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            ("--resnet-depth", self.resnet_depth.is_some()),
+            ("--width-multiplier", self.width_multiplier.is_some()),
+            ("--sk-ratio", self.sk_ratio.is_some()),
+            ("--base-width", self.base_width.is_some()),
+            ("--num-proj-layers", self.num_proj_layers.is_some()),
+            ("--proj-out-dim", self.proj_out_dim.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect()
+    }
+
+    /// Refuses architecture flags where `source` fixes the architecture.
+    pub fn refuse_with(&self, source: &str) -> Result<()> {
+        let given = self.given();
+        if !given.is_empty() {
+            bail!(
+                "{} would be ignored: the architecture comes from {source}",
+                given.join(", ")
+            );
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
-use simclr::args::{device, DataArgs, ModelArgs, TrainArgs};
+use simclr::args::{device, DataArgs, ModelArgs, RunArgs, TrainArgs};
 use simclr_data::{Loader, LoaderConfig, Split};
 use simclr_models::checkpoint;
 use simclr_pretrain::{PretrainConfig, PretrainData};
@@ -98,8 +98,6 @@ struct PretrainArgs {
     /// kNN top-1 on the test split every this many epochs (0: never).
     #[arg(long, default_value_t = 1)]
     knn_every_epochs: usize,
-    #[arg(long, default_value_t = 0)]
-    checkpoint_every: u64,
     /// Data-parallel replicas, one process per GPU (NCCL; a binary built with --features
     /// nccl). Start one process per rank with the same flags and its own --rank and --device.
     #[arg(long, default_value_t = 1)]
@@ -115,11 +113,8 @@ struct PretrainArgs {
     /// Output folder (default: checkpoints/pretrain-<dataset>-<model>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in the output folder.
-    #[arg(long)]
-    resume: bool,
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// The labelled subset: a fraction drawn per class, or an official-format split file.
@@ -166,7 +161,7 @@ struct FinetuneArgs {
     #[arg(long, required_unless_present = "from_scratch")]
     checkpoint: Option<PathBuf>,
     /// Train the network of --resnet-depth … from random weights: the supervised baseline.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     from_scratch: bool,
     #[command(flatten)]
     data: DataArgs,
@@ -181,10 +176,8 @@ struct FinetuneArgs {
     zero_init_logits_layer: bool,
     #[arg(long)]
     out: PathBuf,
-    #[arg(long)]
-    resume: bool,
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -199,7 +192,7 @@ struct DistillArgs {
     #[arg(long)]
     student_checkpoint: Option<PathBuf>,
     /// Build the student from the model flags (big-to-small distillation).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "student_checkpoint")]
     student_from_flags: bool,
     #[command(flatten)]
     data: DataArgs,
@@ -217,10 +210,8 @@ struct DistillArgs {
     alpha: f64,
     #[arg(long)]
     out: PathBuf,
-    #[arg(long)]
-    resume: bool,
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -323,8 +314,7 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
     }
     cfg.seed = a.seed;
     cfg.knn_every_epochs = a.knn_every_epochs;
-    cfg.checkpoint_every = a.checkpoint_every;
-    cfg.num_workers = a.data.num_workers;
+    cfg.run = a.run.options(a.data.num_workers);
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(format!(
             "checkpoints/pretrain-{}-{}",
@@ -338,8 +328,8 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
         &cfg,
         &PretrainData { train, test },
         &out,
-        a.resume,
-        !a.no_progress,
+        a.run.resume,
+        !a.run.no_progress,
         device,
         replicas,
     )?;
@@ -387,14 +377,18 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     cfg.fine_tune_after_block = a.fine_tune_after_block;
     cfg.zero_init_logits_layer = a.zero_init_logits_layer;
     cfg.seed = a.labels.seed;
-    cfg.num_workers = a.data.num_workers;
+    cfg.run = a.run.options(a.data.num_workers);
     let (init, stage) = match (&a.checkpoint, a.from_scratch) {
         (_, true) => (
             FinetuneInit::Scratch(a.model.config(image_size, None)?),
             "supervised",
         ),
         (Some(p), false) => (
-            FinetuneInit::Pretrained(p.clone()),
+            {
+                a.model
+                    .refuse_with(&format!("--checkpoint {}", p.display()))?;
+                FinetuneInit::Pretrained(p.clone())
+            },
             if a.fine_tune_after_block >= 4 {
                 "linear_eval"
             } else {
@@ -416,8 +410,8 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
         train,
         labelled,
         &a.out,
-        a.resume,
-        !a.no_progress,
+        a.run.resume,
+        !a.run.no_progress,
         device,
     )?;
     println!(
@@ -440,9 +434,19 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
         Vec::new()
     };
     let student = match (&a.student_checkpoint, a.student_from_flags) {
-        (Some(p), _) => StudentInit::Checkpoint(p.clone()),
+        (Some(p), _) => {
+            a.model
+                .refuse_with(&format!("--student-checkpoint {}", p.display()))?;
+            StudentInit::Checkpoint(p.clone())
+        }
         (None, true) => StudentInit::Scratch(a.model.config(image_size, None)?),
-        (None, false) => StudentInit::Scratch(checkpoint::read_meta(&a.teacher)?.config),
+        (None, false) => {
+            a.model.refuse_with(&format!(
+                "the teacher {} (pass --student-from-flags for a student of another size)",
+                a.teacher.display()
+            ))?;
+            StudentInit::Scratch(checkpoint::read_meta(&a.teacher)?.config)
+        }
     };
     let mut cfg = DistillConfig::new(image_size, !a.student_from_flags);
     if let Some(t) = a.temperature {
@@ -457,7 +461,7 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
         &mut cfg.precision,
     );
     cfg.seed = a.labels.seed;
-    cfg.num_workers = a.data.num_workers;
+    cfg.run = a.run.options(a.data.num_workers);
     check_writable(&a.out)?;
     let (s, _) = run_distill(
         &cfg,
@@ -466,8 +470,8 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
         train,
         &labelled,
         &a.out,
-        a.resume,
-        !a.no_progress,
+        a.run.resume,
+        !a.run.no_progress,
         device,
     )?;
     println!(
@@ -510,6 +514,29 @@ fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
                 a.data.dataset,
                 test.num_classes()
             );
+        }
+        if let Some(stored) = ckpt.meta.extra.get(checkpoint::CLASS_NAMES) {
+            let stored: Vec<String> = serde_json::from_str(stored).with_context(|| {
+                format!(
+                    "{}: metadata field `{}` is not a list of names",
+                    a.checkpoint.display(),
+                    checkpoint::CLASS_NAMES
+                )
+            })?;
+            if stored != test.class_names() {
+                let first = stored
+                    .iter()
+                    .zip(test.class_names())
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
+                bail!(
+                    "{}: trained on classes that are not those of {} (label {first}: {:?} in the checkpoint, {:?} in the data); the accuracy would compare the wrong classes",
+                    a.checkpoint.display(),
+                    a.data.dataset,
+                    stored.get(first).map_or("(none)", String::as_str),
+                    test.class_names().get(first).map_or("(none)", String::as_str)
+                );
+            }
         }
         let report = simclr_eval::evaluate_classifier(&ckpt.model, &loader, device)?;
         println!("{report}");

@@ -252,3 +252,163 @@ fn counts_that_would_be_ignored_or_unbounded_are_refused() {
     );
     fails_with(&r, &["--num-workers", "100000"]);
 }
+
+/// `root/{train,val}/<class>/<k>.png`: 3 classes of 4 small grey images each.
+fn write_image_folder(root: &Path, classes: &[&str]) {
+    for split in ["train", "val"] {
+        for (c, class) in classes.iter().enumerate() {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for k in 0..4u32 {
+                let img = image::GrayImage::from_fn(12, 12, |x, y| {
+                    image::Luma([((x * 20 + y * (c as u32 + 1) * 9 + k * 13) % 256) as u8])
+                });
+                img.save(dir.join(format!("{k}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+/// A supervised checkpoint evaluated on data whose classes are named otherwise (a renamed
+/// class folder, so labels no longer mean the same) is refused, naming the label that differs.
+#[test]
+fn eval_refuses_data_whose_classes_are_not_the_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_image_folder(&data, &["cat", "dog", "fox"]);
+    let out = dir.path().join("ft");
+    let common = [
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let mut args = vec![
+        "finetune",
+        "--from-scratch",
+        "--resnet-depth",
+        "18",
+        "--base-width",
+        "2",
+        "--image-size",
+        "8",
+        "--fraction",
+        "1",
+        "--train-steps",
+        "1",
+        "--train-batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let ckpt = out.join("checkpoint.safetensors");
+    let eval = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--image-size",
+            "8",
+            "--knn",
+            "false",
+        ];
+        a.extend(common);
+        a.extend(extra);
+        simclr(&a, root())
+    };
+    let r = eval(&[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for split in ["train", "val"] {
+        std::fs::rename(data.join(split).join("dog"), data.join(split).join("wolf")).unwrap();
+    }
+    fails_with(
+        &eval(&[]),
+        // Sorted, the classes are now cat, fox, wolf: label 1 was "dog" and is "fox".
+        &[
+            "checkpoint.safetensors",
+            "label 1: \"dog\"",
+            "\"fox\" in the data",
+        ],
+    );
+}
+
+/// Architecture flags where the architecture comes from a checkpoint used to be dropped in
+/// silence; now each such combination is refused, naming the flags and where the network comes
+/// from.
+#[test]
+fn architecture_flags_that_a_checkpoint_would_override_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("pretrained.safetensors");
+    let ckpt = ckpt.to_str().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let r = simclr(
+        &[
+            "finetune",
+            "--checkpoint",
+            ckpt,
+            "--resnet-depth",
+            "34",
+            "--base-width",
+            "8",
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(&r, &["--resnet-depth, --base-width would be ignored", ckpt]);
+    let r = simclr(
+        &[
+            "finetune",
+            "--checkpoint",
+            ckpt,
+            "--from-scratch",
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(&r, &["--from-scratch", "--checkpoint"]);
+    let r = simclr(
+        &[
+            "distill",
+            "--teacher",
+            ckpt,
+            "--student-checkpoint",
+            ckpt,
+            "--width-multiplier",
+            "2",
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(
+        &r,
+        &[
+            "--width-multiplier would be ignored",
+            "--student-checkpoint",
+        ],
+    );
+    let r = simclr(
+        &[
+            "distill",
+            "--teacher",
+            ckpt,
+            "--proj-out-dim",
+            "64",
+            "--out",
+            out,
+        ],
+        root(),
+    );
+    fails_with(
+        &r,
+        &["--proj-out-dim would be ignored", "--student-from-flags"],
+    );
+    assert!(!Path::new(out).exists(), "nothing was written");
+}
