@@ -64,6 +64,27 @@ pub const CLASS_NAMES: &str = "class_names";
 /// Names of training-state tensors (optimizer slots, queues) stored beside the model's.
 pub const STATE_PREFIX: &str = "train_state/";
 
+/// A crash-test hook: when the environment variable `SIMCLR_CRASH_AT` equals `point`, the
+/// process kills itself with SIGKILL on the spot (no destructor, no flush, as a power cut or
+/// the OOM killer would). The crash tests (`xtask/tests/crash.rs`) name the points: a stage's
+/// step (`pretrain:step:2`), a checkpoint write after its temporary file is complete and before
+/// the rename (`finetune:checkpoint:3`), and the end of a pipeline stage
+/// (`pipeline:after:distill`). Unset, it costs one cached lookup.
+pub fn crash_point(point: impl FnOnce() -> String) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(at) = AT.get_or_init(|| std::env::var("SIMCLR_CRASH_AT").ok()) else {
+        return;
+    };
+    if *at == point() {
+        #[cfg(unix)]
+        // SAFETY: signalling our own process; nothing is borrowed across the call.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        std::process::abort();
+    }
+}
+
 /// Whether the loaders accept tensors holding NaN or infinity; see [`set_allow_non_finite`].
 static ALLOW_NON_FINITE: AtomicBool = AtomicBool::new(false);
 
@@ -466,6 +487,7 @@ pub fn save_with_state(
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err(path))?;
     }
+    crash_point(|| format!("{}:checkpoint:{}", meta.stage, meta.step));
     tmp.persist(path).map_err(|e| CheckpointError::Io {
         path: path.to_path_buf(),
         source: e.error,

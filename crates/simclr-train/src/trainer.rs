@@ -787,6 +787,7 @@ pub fn train(
             drop(grads);
             task.after_step(step)?;
             step += 1;
+            checkpoint::crash_point(|| format!("{}:step:{step}", cfg.stage));
             let n = batch.indices.len();
             images += n;
             summary.losses.push(loss);

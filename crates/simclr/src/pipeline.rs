@@ -26,6 +26,7 @@ use simclr_data::{
 use simclr_distill::{run_distill, DistillConfig, StudentInit};
 use simclr_eval::EvalReport;
 use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
+use simclr_models::checkpoint::crash_point;
 use simclr_models::{ModelConfig, Precision};
 use simclr_pretrain::stage::{knn_top1, KnnData};
 use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
@@ -671,6 +672,7 @@ pub fn run(
         device,
         collective,
     )?;
+    crash_point(|| "pipeline:after:pretrain".into());
     if rank != 0 {
         return Ok(run_dir);
     }
@@ -713,6 +715,7 @@ pub fn run(
             progress,
             device,
         )?;
+        crash_point(|| "pipeline:after:finetune".into());
         let t_eval = Instant::now();
         let ft_eval = evaluate(ft_task.model(), &test, image_size, device)?;
         let mut r = result("finetune", Some(f), &ft, &ft_eval);
@@ -735,6 +738,7 @@ pub fn run(
             progress,
             device,
         )?;
+        crash_point(|| "pipeline:after:supervised".into());
         let t_eval = Instant::now();
         let bl_eval = evaluate(bl_task.model(), &test, image_size, device)?;
         let mut r = result("baseline", Some(f), &bl, &bl_eval);
@@ -768,12 +772,18 @@ pub fn run(
                 &dir,
                 "distill",
                 &cfg.distill,
-                &format!("{}|student={student_tag}", ft_dir.display()),
+                // The teacher's folder by its name, not its path: a run folder that was moved
+                // (or is compared with another copy) keeps its distillation folder.
+                &format!(
+                    "{}|student={student_tag}",
+                    ft_dir.file_name().unwrap_or_default().to_string_lossy()
+                ),
             ),
             true,
             progress,
             device,
         )?;
+        crash_point(|| "pipeline:after:distill".into());
         let t_eval = Instant::now();
         let di_eval = evaluate(di_task.student(), &test, image_size, device)?;
         let mut r = result("distill", Some(f), &di, &di_eval);
