@@ -108,17 +108,12 @@ impl Rendezvous {
 }
 
 fn publish_file(path: &Path, secret: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, secret)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: cannot write the rendezvous id: {e}",
-                path.display()
-            ))
-        })
+    simclr_fs::write_atomic(path, secret).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "{}: cannot write the rendezvous id: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn read_file(path: &Path, len: usize, timeout: Duration) -> Result<Vec<u8>> {

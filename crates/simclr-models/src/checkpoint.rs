@@ -385,7 +385,6 @@ pub fn save_with_state(
     state: &[(String, Tensor)],
 ) -> Result<(), CheckpointError> {
     let path = path.as_ref();
-    refuse_special_target(path)?;
     if let Some((name, _)) = state.iter().find(|(n, _)| !n.starts_with(STATE_PREFIX)) {
         return Err(CheckpointError::InvalidMetadata {
             path: path.to_path_buf(),
@@ -453,50 +452,18 @@ pub fn save_with_state(
     let digest = content_digest(owned.iter().map(|(k, t)| (k.as_str(), t)), &md);
     md.insert(KEY_DIGEST.into(), digest);
 
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(io_err(path))?
-        .into_temp_path();
     let views = owned.iter().map(|(k, t)| (k.as_str(), t));
-    safetensors::serialize_to_file(views, Some(md), &tmp).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => CheckpointError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-        other => CheckpointError::Candle {
-            path: path.to_path_buf(),
-            source: candle_core::Error::Msg(other.to_string()),
-        },
-    })?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(path))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err(path))?;
-    }
-    crash_point(|| format!("{}:checkpoint:{}", meta.stage, meta.step));
-    tmp.persist(path).map_err(|e| CheckpointError::Io {
+    let bytes = safetensors::serialize(views, Some(md)).map_err(|e| CheckpointError::Candle {
         path: path.to_path_buf(),
-        source: e.error,
+        source: candle_core::Error::Msg(e.to_string()),
     })?;
-    // Make the rename itself durable where the platform allows syncing a directory.
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        let mut file = simclr_fs::AtomicFile::create(path)?;
+        std::io::Write::write_all(file.file(), &bytes)?;
+        crash_point(|| format!("{}:checkpoint:{}", meta.stage, meta.step));
+        file.commit()
+    };
+    write().map_err(io_err(path))
 }
 
 /// A tensor's bytes on the host, as safetensors stores them (little-endian).
@@ -572,23 +539,6 @@ fn verify_digest(
         });
     }
     Ok(())
-}
-
-/// The save is a rename over `path`, which would turn a symlink or a device node into a plain
-/// file: refused (the same rule as `simclr_data::write_atomic`, which this crate does not
-/// depend on).
-fn refuse_special_target(path: &Path) -> Result<(), CheckpointError> {
-    let reason = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            "is a symbolic link; refusing to replace it (write to the file it points to)"
-        }
-        Ok(m) if !m.is_file() => "is not a regular file; refusing to replace it",
-        _ => return Ok(()),
-    };
-    Err(CheckpointError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
-    })
 }
 
 fn parse_meta(

@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// The magic number that ends a LevelDB-style table (little-endian in the file).
@@ -1263,18 +1263,8 @@ pub fn write_bundle(
         data.extend_from_slice(&t.data);
         table.push((name.as_bytes().to_vec(), entry.encode()));
     }
-    // Through a temporary file and a rename, as every checkpoint this project writes.
     let write = |path: &Path, bytes: &[u8]| -> Result<(), TfBundleError> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = std::path::PathBuf::from(tmp);
-        let written = File::create(&tmp)
-            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        written.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err(path)(e)
-        })
+        simclr_fs::write_atomic(path, bytes).map_err(io_err(path))
     };
     write(&data_path, &data)?;
     write(&index_path, &build_table(&table))

@@ -486,13 +486,8 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
 
 /// Fails before any work when the output folder cannot be written.
 fn check_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-    let probe = dir.join(".write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("output folder {} is not writable", dir.display()))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
+    simclr_fs::ensure_writable_dir(dir)
+        .with_context(|| format!("output folder {} cannot be written", dir.display()))
 }
 
 fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
@@ -584,22 +579,10 @@ fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
         labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
         &candle_core::Device::Cpu,
     )?;
-    let tmp = a.out.with_extension("safetensors.tmp");
-    let written = candle_core::safetensors::save(
-        &[
-            ("features".to_string(), features.clone()),
-            ("labels".to_string(), labels),
-        ]
-        .into_iter()
-        .collect(),
-        &tmp,
-    )
-    .map_err(anyhow::Error::from)
-    .and_then(|()| std::fs::rename(&tmp, &a.out).map_err(anyhow::Error::from));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", a.out.display())));
-    }
+    let bytes = safetensors::serialize([("features", &features), ("labels", &labels)], None)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    simclr_fs::write_atomic(&a.out, &bytes)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "wrote {} features of dim {} to {}",
         features.dim(0)?,

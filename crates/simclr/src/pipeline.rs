@@ -641,12 +641,8 @@ pub fn run(
     let run_dir = out_root.join(cfg.run_name());
     let rank = replica.map_or(0, |r| r.rank);
     if rank == 0 {
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        let probe = run_dir.join(".write-test");
-        std::fs::write(&probe, b"")
-            .with_context(|| format!("{} is not writable", run_dir.display()))?;
-        let _ = std::fs::remove_file(probe);
+        simclr_fs::ensure_writable_dir(&run_dir)
+            .with_context(|| format!("output folder {} cannot be written", run_dir.display()))?;
         simclr_data::write_atomic(
             &run_dir.join("pipeline.json"),
             serde_json::to_string_pretty(cfg)?.as_bytes(),
