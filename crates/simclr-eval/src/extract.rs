@@ -52,3 +52,33 @@ pub fn evaluate_classifier(
     }
     metrics.report_with_names(ds.class_names())
 }
+
+/// What the kNN evaluation of an encoder reads: features of `bank` (training images, with their
+/// labels) classify `queries`.
+pub struct KnnData {
+    pub bank: Loader,
+    pub queries: Loader,
+}
+
+/// kNN top-1 of `model`'s encoder features (`final_avg_pool`, inference mode): the pretraining
+/// monitor, `simclr eval` and the pipeline's report all measure it here.
+pub fn knn_top1(
+    model: &SimclrModel,
+    data: &KnnData,
+    cfg: &crate::KnnConfig,
+    device: &Device,
+) -> Result<f64> {
+    let (bank, bank_labels) = features(model, &data.bank, "final_avg_pool", device)?;
+    let (queries, query_labels) = features(model, &data.queries, "final_avg_pool", device)?;
+    let classes = data.bank.dataset().num_classes();
+    let r = crate::knn_evaluate(
+        &bank,
+        &bank_labels,
+        &queries,
+        &query_labels,
+        classes,
+        cfg,
+        crate::KnnVote::Weighted,
+    )?;
+    Ok(r.top1())
+}

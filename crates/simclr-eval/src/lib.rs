@@ -54,7 +54,7 @@ mod table;
 
 pub use confusion::ConfusionMatrix;
 pub use error::{EvalError, Result};
-pub use extract::{evaluate_classifier, features};
+pub use extract::{evaluate_classifier, features, knn_top1, KnnData};
 pub use knn::{knn_evaluate, l2_normalize, KnnBank, KnnConfig, KnnResult, KnnVote};
 pub use labels::LabelSource;
 pub use metrics::{ClassificationMetrics, DEFAULT_TOP_K};

@@ -385,9 +385,72 @@ impl ModelConfig {
     }
 }
 
+/// Parses the names [`ModelConfig::name`] writes, plus a base width:
+/// `r<depth>[_<w>x][_sk0|_sk1][_w<base width>]` (`r50`, `r50_2x_sk1`, `r18_w16`), the official
+/// defaults for whatever the name leaves out. The image size is not part of a name
+/// ([`ModelConfig::with_image_size`]).
+impl std::str::FromStr for ModelConfig {
+    type Err = ModelError;
+
+    fn from_str(name: &str) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::InvalidConfig {
+            field: "model",
+            reason: format!(
+                "{name:?}: {reason} (expected r<depth>[_<w>x][_sk0|_sk1][_w<base width>])"
+            ),
+        };
+        let mut c = ModelConfig::default();
+        for (i, part) in name.split('_').enumerate() {
+            if i == 0 {
+                c.resnet_depth = part
+                    .strip_prefix('r')
+                    .and_then(|d| d.parse().ok())
+                    .ok_or_else(|| bad(format!("bad depth {part:?}")))?;
+            } else if let Some(w) = part.strip_suffix('x') {
+                c.width_multiplier = w.parse().map_err(|_| bad(format!("bad width {part:?}")))?;
+            } else if part == "sk1" {
+                c.sk_ratio = SK1_RATIO;
+            } else if part == "sk0" {
+                c.sk_ratio = 0.0;
+            } else if let Some(b) = part.strip_prefix('w') {
+                c.base_width = b
+                    .parse()
+                    .map_err(|_| bad(format!("bad base width {part:?}")))?;
+            } else {
+                return Err(bad(format!("unknown part {part:?}")));
+            }
+        }
+        Ok(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_parse_back_to_the_architecture_they_name() {
+        for (depth, width, sk) in [
+            (50, 1, false),
+            (50, 2, true),
+            (101, 3, true),
+            (18, 1, false),
+        ] {
+            let c = ModelConfig {
+                resnet_depth: depth,
+                width_multiplier: width,
+                sk_ratio: if sk { SK1_RATIO } else { 0.0 },
+                ..ModelConfig::default()
+            };
+            let back: ModelConfig = c.name().parse().unwrap();
+            assert_eq!(back, c, "{}", c.name());
+        }
+        let w16: ModelConfig = "r18_w16".parse().unwrap();
+        assert_eq!((w16.resnet_depth, w16.base_width), (18, 16));
+        for bad in ["x50", "r50_2y", "r50_wide", "r", ""] {
+            assert!(bad.parse::<ModelConfig>().is_err(), "{bad}");
+        }
+    }
 
     fn err_field(c: &ModelConfig) -> &'static str {
         match c.validate() {

@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
-use simclr_eval::{features, knn_evaluate, KnnConfig, KnnVote};
+use simclr_eval::{knn_top1, KnnConfig, KnnData};
 use simclr_models::{ForwardOptions, ModelConfig, Precision, SimclrModel};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
@@ -77,12 +77,6 @@ impl PretrainConfig {
             run: simclr_train::RunOptions::default(),
         }
     }
-}
-
-/// Test data for the kNN monitor: features of `bank` (training images) classify `queries`.
-pub struct KnnData {
-    pub bank: Loader,
-    pub queries: Loader,
 }
 
 struct Momentum {
@@ -262,7 +256,7 @@ impl TrainTask for PretrainTask {
         if every == 0 || !(epoch + 1).is_multiple_of(every) {
             return Ok(Vec::new());
         }
-        let top1 = knn_top1(&self.model, knn, &self.config.knn, &self.device)?;
+        let top1 = knn_top1(&self.model, knn, &self.config.knn, &self.device).map_err(terr)?;
         Ok(vec![("knn_top1".into(), top1)])
     }
 
@@ -317,31 +311,6 @@ impl TrainTask for PretrainTask {
         }
         Ok(())
     }
-}
-
-/// kNN top-1 of `model`'s encoder features (`final_avg_pool`, inference mode).
-pub fn knn_top1(
-    model: &SimclrModel,
-    data: &KnnData,
-    cfg: &KnnConfig,
-    device: &Device,
-) -> simclr_train::Result<f64> {
-    let (bank, bank_labels) =
-        features(model, &data.bank, "final_avg_pool", device).map_err(terr)?;
-    let (queries, query_labels) =
-        features(model, &data.queries, "final_avg_pool", device).map_err(terr)?;
-    let classes = data.bank.dataset().num_classes();
-    let r = knn_evaluate(
-        &bank,
-        &bank_labels,
-        &queries,
-        &query_labels,
-        classes,
-        cfg,
-        KnnVote::Weighted,
-    )
-    .map_err(terr)?;
-    Ok(r.top1())
 }
 
 /// The datasets a pretraining run reads.
@@ -418,5 +387,5 @@ pub fn run_pretrain_replica(
 
 /// Where a pretraining run in `out_dir` keeps its checkpoint.
 pub fn checkpoint_path(out_dir: &std::path::Path) -> PathBuf {
-    out_dir.join("checkpoint.safetensors")
+    out_dir.join(simclr_train::CHECKPOINT_FILE)
 }

@@ -57,5 +57,5 @@ pub use schedule::{
 pub use simclr_models::{param_group, ParamGroup};
 pub use trainer::{
     run_stage, stage_meta, train, RunOptions, StageRun, StepOutput, TrainSummary, TrainTask,
-    TrainerConfig, KEEP_CHECKPOINT_MAX,
+    TrainerConfig, CHECKPOINT_FILE, KEEP_CHECKPOINT_MAX,
 };

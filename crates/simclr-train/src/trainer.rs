@@ -99,6 +99,9 @@ pub struct TrainerConfig {
     pub extra_meta: Vec<(String, String)>,
 }
 
+/// The running checkpoint of a stage, in its output folder (the file later stages read).
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
 /// Checkpoints a stage keeps by default: the newest and four older ones, as the official code's
 /// `keep_checkpoint_max`.
 pub const KEEP_CHECKPOINT_MAX: usize = 5;
@@ -184,7 +187,7 @@ const TASK_PREFIX: &str = "train_state/task/";
 impl TrainerConfig {
     /// The running checkpoint: model + training state, rewritten atomically.
     pub fn checkpoint_path(&self) -> PathBuf {
-        self.out_dir.join("checkpoint.safetensors")
+        self.out_dir.join(CHECKPOINT_FILE)
     }
     pub fn metrics_path(&self) -> PathBuf {
         self.out_dir.join("metrics.jsonl")

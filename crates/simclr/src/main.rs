@@ -540,12 +540,11 @@ fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
     if a.knn {
         let train = a.data.load(Split::Train)?;
         let bank = Loader::new(train, None, LoaderConfig::eval(256, image_size))?;
-        let data = simclr_pretrain::stage::KnnData {
+        let data = simclr_eval::KnnData {
             bank,
             queries: loader,
         };
-        let top1 =
-            simclr_pretrain::stage::knn_top1(&ckpt.model, &data, &Default::default(), device)?;
+        let top1 = simclr_eval::knn_top1(&ckpt.model, &data, &Default::default(), device)?;
         println!(
             "kNN top-1 (k=200, τ=0.1, final_avg_pool): {:.2}%",
             100.0 * top1

@@ -25,10 +25,10 @@ use simclr_data::{
 };
 use simclr_distill::{run_distill, DistillConfig, StudentInit};
 use simclr_eval::EvalReport;
+use simclr_eval::{knn_top1, KnnData};
 use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
 use simclr_models::checkpoint::crash_point;
 use simclr_models::{ModelConfig, Precision};
-use simclr_pretrain::stage::{knn_top1, KnnData};
 use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
 use simclr_train::schedule::LearningRateScaling;
 use simclr_train::TrainSummary;
@@ -111,31 +111,7 @@ impl PipelineConfig {
 /// The model named `name` (`r18`, `r50`, `r50_2x_sk1`, `r18_w16`, …) at `image_size` (the CIFAR
 /// stem at ≤ 32 px).
 pub fn model_for(name: &str, image_size: usize) -> Result<ModelConfig> {
-    // `r18`, `r50`, `r50_2x_sk1`, `r18_w16` (base width 16) …
-    let mut c = ModelConfig::default();
-    for (i, part) in name.split('_').enumerate() {
-        if i == 0 {
-            c.resnet_depth = part
-                .strip_prefix('r')
-                .and_then(|d| d.parse().ok())
-                .with_context(|| {
-                    format!("--model {name}: expected r<depth>[_<w>x][_sk1][_w<base width>]")
-                })?;
-        } else if let Some(w) = part.strip_suffix('x') {
-            c.width_multiplier = w
-                .parse()
-                .with_context(|| format!("--model {name}: bad width {part}"))?;
-        } else if part == "sk1" {
-            c.sk_ratio = simclr_models::config::SK1_RATIO;
-        } else if part == "sk0" {
-        } else if let Some(b) = part.strip_prefix('w') {
-            c.base_width = b
-                .parse()
-                .with_context(|| format!("--model {name}: bad base width {part}"))?;
-        } else {
-            bail!("--model {name}: unknown part {part:?}");
-        }
-    }
+    let c: ModelConfig = name.parse().with_context(|| format!("--model {name}"))?;
     let c = c.with_image_size(image_size);
     c.validate()?;
     Ok(c)
