@@ -1,5 +1,6 @@
 //! The distillation stage.
 
+use simclr_train::StageEnv;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -249,18 +250,20 @@ impl TrainTask for DistillTask {
 }
 
 /// Distils `teacher` into a student on every image of `train` (the unlabeled set).
-#[allow(clippy::too_many_arguments)]
 pub fn run_distill(
     cfg: &DistillConfig,
     teacher: &Path,
     student: &StudentInit,
     train: Arc<dyn Dataset>,
     labelled: &[usize],
-    out_dir: &Path,
-    resume: bool,
-    progress: bool,
-    device: &Device,
+    env: StageEnv,
 ) -> simclr_train::Result<(TrainSummary, DistillTask)> {
+    let StageEnv {
+        out_dir,
+        resume,
+        progress,
+        device,
+    } = env;
     cfg.validate()?;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;

@@ -1,6 +1,7 @@
 //! The distillation loss against independent computations, and a student that learns its
 //! teacher's labels.
 
+use simclr_train::StageEnv;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
@@ -177,10 +178,12 @@ fn a_student_learns_its_teachers_labels() {
         &StudentInit::Scratch(tiny(10)),
         ds.clone(),
         &[],
-        &dir.path().join("out"),
-        false,
-        false,
-        &Device::Cpu,
+        StageEnv {
+            out_dir: &dir.path().join("out"),
+            resume: false,
+            progress: false,
+            device: &Device::Cpu,
+        },
     )
     .unwrap();
     let untrained_vm = VarMap::new();
@@ -220,10 +223,12 @@ fn wrong_teacher_stage_or_class_count_fails_before_training() {
         &StudentInit::Scratch(tiny(10)),
         ds.clone(),
         &[],
-        &dir.path().join("a"),
-        false,
-        false,
-        &Device::Cpu,
+        StageEnv {
+            out_dir: &dir.path().join("a"),
+            resume: false,
+            progress: false,
+            device: &Device::Cpu,
+        },
     )
     .err()
     .unwrap();
@@ -235,10 +240,12 @@ fn wrong_teacher_stage_or_class_count_fails_before_training() {
         &StudentInit::Scratch(tiny(10)),
         ds,
         &[],
-        &dir.path().join("b"),
-        false,
-        false,
-        &Device::Cpu,
+        StageEnv {
+            out_dir: &dir.path().join("b"),
+            resume: false,
+            progress: false,
+            device: &Device::Cpu,
+        },
     )
     .err()
     .unwrap();
@@ -271,10 +278,12 @@ fn a_temperature_or_alpha_without_meaning_is_refused_before_any_work() {
             &StudentInit::Scratch(tiny(10)),
             ds.clone(),
             &[],
-            &out,
-            false,
-            false,
-            &Device::Cpu,
+            StageEnv {
+                out_dir: &out,
+                resume: false,
+                progress: false,
+                device: &Device::Cpu,
+            },
         )
         .err()
         .unwrap()

@@ -1,6 +1,7 @@
 //! Fine-tuning, linear evaluation and the supervised baseline: one task, three initialisations.
 
-use std::path::{Path, PathBuf};
+use simclr_train::StageEnv;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, D};
@@ -242,18 +243,20 @@ impl TrainTask for FinetuneTask {
 
 /// Trains on the images `labelled` of `train` into `out_dir`, as stage `stage`
 /// (`finetune`, `linear_eval` or `supervised`).
-#[allow(clippy::too_many_arguments)]
 pub fn run_finetune(
     cfg: &FinetuneConfig,
     init: &FinetuneInit,
     stage: &str,
     train: Arc<dyn Dataset>,
     labelled: Vec<usize>,
-    out_dir: &Path,
-    resume: bool,
-    progress: bool,
-    device: &Device,
+    env: StageEnv,
 ) -> simclr_train::Result<(TrainSummary, FinetuneTask)> {
+    let StageEnv {
+        out_dir,
+        resume,
+        progress,
+        device,
+    } = env;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     check_all_classes_labelled(train.as_ref(), &labelled).map_err(data_err)?;
     let mut task = FinetuneTask::new(init, cfg, train.num_classes(), device)?;

@@ -1,6 +1,7 @@
 //! Fine-tuning: initialisation from a pretrained checkpoint, linear evaluation keeps the encoder
 //! fixed, and bad inputs fail before training.
 
+use simclr_train::StageEnv;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -130,10 +131,12 @@ fn linear_evaluation_trains_only_the_head() {
         "linear_eval",
         ds.clone(),
         (0..30).collect(),
-        &dir.path().join("out"),
-        false,
-        false,
-        &Device::Cpu,
+        StageEnv {
+            out_dir: &dir.path().join("out"),
+            resume: false,
+            progress: false,
+            device: &Device::Cpu,
+        },
     )
     .unwrap();
     assert_eq!(summary.steps, 4);
@@ -165,10 +168,12 @@ fn bad_inputs_fail_before_training() {
         "finetune",
         ds.clone(),
         (0..30).collect(),
-        &dir.path().join("a"),
-        false,
-        false,
-        &Device::Cpu,
+        StageEnv {
+            out_dir: &dir.path().join("a"),
+            resume: false,
+            progress: false,
+            device: &Device::Cpu,
+        },
     )
     .err()
     .unwrap();
@@ -181,10 +186,12 @@ fn bad_inputs_fail_before_training() {
         "finetune",
         ds,
         vec![0, 1, 3, 4],
-        &dir.path().join("b"),
-        false,
-        false,
-        &Device::Cpu,
+        StageEnv {
+            out_dir: &dir.path().join("b"),
+            resume: false,
+            progress: false,
+            device: &Device::Cpu,
+        },
     )
     .err()
     .unwrap();

@@ -1,6 +1,7 @@
 //! The contrastive pretraining stage: the model, the NT-Xent (or memory-buffer) loss, the online
 //! linear probe, and kNN monitoring, run by the shared training loop of `simclr-train`.
 
+use simclr_train::StageEnv;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -325,13 +326,10 @@ pub struct PretrainData {
 pub fn run_pretrain(
     config: &PretrainConfig,
     data: &PretrainData,
-    out_dir: &std::path::Path,
-    resume: bool,
-    progress: bool,
-    device: &Device,
+    env: StageEnv,
 ) -> simclr_train::Result<TrainSummary> {
     let one = Arc::new(SingleReplica);
-    run_pretrain_replica(config, data, out_dir, resume, progress, device, one)
+    run_pretrain_replica(config, data, env, one)
 }
 
 /// [`run_pretrain`] as one of several data-parallel replicas: every replica loads the same
@@ -341,12 +339,15 @@ pub fn run_pretrain(
 pub fn run_pretrain_replica(
     config: &PretrainConfig,
     data: &PretrainData,
-    out_dir: &std::path::Path,
-    resume: bool,
-    progress: bool,
-    device: &Device,
+    env: StageEnv,
     replicas: Arc<dyn Collective>,
 ) -> simclr_train::Result<TrainSummary> {
+    let StageEnv {
+        out_dir,
+        resume,
+        progress,
+        device,
+    } = env;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut config = config.clone();
     // The supervised head is the online probe: it exists exactly when the probe trains.

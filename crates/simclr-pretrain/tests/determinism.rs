@@ -2,6 +2,7 @@
 //! no reduction in the step (convolutions, BN, NT-Xent, the optimizer) depends on how rayon
 //! shared out the work.
 
+use simclr_train::StageEnv;
 use std::sync::Arc;
 
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split, SubsetDataset};
@@ -26,8 +27,19 @@ fn run(out: &std::path::Path, train: Arc<dyn Dataset>) -> Vec<(String, Vec<u32>)
         .build()
         .unwrap();
     let cpu = candle_core::Device::Cpu;
-    pool.install(|| run_pretrain(&config, &data, out, false, false, &cpu))
-        .unwrap();
+    pool.install(|| {
+        run_pretrain(
+            &config,
+            &data,
+            StageEnv {
+                out_dir: out,
+                resume: false,
+                progress: false,
+                device: &cpu,
+            },
+        )
+    })
+    .unwrap();
     let tensors = candle_core::safetensors::load(out.join("checkpoint.safetensors"), &cpu).unwrap();
     let mut all: Vec<(String, Vec<u32>)> = tensors
         .into_iter()

@@ -56,6 +56,6 @@ pub use schedule::{
 };
 pub use simclr_models::{param_group, ParamGroup};
 pub use trainer::{
-    run_stage, stage_meta, train, RunOptions, StageRun, StepOutput, TrainSummary, TrainTask,
-    TrainerConfig, CHECKPOINT_FILE, KEEP_CHECKPOINT_MAX,
+    run_stage, stage_meta, train, RunOptions, StageEnv, StageRun, StepOutput, TrainSummary,
+    TrainTask, TrainerConfig, CHECKPOINT_FILE, KEEP_CHECKPOINT_MAX,
 };

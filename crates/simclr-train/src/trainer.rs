@@ -876,6 +876,19 @@ pub fn train(
     Ok(summary)
 }
 
+/// Where and how a stage runs, apart from its settings: the argument every stage's entry point
+/// (`run_pretrain`, `run_finetune`, `run_distill`) takes.
+#[derive(Clone, Copy)]
+pub struct StageEnv<'a> {
+    /// The stage's output folder (checkpoints, metrics, its lock).
+    pub out_dir: &'a Path,
+    /// Continue the run in `out_dir` ([`TrainerConfig::resume`]).
+    pub resume: bool,
+    /// Draw a progress bar on a terminal.
+    pub progress: bool,
+    pub device: &'a candle_core::Device,
+}
+
 /// What a stage adds to [`train`]: its name, folder and options.
 pub struct StageRun<'a> {
     pub stage: &'a str,

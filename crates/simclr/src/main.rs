@@ -1,5 +1,6 @@
 //! `simclr`: every stage of SimCLRv2 as a subcommand, with the official flag names.
 
+use simclr_train::StageEnv;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -327,10 +328,12 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
     let summary = simclr_pretrain::run_pretrain_replica(
         &cfg,
         &PretrainData { train, test },
-        &out,
-        a.run.resume,
-        !a.run.no_progress,
-        device,
+        StageEnv {
+            out_dir: &out,
+            resume: a.run.resume,
+            progress: !a.run.no_progress,
+            device,
+        },
         replicas,
     )?;
     println!(
@@ -409,10 +412,12 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
         stage,
         train,
         labelled,
-        &a.out,
-        a.run.resume,
-        !a.run.no_progress,
-        device,
+        StageEnv {
+            out_dir: &a.out,
+            resume: a.run.resume,
+            progress: !a.run.no_progress,
+            device,
+        },
     )?;
     println!(
         "{stage}: {} steps in {:.0} s; final loss {:.4}; checkpoint {}",
@@ -469,10 +474,12 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
         &student,
         train,
         &labelled,
-        &a.out,
-        a.run.resume,
-        !a.run.no_progress,
-        device,
+        StageEnv {
+            out_dir: &a.out,
+            resume: a.run.resume,
+            progress: !a.run.no_progress,
+            device,
+        },
     )?;
     println!(
         "distill: {} steps in {:.0} s; final loss {:.4}; checkpoint {}",

@@ -7,6 +7,7 @@
 //! settings and of the stage it starts from. A stage whose checkpoint is complete is reused, an
 //! interrupted one resumes, so running the same command again continues where it stopped.
 
+use simclr_train::StageEnv;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -638,10 +639,12 @@ pub fn run(
             train: train.clone(),
             test: Some(test.clone()),
         },
-        &pre_dir,
-        true,
-        progress && rank == 0,
-        device,
+        StageEnv {
+            out_dir: &pre_dir,
+            resume: true,
+            progress: progress && rank == 0,
+            device,
+        },
         collective,
     )?;
     crash_point(|| "pipeline:after:pretrain".into());
@@ -682,10 +685,12 @@ pub fn run(
             "finetune",
             train.clone(),
             labelled.clone(),
-            &ft_dir,
-            true,
-            progress,
-            device,
+            StageEnv {
+                out_dir: &ft_dir,
+                resume: true,
+                progress,
+                device,
+            },
         )?;
         crash_point(|| "pipeline:after:finetune".into());
         let t_eval = Instant::now();
@@ -705,10 +710,12 @@ pub fn run(
             "supervised",
             train.clone(),
             labelled.clone(),
-            &stage_dir(&dir, "baseline", &cfg.baseline[k], ""),
-            true,
-            progress,
-            device,
+            StageEnv {
+                out_dir: &stage_dir(&dir, "baseline", &cfg.baseline[k], ""),
+                resume: true,
+                progress,
+                device,
+            },
         )?;
         crash_point(|| "pipeline:after:supervised".into());
         let t_eval = Instant::now();
@@ -740,20 +747,22 @@ pub fn run(
             &student,
             train.clone(),
             &labelled,
-            &stage_dir(
-                &dir,
-                "distill",
-                &cfg.distill,
-                // The teacher's folder by its name, not its path: a run folder that was moved
-                // (or is compared with another copy) keeps its distillation folder.
-                &format!(
-                    "{}|student={student_tag}",
-                    ft_dir.file_name().unwrap_or_default().to_string_lossy()
+            StageEnv {
+                out_dir: &stage_dir(
+                    &dir,
+                    "distill",
+                    &cfg.distill,
+                    // The teacher's folder by its name, not its path: a run folder that was moved
+                    // (or is compared with another copy) keeps its distillation folder.
+                    &format!(
+                        "{}|student={student_tag}",
+                        ft_dir.file_name().unwrap_or_default().to_string_lossy()
+                    ),
                 ),
-            ),
-            true,
-            progress,
-            device,
+                resume: true,
+                progress,
+                device,
+            },
         )?;
         crash_point(|| "pipeline:after:distill".into());
         let t_eval = Instant::now();
