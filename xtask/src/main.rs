@@ -140,7 +140,11 @@ enum Cmd {
 }
 
 fn main() {
-    simclr::main_with(|| run(Cli::parse()));
+    simclr::main_with(|| {
+        run(Cli::parse_from(simclr::official_spellings(
+            std::env::args_os(),
+        )))
+    });
 }
 
 fn run(cli: Cli) -> Result<()> {

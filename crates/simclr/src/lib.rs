@@ -29,6 +29,42 @@ pub fn main_with(run: impl FnOnce() -> anyhow::Result<()>) {
     }
 }
 
+/// The command line with the official code's flag spellings accepted: `--train_batch_size=4096`
+/// (as the official README writes it) becomes `--train-batch-size=4096`. Only a flag's name is
+/// rewritten, never its value, and nothing after a bare `--`.
+pub fn official_spellings(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut rest_is_positional = false;
+    args.into_iter()
+        .map(|a| {
+            if rest_is_positional {
+                return a;
+            }
+            let Some(s) = a.to_str() else { return a };
+            if s == "--" {
+                rest_is_positional = true;
+                return a;
+            }
+            let Some(flag) = s.strip_prefix("--") else {
+                return a;
+            };
+            let (name, value) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (flag, None),
+            };
+            if !name.contains('_') {
+                return a;
+            }
+            let name = name.replace('_', "-");
+            match value {
+                Some(v) => format!("--{name}={v}").into(),
+                None => format!("--{name}").into(),
+            }
+        })
+        .collect()
+}
+
 /// An error and its causes on one line, each cause once: library errors often already quote
 /// their source (`file: No such file or directory`), which `{:#}` would print twice. Only the
 /// first line of each is kept: with `RUST_BACKTRACE` set, candle's errors carry their backtrace
@@ -48,6 +84,41 @@ pub fn error_report(e: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn official_flag_spellings_become_the_kebab_case_ones() {
+        let args = [
+            "simclr",
+            "pretrain",
+            "--train_batch_size=4096",
+            "--learning_rate",
+            "0.3",
+            "--out",
+            "my_run_dir",
+            "--data-dir=/x/with_underscore",
+            "--",
+            "--not_a_flag",
+        ];
+        let out: Vec<String> = super::official_spellings(args.iter().map(Into::into))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            out,
+            [
+                "simclr",
+                "pretrain",
+                "--train-batch-size=4096",
+                "--learning-rate",
+                "0.3",
+                "--out",
+                "my_run_dir",
+                "--data-dir=/x/with_underscore",
+                "--",
+                "--not_a_flag"
+            ]
+        );
+    }
+
     #[test]
     fn an_error_report_is_one_line_even_with_a_backtrace_in_a_message() {
         let inner = std::io::Error::other("disk on fire\nstack backtrace:\n   0: main");

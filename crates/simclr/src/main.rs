@@ -255,7 +255,11 @@ struct ImportArgs {
 }
 
 fn main() {
-    simclr::main_with(|| run(Cli::parse()));
+    simclr::main_with(|| {
+        run(Cli::parse_from(simclr::official_spellings(
+            std::env::args_os(),
+        )))
+    });
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -412,3 +412,58 @@ fn architecture_flags_that_a_checkpoint_would_override_are_refused() {
     );
     assert!(!Path::new(out).exists(), "nothing was written");
 }
+
+/// The official code's spellings (`--train_batch_size`, `--resnet_depth=18`) do what the
+/// kebab-case flags do.
+#[test]
+fn official_flag_spellings_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = |spell: &[&str], name: &str| -> serde_json::Value {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "finetune",
+            "--from-scratch",
+            "--train-steps",
+            "1",
+            "--no-progress",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(spell);
+        let r = simclr(&args, root());
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let meta =
+            simclr_models::checkpoint::read_meta(out.join("checkpoint.safetensors")).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&meta.extra["finetune_config"]).unwrap();
+        serde_json::json!({
+            "batch": cfg["train_batch_size"],
+            "depth": meta.config.resnet_depth,
+            "width": meta.config.base_width,
+        })
+    };
+    let official = stored(
+        &[
+            "--train_batch_size",
+            "8",
+            "--resnet_depth=18",
+            "--base_width",
+            "4",
+        ],
+        "official",
+    );
+    let kebab = stored(
+        &[
+            "--train-batch-size",
+            "8",
+            "--resnet-depth=18",
+            "--base-width",
+            "4",
+        ],
+        "kebab",
+    );
+    assert_eq!(official, kebab);
+    assert_eq!(
+        official,
+        serde_json::json!({"batch": 8, "depth": 18, "width": 4})
+    );
+}
