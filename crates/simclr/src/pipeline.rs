@@ -999,6 +999,24 @@ mod tests {
         assert_eq!(cfg.baseline[0].schedule.train_steps, Some(600));
         assert_eq!(cfg.baseline[1].train_batch_size, 128);
         assert_eq!(cfg.baseline[1].schedule.train_steps, Some(782));
+        // Fine-tuning, chosen on the validation split: as long as the baseline, at 0.1 per 128
+        // images with 1 % of the labels and a quarter of that with 10 %.
+        for (f, (b, per_128)) in cfg
+            .finetune
+            .iter()
+            .zip(cfg.baseline.iter().zip([0.1, 0.025]))
+        {
+            assert_eq!(f.schedule.train_steps, b.schedule.train_steps);
+            assert_eq!(f.train_batch_size, b.train_batch_size);
+            assert_eq!(f.ft_proj_selector, 1, "from projection-head layer 1");
+            let peak = simclr_train::schedule::scaled_lr(
+                f.schedule.learning_rate,
+                f.train_batch_size,
+                f.schedule.learning_rate_scaling,
+            );
+            let got = peak * 128.0 / f.train_batch_size as f64;
+            assert!((got - per_128).abs() < 1e-12, "{got} per 128 images");
+        }
         // The seed reaches every stage.
         let other = PipelineConfig::new(Preset::Default, "x", 28, &[0.1], None, 7).unwrap();
         assert_eq!(other.baseline[0].seed, 7);
