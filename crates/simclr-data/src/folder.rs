@@ -118,8 +118,10 @@ impl ImageFolder {
 pub(crate) fn decode_encoded(bytes: &[u8]) -> std::result::Result<image::DynamicImage, String> {
     // The JPEG decoder pads a stream that stops early with grey and returns a picture; a file
     // cut short (a broken copy, with or without bytes after the cut) then trains as a
-    // different image. Every complete JPEG ends its scan with the EOI marker.
-    if bytes.starts_with(&[0xFF, 0xD8]) && !bytes[2..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+    // different image. Every complete JPEG ends its scan with the EOI marker, at or near the end
+    // of the file: searched from the end, so a whole file costs a few comparisons per image in
+    // the loader.
+    if bytes.starts_with(&[0xFF, 0xD8]) && !bytes[2..].windows(2).rev().any(|w| w == [0xFF, 0xD9]) {
         return Err("the JPEG stream has no end-of-image marker (the file was cut short)".into());
     }
     image::load_from_memory(bytes).map_err(|e| e.to_string())
