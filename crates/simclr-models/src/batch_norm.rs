@@ -22,7 +22,10 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use simclr_collective::Collective;
 
-use crate::bn_ops::{bn_apply_add, channel_moments, moments_to_stats, stats_dtype};
+use crate::bn_ops::{
+    bn_apply_add, bn_apply_add_local, channel_moments, local_fold_available, moments_to_stats,
+    stats_dtype,
+};
 
 /// Which statistics a BN layer normalises with.
 ///
@@ -204,7 +207,16 @@ impl BatchNorm {
             )
         }
         let sd = stats_dtype(x.dtype());
-        let stats = if mode.train {
+        // One process on the CPU: statistics without a graph, their gradient folded into the
+        // apply op's backward (`bn_apply_add_local`).
+        let fold = mode.train && mode.replicas.is_none() && local_fold_available(x, residual);
+        let stats = if fold {
+            let count = x.elem_count() / self.channels;
+            let moments = channel_moments(&x.detach())?;
+            let (stats, mean, var) = moments_to_stats(&moments, count, self.opts.eps, sd)?;
+            self.update_moving(&mean, &var)?;
+            stats
+        } else if mode.train {
             let local = channel_moments(x)?;
             let (moments, world) = match mode.replicas {
                 Some(c) => (c.all_reduce_sum(&local)?, c.world_size()),
@@ -231,7 +243,12 @@ impl BatchNorm {
             None => gamma.zeros_like()?.detach(),
         };
         let affine = Tensor::stack(&[gamma, beta], 0)?;
-        bn_apply_add(x, &stats, &affine, residual, relu)
+        if fold {
+            let count = x.elem_count() / self.channels;
+            bn_apply_add_local(x, &stats, &affine, residual, relu, count)
+        } else {
+            bn_apply_add(x, &stats, &affine, residual, relu)
+        }
     }
 
     fn update_moving(&self, mean: &Tensor, var: &Tensor) -> Result<()> {

@@ -29,6 +29,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::buffers::{par_build, par_zeroed};
+
 use crate::conv::{contiguous, contiguous_f32};
 
 #[cfg(feature = "cuda")]
@@ -167,6 +169,49 @@ pub fn bn_apply_add(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
+    apply_add(x, stats, affine, residual, relu, None)
+}
+
+/// Whether [`bn_apply_add_local`] takes its fused backward for `x` (and `residual`):
+/// contiguous-or-not f32 on the CPU, unless `SIMCLR_BN=candle`.
+pub fn local_fold_available(x: &Tensor, residual: Option<&Tensor>) -> bool {
+    let cpu_fast = |t: &Tensor| is_fast(t) && t.device().is_cpu();
+    cpu_fast(x) && residual.is_none_or(cpu_fast)
+}
+
+/// Training-mode BN on one process: [`bn_apply_add`] where `stats` are the statistics of `x`
+/// itself (from [`moments_to_stats`] over `count` values per channel) and carry no gradient.
+/// The backward adds their dependence on `x` analytically in the same op, instead of autograd
+/// carrying it through the statistics into [`channel_moments`]'s backward: that path costs a
+/// full-size gradient pass and two full-size additions per BN (candle accumulates the two
+/// `dx` parts into a fresh zeroed buffer), about a tenth of a pretraining step on the CPU. The
+/// gradient is the same function; global BN (replicas) keeps the split path because the
+/// statistics' gradient must cross the replicas. Needs [`local_fold_available`].
+pub fn bn_apply_add_local(
+    x: &Tensor,
+    stats: &Tensor,
+    affine: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+    count: usize,
+) -> Result<Tensor> {
+    if !local_fold_available(x, residual) {
+        bail!("bn_apply_add_local needs f32 CPU tensors (see local_fold_available)")
+    }
+    if count == 0 {
+        bail!("batch norm over an empty batch")
+    }
+    apply_add(x, &stats.detach(), affine, residual, relu, Some(count))
+}
+
+fn apply_add(
+    x: &Tensor,
+    stats: &Tensor,
+    affine: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+    fold: Option<usize>,
+) -> Result<Tensor> {
     let (_, c, _) = ncp(x.dims())?;
     let want = stats_dtype(x.dtype());
     for (name, t) in [("statistics", stats), ("affine", affine)] {
@@ -200,8 +245,8 @@ pub fn bn_apply_add(
     let params = Tensor::cat(&[stats, affine], 0)?.contiguous()?;
     let x = x.contiguous()?;
     match residual {
-        None => x.apply_op2(&params, BnApply { relu }),
-        Some(r) => x.apply_op3(&params, &r.contiguous()?, BnApplyAdd { relu }),
+        None => x.apply_op2(&params, BnApply { relu, fold }),
+        Some(r) => x.apply_op3(&params, &r.contiguous()?, BnApplyAdd { relu, fold }),
     }
 }
 
@@ -319,20 +364,15 @@ impl CustomOp2 for MomentsGrad {
         let (_, c, p) = ncp(xl.dims())?;
         let g0: Vec<f32> = g[..c].iter().map(|&v| v as f32).collect();
         let g1: Vec<f32> = g[c..].iter().map(|&v| 2.0 * v as f32).collect();
-        let mut dx = vec![0f32; x.len()];
-        if c * p > 0 {
-            dx.par_chunks_mut(c * p)
-                .zip(x.par_chunks(c * p))
-                .for_each(|(d, img)| {
-                    for (ch, (dp, xp)) in d.chunks_exact_mut(p).zip(img.chunks_exact(p)).enumerate()
-                    {
-                        let (a, b) = (g0[ch], g1[ch]);
-                        for (o, &v) in dp.iter_mut().zip(xp) {
-                            *o = a + b * v;
-                        }
-                    }
-                });
-        }
+        let dx = par_build(x.len(), c * p, |i, d| {
+            let img = &x[i * c * p..(i + 1) * c * p];
+            for (ch, (dp, xp)) in d.chunks_exact_mut(p).zip(img.chunks_exact(p)).enumerate() {
+                let (a, b) = (g0[ch], g1[ch]);
+                for (o, &v) in dp.iter_mut().zip(xp) {
+                    *o = a + b * v;
+                }
+            }
+        });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 
@@ -369,36 +409,32 @@ fn apply_kernel(
         &params[3 * c..],
     );
     let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(i, g)| i * g).collect();
-    let mut y = vec![0f32; x.len()];
     if c * p == 0 {
-        return y;
+        return vec![0f32; x.len()];
     }
-    y.par_chunks_mut(c * p)
-        .zip(x.par_chunks(c * p))
-        .enumerate()
-        .for_each(|(n, (yi, xi))| {
-            for ch in 0..c {
-                let r = ch * p..(ch + 1) * p;
-                let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
-                let (yp, xp) = (&mut yi[r.clone()], &xi[r]);
-                match residual {
-                    Some(res) => {
-                        let rp = &res[(n * c + ch) * p..(n * c + ch + 1) * p];
-                        for ((o, &v), &a) in yp.iter_mut().zip(xp).zip(rp) {
-                            let t = (v - m) * k + b + a;
-                            *o = if relu { t.max(0.0) } else { t };
-                        }
+    par_build(x.len(), c * p, |n, yi| {
+        let xi = &x[n * c * p..(n + 1) * c * p];
+        for ch in 0..c {
+            let r = ch * p..(ch + 1) * p;
+            let (m, k, b) = (mean[ch], scale[ch], beta[ch]);
+            let (yp, xp) = (&mut yi[r.clone()], &xi[r]);
+            match residual {
+                Some(res) => {
+                    let rp = &res[(n * c + ch) * p..(n * c + ch + 1) * p];
+                    for ((o, &v), &a) in yp.iter_mut().zip(xp).zip(rp) {
+                        let t = (v - m) * k + b + a;
+                        *o = if relu { t.max(0.0) } else { t };
                     }
-                    None => {
-                        for (o, &v) in yp.iter_mut().zip(xp) {
-                            let t = (v - m) * k + b;
-                            *o = if relu { t.max(0.0) } else { t };
-                        }
+                }
+                None => {
+                    for (o, &v) in yp.iter_mut().zip(xp) {
+                        let t = (v - m) * k + b;
+                        *o = if relu { t.max(0.0) } else { t };
                     }
                 }
             }
-        });
-    y
+        }
+    })
 }
 
 fn params_of(op: &str, x: &Layout, params: &Layout) -> Result<(usize, usize)> {
@@ -409,7 +445,7 @@ fn params_of(op: &str, x: &Layout, params: &Layout) -> Result<(usize, usize)> {
     Ok((c, p))
 }
 
-/// The backward of both apply ops: `(dx, dparams, dresidual)`.
+/// The backward of both apply ops: `(dx, dparams, dresidual)`; `fold`: see [`BnApplyGrad`].
 fn apply_backward(
     x: &Tensor,
     params: &Tensor,
@@ -417,12 +453,14 @@ fn apply_backward(
     grad: &Tensor,
     relu: bool,
     residual: bool,
+    fold: Option<usize>,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (_, c, _) = ncp(x.dims())?;
     let op = BnApplyGrad {
         relu,
         params: params.clone(),
         residual,
+        fold,
     };
     let grad = grad.contiguous()?;
     let flat = x.apply_op3_no_bwd(res, &grad, &op)?;
@@ -442,6 +480,8 @@ fn apply_backward(
 #[derive(Debug, Clone, Copy)]
 struct BnApply {
     relu: bool,
+    /// `Some(count)`: [`bn_apply_add_local`]'s backward.
+    fold: Option<usize>,
 }
 
 impl CustomOp2 for BnApply {
@@ -491,7 +531,7 @@ impl CustomOp2 for BnApply {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp, _) = apply_backward(x, params, res, grad, self.relu, false)?;
+        let (dx, dp, _) = apply_backward(x, params, res, grad, self.relu, false, self.fold)?;
         Ok((Some(dx), Some(dp)))
     }
 }
@@ -500,6 +540,8 @@ impl CustomOp2 for BnApply {
 #[derive(Debug, Clone, Copy)]
 struct BnApplyAdd {
     relu: bool,
+    /// `Some(count)`: [`bn_apply_add_local`]'s backward.
+    fold: Option<usize>,
 }
 
 impl CustomOp3 for BnApplyAdd {
@@ -562,7 +604,7 @@ impl CustomOp3 for BnApplyAdd {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp, dr) = apply_backward(x, params, res, grad, self.relu, true)?;
+        let (dx, dp, dr) = apply_backward(x, params, res, grad, self.relu, true, self.fold)?;
         Ok((Some(dx), Some(dp), dr))
     }
 }
@@ -575,6 +617,12 @@ struct BnApplyGrad {
     relu: bool,
     params: Tensor,
     residual: bool,
+    /// `Some(count)`: the statistics are `x`'s own over `count` values per channel and carry no
+    /// gradient; `dx` then also gets their part, `dS + 2·dQ·x` per channel, where `dS` and
+    /// `dQ` are the gradients of `Σx` and `Σx²` that [`moments_to_stats`]'s backward would
+    /// compute from `dmean` and `dinvstd` (`var = Σx²/count − mean²`, `invstd = (var +
+    /// eps)^-½`, so `dvar = −½·invstd³·dinvstd`).
+    fold: Option<usize>,
 }
 
 impl CustomOp3 for BnApplyGrad {
@@ -605,7 +653,7 @@ impl CustomOp3 for BnApplyGrad {
         let n = x.len();
         let with_dres = self.residual && relu;
         let dres_len = if with_dres { n } else { 0 };
-        let mut out = vec![0f32; n + dres_len + 4 * c];
+        let mut out = par_zeroed(n + dres_len + 4 * c);
         let (dx_all, rest) = out.split_at_mut(n);
         let (dres_all, tail) = rest.split_at_mut(dres_len);
         let sums = if c * p == 0 {
@@ -660,6 +708,34 @@ impl CustomOp3 for BnApplyGrad {
             tail[2 * c + ch] = (s3 * i) as f32; // dγ
             tail[3 * c + ch] = s1 as f32; // dβ
         }
+        if let Some(count) = self.fold {
+            let m = count as f64;
+            let coef: Vec<(f32, f32)> = (0..c)
+                .map(|ch| {
+                    let (mu, i) = (mean[ch] as f64, invstd[ch] as f64);
+                    let (dmean, dinvstd) = (tail[ch] as f64, tail[c + ch] as f64);
+                    let dvar = -0.5 * i * i * i * dinvstd;
+                    let ds = (dmean - 2.0 * mu * dvar) / m;
+                    let dq = dvar / m;
+                    (ds as f32, (2.0 * dq) as f32)
+                })
+                .collect();
+            if c * p > 0 {
+                dx_all
+                    .par_chunks_mut(c * p)
+                    .zip(x.par_chunks(c * p))
+                    .for_each(|(d, xi)| {
+                        for (ch, (dp, xp)) in
+                            d.chunks_exact_mut(p).zip(xi.chunks_exact(p)).enumerate()
+                        {
+                            let (a, b) = coef[ch];
+                            for (o, &v) in dp.iter_mut().zip(xp) {
+                                *o += a + b * v;
+                            }
+                        }
+                    });
+            }
+        }
         Ok((CpuStorage::F32(out), Shape::from(n + dres_len + 4 * c)))
     }
 
@@ -674,6 +750,9 @@ impl CustomOp3 for BnApplyGrad {
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let name = self.name();
+        if self.fold.is_some() {
+            bail!("{name}: the folded local backward is CPU only (local_fold_available)")
+        }
         let dims = ncp(xl.dims())?;
         if yl.dims() != xl.dims() || gl.dims() != xl.dims() || self.params.dims() != [4, dims.1] {
             bail!("{name}: inconsistent shapes")

@@ -44,6 +44,7 @@
 pub mod allocator;
 pub mod batch_norm;
 pub mod bn_ops;
+mod buffers;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;

@@ -39,13 +39,18 @@ fn bench(scenario: &str, what: &str, base_width: usize, side: usize, batch: usiz
 
 fn main() {
     simclr_models::tune_allocator();
+    // `SIMCLR_BENCH_STEPS=N`: time N steps instead of 3 (for a profiler).
+    let steps = std::env::var("SIMCLR_BENCH_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     bench(
         "pretrain-r18-cifar-32",
         "pretrain step R18-CIFAR 32x32 batch 128 (x2 views)",
         64,
         32,
         128,
-        3,
+        steps,
     );
     bench(
         "pretrain-r18w16-28",
@@ -53,6 +58,6 @@ fn main() {
         16,
         28,
         256,
-        3,
+        steps,
     );
 }
