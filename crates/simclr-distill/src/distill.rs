@@ -18,6 +18,42 @@ use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, Tr
 
 use crate::loss::distillation_loss;
 
+/// What the teacher labels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherTargets {
+    /// The augmented view the student sees, at every step (the official colab).
+    #[default]
+    SameView,
+    /// The whole image without augmentation, once before training (as Noisy Student labels:
+    /// the teacher sees clean images, the student augmented ones). One teacher pass over the
+    /// data instead of one per epoch, and targets from views that still show the object.
+    Clean,
+}
+
+impl TeacherTargets {
+    fn is_same_view(&self) -> bool {
+        *self == TeacherTargets::SameView
+    }
+}
+
+impl std::str::FromStr for TeacherTargets {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "same_view" | "same-view" => Ok(TeacherTargets::SameView),
+            "clean" => Ok(TeacherTargets::Clean),
+            other => Err(format!(
+                "unknown teacher targets {other:?}: expected same_view or clean"
+            )),
+        }
+    }
+}
+
+/// The largest table of clean teacher logits kept in memory (`TeacherTargets::Clean`).
+pub const MAX_CLEAN_TARGET_BYTES: usize = 2 << 30;
+
 /// Stages whose checkpoints can teach.
 pub const TEACHER_STAGES: [&str; 2] = ["finetune", "supervised"];
 
@@ -37,6 +73,9 @@ pub struct DistillConfig {
     /// Weight α of the distillation term; `1 − α` weighs cross-entropy on the labelled images
     /// of each batch. 1.0 (distillation only) is the paper's default.
     pub alpha: f64,
+    /// What the teacher labels (absent from older configs: the same view).
+    #[serde(default, skip_serializing_if = "TeacherTargets::is_same_view")]
+    pub teacher_targets: TeacherTargets,
     pub augment: AugmentConfig,
     pub seed: u64,
     /// Checkpoint cadence and history, resume policy, loader threads.
@@ -62,6 +101,7 @@ impl DistillConfig {
             temperature: if self_distillation { 0.1 } else { 1.0 },
             tau_squared: false,
             alpha: 1.0,
+            teacher_targets: TeacherTargets::SameView,
             augment: AugmentConfig::finetune(image_size),
             seed: 0,
             run: simclr_train::RunOptions::default(),
@@ -106,6 +146,12 @@ pub struct DistillTask {
     labelled: HashSet<usize>,
     cfg: DistillConfig,
     device: Device,
+    /// `TeacherTargets::Clean`: the teacher's logits of every image, `[dataset len, classes]`.
+    clean_targets: Option<Tensor>,
+}
+
+fn no_head() -> TrainError {
+    TrainError::InvalidConfig("a model without a supervised head".into())
 }
 
 fn terr(e: impl std::fmt::Display) -> TrainError {
@@ -175,7 +221,54 @@ impl DistillTask {
             labelled: labelled.iter().copied().collect(),
             cfg: cfg.clone(),
             device: device.clone(),
+            clean_targets: None,
         })
+    }
+
+    /// Labels every image of `train` once with the teacher, without augmentation
+    /// ([`TeacherTargets::Clean`]).
+    fn label_clean(
+        &mut self,
+        train: &Arc<dyn Dataset>,
+        workers: usize,
+    ) -> simclr_train::Result<()> {
+        let (n, c) = (train.len(), train.num_classes());
+        if n.saturating_mul(c).saturating_mul(4) > MAX_CLEAN_TARGET_BYTES {
+            return Err(TrainError::InvalidConfig(format!(
+                "teacher_targets clean keeps {n} × {c} logits in memory, more than {} GiB; \
+                 use teacher_targets same_view",
+                MAX_CLEAN_TARGET_BYTES >> 30
+            )));
+        }
+        let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
+        let mut lc = LoaderConfig::eval(self.cfg.train_batch_size.max(1), self.cfg.image_size);
+        lc.num_threads = workers;
+        let loader = Loader::new(train.clone(), None, lc).map_err(data_err)?;
+        let mut table = vec![0f32; n * c];
+        let mut seen = vec![false; n];
+        for batch in loader.epoch(0, 0) {
+            let batch = batch.map_err(data_err)?;
+            let logits = self
+                .teacher
+                .forward(&batch.views[0].to_device(&self.device)?, false)?
+                .logits_sup
+                .ok_or_else(no_head)?
+                .detach()
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f32>()?;
+            for (&i, row) in batch.indices.iter().zip(logits) {
+                table[i * c..(i + 1) * c].copy_from_slice(&row);
+                seen[i] = true;
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(TrainError::InvalidConfig(format!(
+                "the teacher's pass over the data missed image {i}"
+            )));
+        }
+        self.clean_targets = Some(Tensor::from_vec(table, (n, c), &self.device)?);
+        Ok(())
     }
 
     pub fn student(&self) -> &SimclrModel {
@@ -190,19 +283,24 @@ impl DistillTask {
 impl TrainTask for DistillTask {
     fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
         let x = batch.views[0].to_device(&self.device)?;
-        let missing = || TrainError::InvalidConfig("a model without a supervised head".into());
-        // The teacher labels exactly the view the student sees, in inference mode.
-        let t = self
-            .teacher
-            .forward(&x, false)?
-            .logits_sup
-            .ok_or_else(missing)?
-            .detach();
+        let t = match &self.clean_targets {
+            Some(table) => {
+                let rows: Vec<u32> = batch.indices.iter().map(|&i| i as u32).collect();
+                table.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
+            }
+            // The teacher labels exactly the view the student sees, in inference mode.
+            None => self
+                .teacher
+                .forward(&x, false)?
+                .logits_sup
+                .ok_or_else(no_head)?
+                .detach(),
+        };
         let s = self
             .student
             .forward(&x, true)?
             .logits_sup
-            .ok_or_else(missing)?;
+            .ok_or_else(no_head)?;
         let kd = distillation_loss(&s, &t, self.cfg.temperature, self.cfg.tau_squared)?;
         let mut loss = (kd.clone() * self.cfg.alpha)?;
         let agree = s
@@ -267,6 +365,12 @@ pub fn run_distill(
     cfg.validate()?;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;
+    // The teacher's pass counts in the stage's wall time (it replaces per-step teacher work).
+    let t_label = std::time::Instant::now();
+    if cfg.teacher_targets == TeacherTargets::Clean {
+        task.label_clean(&train, cfg.run.num_workers)?;
+    }
+    let label_seconds = t_label.elapsed().as_secs_f64();
     let batch = cfg.train_batch_size.min(train.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.run.num_workers;
@@ -280,6 +384,7 @@ pub fn run_distill(
         options: &cfg.run,
         extra_meta: simclr_train::stage_meta("distill_config", &cfg, Some(&train_classes))?,
     };
-    let summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
+    let mut summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
+    summary.wall_seconds += label_seconds;
     Ok((summary, task))
 }

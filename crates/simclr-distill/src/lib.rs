@@ -1,7 +1,8 @@
 //! # simclr-distill
 //!
 //! Owns SimCLRv2's third stage (reference §3.6): a fixed teacher (the fine-tuned network) labels
-//! the unlabeled images on the fly, on the very augmented view the student sees, and the student
+//! the unlabeled images, on the fly on the very augmented view the student sees (the official
+//! colab) or once on the clean images (`TeacherTargets::Clean`), and the student
 //! minimises `−Σ_y P_T(y|x;τ) log P_S(y|x;τ)`; optionally with the τ² factor of the official
 //! colab and a labelled term. Self-distillation (student = the teacher's architecture, τ = 0.1)
 //! and big-to-small (a smaller student, τ = 1.0).
@@ -12,5 +13,8 @@
 mod distill;
 mod loss;
 
-pub use distill::{run_distill, DistillConfig, DistillTask, StudentInit, TEACHER_STAGES};
+pub use distill::{
+    run_distill, DistillConfig, DistillTask, StudentInit, TeacherTargets, MAX_CLEAN_TARGET_BYTES,
+    TEACHER_STAGES,
+};
 pub use loss::distillation_loss;

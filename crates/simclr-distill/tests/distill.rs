@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use simclr_data::augment::AugmentConfig;
 use simclr_data::Dataset;
-use simclr_distill::{distillation_loss, run_distill, DistillConfig, StudentInit};
+use simclr_distill::{distillation_loss, run_distill, DistillConfig, StudentInit, TeacherTargets};
 use simclr_models::checkpoint::{save, CheckpointMeta};
 use simclr_models::{ModelConfig, SimclrModel};
 use simclr_train::optim::{OptimizerKind, OptimizerSettings};
@@ -291,4 +291,57 @@ fn a_temperature_or_alpha_without_meaning_is_refused_before_any_work() {
         assert!(e.contains(what), "{e}");
         assert!(!out.exists(), "nothing written for {what}");
     }
+}
+
+#[test]
+fn clean_targets_equal_same_view_targets_when_the_view_is_the_image() {
+    // Without crop and flip the student's view is the whole image, so the teacher's logits
+    // computed once before training (`clean`) must be the ones it computes at every step
+    // (`same_view`): the same losses step by step. A table row served for the wrong image,
+    // or a stale one, would change them.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset();
+    let t_path = teacher(dir.path(), "finetune", 10);
+    let run = |targets: TeacherTargets, out: &str| {
+        let mut cfg = settings();
+        cfg.schedule.train_steps = Some(12);
+        cfg.teacher_targets = targets;
+        // Batches of 8 of the 32 images: the table must be indexed by each image's index.
+        cfg.train_batch_size = 8;
+        let (summary, _) = run_distill(
+            &cfg,
+            &t_path,
+            &StudentInit::Scratch(tiny(10)),
+            ds.clone(),
+            &[],
+            StageEnv {
+                out_dir: &dir.path().join(out),
+                resume: false,
+                progress: false,
+                device: &Device::Cpu,
+            },
+        )
+        .unwrap();
+        summary.losses
+    };
+    let same = run(TeacherTargets::SameView, "same");
+    let clean = run(TeacherTargets::Clean, "clean");
+    assert_eq!(same.len(), 12);
+    for (k, (a, b)) in same.iter().zip(&clean).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "step {k}: same view {a}, clean {b}"
+        );
+    }
+    // And the setting is stored only when it is not the default (older run folders keep
+    // their configuration hashes).
+    let default = serde_json::to_value(settings()).unwrap();
+    assert!(default.get("teacher_targets").is_none());
+    let mut cfg = settings();
+    cfg.teacher_targets = "clean".parse().unwrap();
+    assert_eq!(
+        serde_json::to_value(&cfg).unwrap()["teacher_targets"],
+        "clean"
+    );
+    assert!("noisy".parse::<TeacherTargets>().is_err());
 }

@@ -209,6 +209,10 @@ struct DistillArgs {
     /// Weight of the distillation term; 1 − α weighs cross-entropy on labelled images.
     #[arg(long, default_value_t = 1.0)]
     alpha: f64,
+    /// What the teacher labels: same_view (the augmented view the student sees, as the
+    /// official colab does) or clean (each whole image once, before training).
+    #[arg(long, default_value = "same_view")]
+    teacher_targets: simclr_distill::TeacherTargets,
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -463,6 +467,7 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
     }
     cfg.tau_squared = a.tau_squared;
     cfg.alpha = a.alpha;
+    cfg.teacher_targets = a.teacher_targets;
     a.train.apply(
         &mut cfg.train_batch_size,
         &mut cfg.schedule,

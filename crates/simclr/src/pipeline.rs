@@ -24,7 +24,7 @@ use simclr_data::split::{
 use simclr_data::{
     load_dataset, DataOptions, Dataset, DatasetName, Loader, LoaderConfig, Split, SubsetDataset,
 };
-use simclr_distill::{run_distill, DistillConfig, StudentInit};
+use simclr_distill::{run_distill, DistillConfig, StudentInit, TeacherTargets};
 use simclr_eval::EvalReport;
 use simclr_eval::{knn_top1, KnnData};
 use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
@@ -769,7 +769,11 @@ pub fn run(
         let d = &cfg.distill;
         let batch = d.train_batch_size.min(train.len());
         r.recipe = format!(
-            "student from the {student_tag} network, teacher: the fine-tuned model; τ {}{}, α {}; {}; on all {} training images, crop (min area {}) + flip",
+            "student from the {student_tag} network, teacher: the fine-tuned model, labelling {}; τ {}{}, α {}; {}; on all {} training images, crop (min area {}) + flip",
+            match d.teacher_targets {
+                TeacherTargets::SameView => "the student's augmented view",
+                TeacherTargets::Clean => "each un-augmented image once",
+            },
             d.temperature,
             if d.tau_squared { " (loss × τ²)" } else { "" },
             d.alpha,
