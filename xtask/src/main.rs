@@ -112,6 +112,14 @@ enum Cmd {
         /// repeatable.
         #[arg(long = "set", value_name = "PATH=VALUE")]
         overrides: Vec<String>,
+        /// Run the configuration in this run file (a run's pipeline.json, possibly edited)
+        /// instead of a preset; `--set` still applies on top. Batch and step counts are taken
+        /// as the file gives them.
+        #[arg(long, value_name = "FILE", conflicts_with_all = [
+            "fractions", "dataset", "image_size", "preset", "model", "seed",
+            "validation_per_class", "pretrain_only", "precision",
+        ])]
+        config: Option<PathBuf>,
         /// Stop after pretraining and its kNN evaluation (tuning the pretraining settings on a
         /// validation split); a later full run with the same settings reuses the checkpoint.
         #[arg(long, conflicts_with = "fractions")]
@@ -186,6 +194,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             validation_per_class,
             overrides,
+            config,
             pretrain_only,
             precision,
             device,
@@ -202,16 +211,22 @@ fn run(cli: Cli) -> Result<()> {
                 num_workers: 0,
             };
             let fractions = if pretrain_only { Vec::new() } else { fractions };
-            let mut cfg = simclr::pipeline::PipelineConfig::new(
-                preset,
-                &dataset,
-                args.image_size()?,
-                &fractions,
-                model.as_deref(),
-                seed,
-            )?
-            .with_precision(precision);
-            cfg.validation_per_class = validation_per_class;
+            let cfg = match &config {
+                Some(file) => simclr::pipeline::PipelineConfig::from_file(file)?,
+                None => {
+                    let mut cfg = simclr::pipeline::PipelineConfig::new(
+                        preset,
+                        &dataset,
+                        args.image_size()?,
+                        &fractions,
+                        model.as_deref(),
+                        seed,
+                    )?
+                    .with_precision(precision);
+                    cfg.validation_per_class = validation_per_class;
+                    cfg
+                }
+            };
             if gpus.len() <= 1 {
                 let spec = gpus.first().map(|g| format!("cuda:{g}"));
                 let device = simclr::args::device(spec.as_deref().or(device.as_deref()))?;

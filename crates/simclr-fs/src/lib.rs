@@ -36,7 +36,7 @@ impl AtomicFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = folder_of(&path).join(format!(".{name}.{}-{n}.tmp", std::process::id()));
+        let tmp = folder_of(&path).join(temporary_name(&name, std::process::id(), n));
         let file = File::create(&tmp)?;
         Ok(AtomicFile {
             path,
@@ -72,6 +72,29 @@ impl Drop for AtomicFile {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// The temporary file name of the `n`-th write of `name` by process `pid`.
+fn temporary_name(name: &str, pid: u32, n: u64) -> String {
+    format!(".{name}.{pid}-{n}.tmp")
+}
+
+/// Whether `file_name` is a temporary file that an [`AtomicFile`] writing `target` (a file
+/// name) creates: what a write killed before its commit leaves behind. Only a caller that
+/// knows no writer is alive (a lock) may remove one.
+pub fn is_temporary_of(file_name: &str, target: &str) -> bool {
+    let Some(middle) = file_name
+        .strip_prefix('.')
+        .and_then(|r| r.strip_prefix(target))
+        .and_then(|r| r.strip_prefix('.'))
+        .and_then(|r| r.strip_suffix(".tmp"))
+    else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    middle
+        .split_once('-')
+        .is_some_and(|(pid, n)| digits(pid) && digits(n))
 }
 
 /// Writes `bytes` to `path` atomically and durably ([`AtomicFile`]).
@@ -131,6 +154,40 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["report.json"]);
+    }
+
+    #[test]
+    fn temporaries_are_recognised_by_their_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("checkpoint.safetensors");
+        let f = AtomicFile::create(&target).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1);
+        assert!(
+            is_temporary_of(&names[0], "checkpoint.safetensors"),
+            "{names:?}"
+        );
+        assert!(!is_temporary_of(&names[0], "checkpoint.safetensor"));
+        assert!(!is_temporary_of(&names[0], "metrics.jsonl"));
+        drop(f);
+        for other in [
+            "checkpoint.safetensors",
+            ".checkpoint.safetensors.tmp",
+            ".checkpoint.safetensors.12-x.tmp",
+            ".checkpoint.safetensors.-3.tmp",
+            "checkpoint.safetensors.12-3.tmp",
+            ".checkpoint-7.safetensors.12-3.tmp",
+        ] {
+            assert!(!is_temporary_of(other, "checkpoint.safetensors"), "{other}");
+        }
+        assert!(is_temporary_of(
+            ".checkpoint.safetensors.12-3.tmp",
+            "checkpoint.safetensors"
+        ));
     }
 
     #[test]

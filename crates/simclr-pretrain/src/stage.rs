@@ -257,7 +257,9 @@ impl TrainTask for PretrainTask {
         if every == 0 || !(epoch + 1).is_multiple_of(every) {
             return Ok(Vec::new());
         }
-        let top1 = knn_top1(&self.model, knn, &self.config.knn, &self.device).map_err(terr)?;
+        // Under the stage's own progress bar: no second one.
+        let top1 =
+            knn_top1(&self.model, knn, &self.config.knn, &self.device, false).map_err(terr)?;
         Ok(vec![("knn_top1".into(), top1)])
     }
 

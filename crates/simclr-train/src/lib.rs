@@ -14,7 +14,8 @@
 //!   arithmetic and the linear-warmup-then-cosine schedule ([`schedule`]).
 //!
 //! * the training loop every stage runs ([`trainer`]): schedule, backward, optimizer step, the
-//!   non-finite-loss guard, JSONL metrics, the progress bar, atomic checkpoints holding the model,
+//!   non-finite-loss guard, JSONL metrics and their TensorBoard twin ([`tensorboard`]), the
+//!   progress bar, atomic checkpoints holding the model,
 //!   the optimizer state and the step (which fixes the data position and every random draw), and
 //!   resumption.
 //!
@@ -43,6 +44,7 @@
 pub mod error;
 pub mod optim;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

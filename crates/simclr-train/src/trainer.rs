@@ -28,6 +28,7 @@ use simclr_models::ModelConfig;
 
 use crate::error::{Result, TrainError};
 use crate::optim::{all_reduce_gradients, named_vars, Optimizer};
+use crate::tensorboard::{EventWriter, ScalarEvent};
 
 /// What a task's forward pass returns.
 pub struct StepOutput {
@@ -575,8 +576,7 @@ fn remove_stale_temporaries(dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".checkpoint.safetensors.")
-            && name.ends_with(".tmp")
+        if simclr_fs::is_temporary_of(&name, CHECKPOINT_FILE)
             && std::fs::remove_file(entry.path()).is_ok()
         {
             tracing::info!(
@@ -587,10 +587,34 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-/// Appends rows to the JSONL metrics file; on resume, drops rows past the resumed step so the
-/// file reads as one uninterrupted run.
+/// Appends rows to the JSONL metrics file, and their numbers to a TensorBoard event file beside
+/// it; on resume, drops rows past the resumed step so the file reads as one uninterrupted run
+/// (and rewrites the event file from the rows kept).
 struct MetricsLog {
     file: std::fs::File,
+    events: Option<EventWriter>,
+}
+
+/// The numbers of a metrics row as TensorBoard scalars (tag = field name), at its step; `step`
+/// and the epoch counters are the axis, not scalars.
+fn row_event(fields: &Map<String, Value>) -> Option<ScalarEvent> {
+    let step = fields.get("step")?.as_i64()?;
+    let values = fields
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch" | "epoch_end"))
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32)))
+        .collect();
+    Some(ScalarEvent {
+        step,
+        wall_time: unix_now(),
+        values,
+    })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl MetricsLog {
@@ -622,10 +646,31 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .map_err(io)?;
-        Ok(MetricsLog { file })
+        // TensorBoard is a convenience too: without it the run goes on (with a warning).
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let events = EventWriter::create(dir, unix_now()).and_then(|mut w| {
+            let kept = std::fs::read_to_string(path).unwrap_or_default();
+            for line in kept.lines() {
+                if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) {
+                    if let Some(e) = row_event(&fields) {
+                        w.scalars(&e)?;
+                    }
+                }
+            }
+            Ok(w)
+        });
+        let events = events
+            .inspect_err(|e| tracing::warn!(dir = %dir.display(), "no TensorBoard event file: {e}"))
+            .ok();
+        Ok(MetricsLog { file, events })
     }
 
     fn row(&mut self, fields: Map<String, Value>) {
+        if let (Some(w), Some(e)) = (&mut self.events, row_event(&fields)) {
+            if w.scalars(&e).is_err() {
+                self.events = None;
+            }
+        }
         // Metrics are a convenience: a full disk must not kill the run.
         let _ = writeln!(self.file, "{}", Value::Object(fields));
     }

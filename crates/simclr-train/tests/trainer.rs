@@ -168,6 +168,36 @@ fn run_cfg(cfg: &TrainerConfig, fault: Fault) -> simclr_train::Result<Vec<f64>> 
     Ok(train(&mut task, &loader(), opt.as_mut(), &lr, cfg)?.losses)
 }
 
+/// The stage folder holds one TensorBoard event file, and its scalars are the numbers of
+/// `metrics.jsonl`, row for row (as f32), with the row's step.
+fn assert_tensorboard_matches_metrics(dir: &std::path::Path) {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .collect();
+    assert_eq!(files.len(), 1, "one event file: {files:?}");
+    let events = simclr_train::tensorboard::read_scalars(&files[0]).unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), rows.len());
+    for (e, row) in events.iter().zip(&rows) {
+        let row = row.as_object().unwrap();
+        assert_eq!(e.step, row["step"].as_i64().unwrap());
+        let want: Vec<(String, f32)> = row
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch" | "epoch_end"))
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap() as f32))
+            .collect();
+        assert!(want.iter().any(|(k, _)| k == "loss"));
+        assert_eq!(e.values, want, "step {}", e.step);
+    }
+}
+
 #[test]
 fn resumed_run_repeats_the_uninterrupted_losses() {
     let full_dir = tempfile::tempdir().unwrap();
@@ -199,6 +229,7 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
         })
         .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    assert_tensorboard_matches_metrics(dir.path());
     // The final checkpoint is a model checkpoint with the step.
     let ckpt =
         simclr_models::checkpoint::load(dir.path().join("checkpoint.safetensors"), &Device::Cpu)
@@ -370,7 +401,8 @@ fn a_second_writer_is_refused_naming_the_holder_and_a_dead_one_blocks_nothing() 
 #[test]
 fn temporaries_of_killed_checkpoint_writes_are_removed_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
-    let stale = dir.path().join(".checkpoint.safetensors.a1B2c3.tmp");
+    // What `simclr_fs::AtomicFile` names its temporary: `.<target>.<pid>-<n>.tmp`.
+    let stale = dir.path().join(".checkpoint.safetensors.4242-0.tmp");
     std::fs::write(&stale, b"half a checkpoint").unwrap();
     let other = dir.path().join("notes.tmp");
     std::fs::write(&other, b"not ours").unwrap();

@@ -5,6 +5,7 @@
 //! stage's logic lives in its crate (`simclr-pretrain`, `simclr-eval`, `simclr-models`, …).
 
 pub mod args;
+pub mod charts;
 pub mod device_check;
 pub mod pipeline;
 pub mod report;

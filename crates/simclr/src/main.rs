@@ -231,6 +231,9 @@ struct EvalArgs {
     /// Write the report (JSON) here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// No progress bars (they show on a terminal only anyway).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Args)]
@@ -246,6 +249,9 @@ struct EmbedArgs {
     layer: String,
     #[arg(long)]
     out: PathBuf,
+    /// No progress bar (it shows on a terminal only anyway).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Args)]
@@ -549,7 +555,8 @@ fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
                 );
             }
         }
-        let report = simclr_eval::evaluate_classifier(&ckpt.model, &loader, device)?;
+        let report =
+            simclr_eval::evaluate_classifier(&ckpt.model, &loader, device, !a.no_progress)?;
         println!("{report}");
         json.insert("classifier".into(), serde_json::to_value(&report)?);
     }
@@ -560,7 +567,13 @@ fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
             bank,
             queries: loader,
         };
-        let top1 = simclr_eval::knn_top1(&ckpt.model, &data, &Default::default(), device)?;
+        let top1 = simclr_eval::knn_top1(
+            &ckpt.model,
+            &data,
+            &Default::default(),
+            device,
+            !a.no_progress,
+        )?;
         println!(
             "kNN top-1 (k=200, τ=0.1, final_avg_pool): {:.2}%",
             100.0 * top1
@@ -589,7 +602,8 @@ fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
     check_writable(dir)?;
     let ds = a.data.load(split)?;
     let loader = Loader::new(ds, None, LoaderConfig::eval(256, a.data.image_size()?))?;
-    let (features, labels) = simclr_eval::features(&ckpt.model, &loader, &a.layer, device)?;
+    let (features, labels) =
+        simclr_eval::features(&ckpt.model, &loader, &a.layer, device, !a.no_progress)?;
     let labels = Tensor::new(
         labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
         &candle_core::Device::Cpu,

@@ -73,6 +73,10 @@ pub struct PipelineConfig {
     /// network, or random weights in the paper preset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student: Option<StudentStart>,
+    /// The labelled stages' batch and step counts are final (a configuration read from a run
+    /// file, `from_file`): the pipeline does not size them from the labelled set's size.
+    #[serde(skip)]
+    pub sized: bool,
 }
 
 /// Where the distillation student starts.
@@ -251,7 +255,36 @@ impl PipelineConfig {
             distill,
             validation_per_class: 0,
             student,
+            sized: false,
         })
+    }
+
+    /// A configuration from a run file: the `pipeline.json` a run writes into its folder (or
+    /// one edited from it). Its batch and step counts are used as they are. Errors name the
+    /// file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("run file {} cannot be read", path.display()))?;
+        let mut cfg: PipelineConfig = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "run file {} is not a pipeline configuration (as a run's pipeline.json)",
+                path.display()
+            )
+        })?;
+        for &f in &cfg.fractions {
+            validate_fraction(f).with_context(|| format!("run file {}", path.display()))?;
+        }
+        let n = cfg.fractions.len();
+        if cfg.finetune.len() != n || cfg.baseline.len() != n {
+            bail!(
+                "run file {}: {n} fractions but {} fine-tuning and {} baseline settings",
+                path.display(),
+                cfg.finetune.len(),
+                cfg.baseline.len()
+            );
+        }
+        cfg.sized = true;
+        Ok(cfg)
     }
 
     /// Sizes the stages that train on the labelled images from their counts (one per fraction,
@@ -309,12 +342,13 @@ impl PipelineConfig {
         let cfg: PipelineConfig = serde_json::from_value(value)
             .with_context(|| format!("--set {}: a value of the wrong type", overrides.join(" ")))?;
         // A misspelt last name would be created and then dropped by serde: check that each
-        // override is there once the configuration is read back.
+        // override is there once the configuration is read back (or, for a setting that is
+        // left out of the serialised form at its default value, that it is a real one).
         let back = serde_json::to_value(&cfg)?;
         for (o, parts, new) in &parsed {
             let mut again = back.clone();
             set_path(&mut again, parts, new);
-            if !same_settings(&again, &back) {
+            if !same_settings(&again, &back) && !is_left_out_default(&back, parts, new) {
                 bail!(
                     "--set {o}: {} is not a setting of the pipeline (see pipeline.json)",
                     parts.join(".")
@@ -324,7 +358,10 @@ impl PipelineConfig {
         for &f in &cfg.fractions {
             validate_fraction(f)?;
         }
-        *self = cfg;
+        *self = PipelineConfig {
+            sized: self.sized,
+            ..cfg
+        };
         Ok(())
     }
 
@@ -392,6 +429,30 @@ fn set_path(v: &mut serde_json::Value, parts: &[&str], new: &serde_json::Value) 
         }
         serde_json::Value::Object(map) => set_path(map.get_mut(*first)?, rest, new),
         _ => None,
+    }
+}
+
+/// Whether `parts` is a setting that `back` (a serialised configuration) leaves out because
+/// `new` is its default (`skip_serializing_if`), rather than a misspelt name that serde
+/// dropped: another value there must either be refused or show up in the serialised form.
+fn is_left_out_default(back: &serde_json::Value, parts: &[&str], new: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    let probe = match new {
+        V::Number(n) => n.as_f64().map(|x| V::from(x + 1.0)),
+        V::Bool(b) => Some(V::Bool(!b)),
+        V::String(_) => Some(V::String("\u{1}not a value".into())),
+        _ => None,
+    };
+    let Some(probe) = probe else {
+        return false;
+    };
+    let mut changed = back.clone();
+    if set_path(&mut changed, parts, &probe).is_none() {
+        return false;
+    }
+    match serde_json::from_value::<PipelineConfig>(changed) {
+        Err(_) => true,
+        Ok(c) => serde_json::to_value(&c).is_ok_and(|v| !same_settings(&v, back)),
     }
 }
 
@@ -469,9 +530,12 @@ fn evaluate(
     test: &Arc<dyn Dataset>,
     image_size: usize,
     device: &Device,
+    progress: bool,
 ) -> Result<EvalReport> {
     let loader = Loader::new(test.clone(), None, LoaderConfig::eval(256, image_size))?;
-    Ok(simclr_eval::evaluate_classifier(model, &loader, device)?)
+    Ok(simclr_eval::evaluate_classifier(
+        model, &loader, device, progress,
+    )?)
 }
 
 fn supervised_recipe(c: &FinetuneConfig, labelled: usize, init: &str) -> String {
@@ -607,7 +671,9 @@ pub fn run(
         splits.push(idx);
     }
     let counts: Vec<usize> = splits.iter().map(Vec::len).collect();
-    cfg.size_labelled_stages(&counts);
+    if !cfg.sized {
+        cfg.size_labelled_stages(&counts);
+    }
     // Sizing may have overwritten an override of a batch or step count: apply them again.
     cfg.apply_overrides(overrides)?;
     let cfg = &cfg;
@@ -656,11 +722,17 @@ pub fn run(
     };
     let t_knn = Instant::now();
     let pretrained = simclr_models::checkpoint::load(&pre_ckpt, device)?;
-    let knn_pretrained = knn_top1(&pretrained.model, &knn, &Default::default(), device)?;
+    let knn_pretrained = knn_top1(
+        &pretrained.model,
+        &knn,
+        &Default::default(),
+        device,
+        progress,
+    )?;
     let random_vm = candle_nn::VarMap::new();
     let random =
         simclr_models::SimclrModel::init(&pretrained.meta.config, &random_vm, cfg.seed, device)?;
-    let knn_random = knn_top1(&random, &knn, &Default::default(), device)?;
+    let knn_random = knn_top1(&random, &knn, &Default::default(), device, progress)?;
     let knn_seconds = t_knn.elapsed().as_secs_f64();
     println!(
         "pretraining: {:.0} s, kNN top-1 {:.2}% (random init {:.2}%)",
@@ -691,7 +763,7 @@ pub fn run(
         )?;
         crash_point(|| "pipeline:after:finetune".into());
         let t_eval = Instant::now();
-        let ft_eval = evaluate(ft_task.model(), &test, image_size, device)?;
+        let ft_eval = evaluate(ft_task.model(), &test, image_size, device, progress)?;
         let mut r = result("finetune", Some(f), &ft, &ft_eval);
         r.eval_seconds = t_eval.elapsed().as_secs_f64();
         r.recipe = supervised_recipe(
@@ -716,7 +788,7 @@ pub fn run(
         )?;
         crash_point(|| "pipeline:after:supervised".into());
         let t_eval = Instant::now();
-        let bl_eval = evaluate(bl_task.model(), &test, image_size, device)?;
+        let bl_eval = evaluate(bl_task.model(), &test, image_size, device, progress)?;
         let mut r = result("baseline", Some(f), &bl, &bl_eval);
         r.eval_seconds = t_eval.elapsed().as_secs_f64();
         r.recipe = supervised_recipe(
@@ -763,7 +835,7 @@ pub fn run(
         )?;
         crash_point(|| "pipeline:after:distill".into());
         let t_eval = Instant::now();
-        let di_eval = evaluate(di_task.student(), &test, image_size, device)?;
+        let di_eval = evaluate(di_task.student(), &test, image_size, device, progress)?;
         let mut r = result("distill", Some(f), &di, &di_eval);
         r.eval_seconds = t_eval.elapsed().as_secs_f64();
         let d = &cfg.distill;
@@ -960,6 +1032,7 @@ impl Drop for ReplicaProcesses {
 #[cfg(test)]
 mod tests {
     use super::{PipelineConfig, Preset};
+    use simclr_distill::TeacherTargets;
     use simclr_train::OptimizerKind;
 
     fn default_config() -> PipelineConfig {
@@ -1039,9 +1112,18 @@ mod tests {
             "distill.schedule.train_steps=5".into(),
             // An f32 setting left out of pipeline.json while it has its default value.
             "pretrain.augment.crop_min_area=0.2".into(),
+            // The same kind of setting set to that default value, which it then leaves out
+            // again (the default preset's distillation crops at 0.5).
+            "distill.augment.crop_min_area=0.08".into(),
+            "distill.teacher_targets=clean".into(),
         ])
         .unwrap();
         assert_eq!(cfg.pretrain.augment.crop_min_area, 0.2);
+        assert_eq!(cfg.distill.augment.crop_min_area, 0.08);
+        assert_eq!(cfg.distill.teacher_targets, TeacherTargets::Clean);
+        cfg.apply_overrides(&["distill.teacher_targets=same_view".into()])
+            .unwrap();
+        assert_eq!(cfg.distill.teacher_targets, TeacherTargets::SameView);
         assert_eq!(cfg.pretrain.schedule.train_epochs, 11);
         assert!(cfg
             .baseline
@@ -1057,6 +1139,10 @@ mod tests {
             ("fractions=[1.5]", "1.5"),
             ("pretrain.train_batch_size=big", "wrong type"),
             ("pretrain.augment.crop_min_areas=0.2", "crop_min_areas"),
+            // Misspelt names whose value is a default elsewhere, and a value of no variant.
+            ("distill.augment.crop_min_aera=0.08", "crop_min_aera"),
+            ("distill.teacher_target=same_view", "teacher_target"),
+            ("distill.teacher_targets=noisy", "wrong type"),
             ("no-equals-sign", "PATH=VALUE"),
         ] {
             let err = format!("{:#}", cfg.apply_overrides(&[bad.into()]).unwrap_err());

@@ -7,148 +7,21 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::Value;
 
+use crate::charts::{bar_chart, line_chart};
 use crate::pipeline::StageResult;
 
-const COLOURS: [&str; 6] = [
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1",
-];
-
-/// `(step, loss)` rows of a stage's metrics file.
-fn loss_curve(metrics: &Path) -> Vec<(f64, f64)> {
+/// `(step, value)` of a field of a stage's metrics rows (the first of `keys` a row has).
+fn curve(metrics: &Path, keys: &[&str]) -> Vec<(f64, f64)> {
     let Ok(text) = std::fs::read_to_string(metrics) else {
         return Vec::new();
     };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        // Pretraining logs the contrastive loss apart from the probe's: chart that one.
         .filter_map(|v| {
-            let loss = v.get("contrast_loss").or_else(|| v.get("loss"))?.as_f64()?;
-            Some((v.get("step")?.as_f64()?, loss))
+            let y = keys.iter().find_map(|k| v.get(*k))?.as_f64()?;
+            Some((v.get("step")?.as_f64()?, y))
         })
         .collect()
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A line chart of several series, each scaled to the shared y range.
-pub fn line_chart(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
-    let (w, h, m) = (640.0, 320.0, 48.0);
-    let pts: Vec<&(f64, f64)> = series
-        .iter()
-        .flat_map(|(_, s)| s)
-        .filter(|p| p.1.is_finite())
-        .collect();
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        w / 2.0,
-        escape(title)
-    );
-    if pts.is_empty() {
-        svg.push_str("</svg>");
-        return svg;
-    }
-    let (x0, x1) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (y0, y1) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let sx = |x: f64| m + (x - x0) / (x1 - x0).max(1e-12) * (w - 2.0 * m);
-    let sy = |y: f64| h - m - (y - y0) / (y1 - y0).max(1e-12) * (h - 2.0 * m);
-    let _ = write!(
-        svg,
-        r#"<line x1="{m}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{m}" y1="{m}" x2="{m}" y2="{}" stroke="black"/>"#,
-        h - m,
-        w - m,
-        h - m,
-        h - m
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="end">{y1:.3}</text><text x="{}" y="{}" text-anchor="end">{y0:.3}</text><text x="{m}" y="{}">{x0}</text><text x="{}" y="{}" text-anchor="end">{x1} steps</text>"#,
-        m - 4.0,
-        m + 4.0,
-        m - 4.0,
-        h - m,
-        h - m + 16.0,
-        w - m,
-        h - m + 16.0
-    );
-    for (i, (name, s)) in series.iter().enumerate() {
-        let c = COLOURS[i % COLOURS.len()];
-        let path: Vec<String> = s
-            .iter()
-            .filter(|p| p.1.is_finite())
-            .map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1)))
-            .collect();
-        let _ = write!(
-            svg,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/><text x="{}" y="{}" fill="{c}">{}</text>"#,
-            path.join(" "),
-            w - m - 150.0,
-            m + 16.0 * i as f64,
-            escape(name)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
-}
-
-/// Grouped bars: one group per fraction, one bar per method, top-1 in %.
-pub fn bar_chart(title: &str, groups: &[(String, Vec<(String, f64)>)]) -> String {
-    let (w, h, m) = (640.0, 320.0, 48.0);
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        w / 2.0,
-        escape(title)
-    );
-    let _ = write!(
-        svg,
-        r#"<line x1="{m}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
-        h - m,
-        w - m,
-        h - m
-    );
-    let gw = (w - 2.0 * m) / groups.len().max(1) as f64;
-    for (g, (label, bars)) in groups.iter().enumerate() {
-        let bw = gw * 0.8 / bars.len().max(1) as f64;
-        for (b, (name, v)) in bars.iter().enumerate() {
-            let x = m + g as f64 * gw + gw * 0.1 + b as f64 * bw;
-            let bh = v.clamp(0.0, 100.0) / 100.0 * (h - 2.0 * m);
-            let c = COLOURS[b % COLOURS.len()];
-            let _ = write!(
-                svg,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{c}"><title>{} {v:.2}%</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
-                h - m - bh,
-                bw * 0.9,
-                escape(name),
-                x + bw * 0.45,
-                h - m - bh - 3.0
-            );
-            if g == 0 {
-                let _ = write!(
-                    svg,
-                    r#"<text x="{}" y="{}" fill="{c}">{}</text>"#,
-                    w - m - 100.0,
-                    m + 16.0 * b as f64,
-                    escape(name)
-                );
-            }
-        }
-        let _ = write!(
-            svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            m + g as f64 * gw + gw / 2.0,
-            h - m + 16.0,
-            escape(label)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
 }
 
 fn eval_split_title(summary: &Value) -> &'static str {
@@ -200,7 +73,8 @@ pub fn verdicts(results: &[StageResult], split: &str) -> Vec<String> {
     lines
 }
 
-/// Writes report.json, report.md, accuracy.svg, loss_pretrain.svg and loss_stages.svg into `run_dir`.
+/// Writes report.json, report.md and the charts (accuracy.svg, loss_pretrain.svg,
+/// accuracy_pretrain.svg, lr_pretrain.svg, loss_stages.svg) into `run_dir`.
 pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result<()> {
     simclr_data::write_atomic(
         &run_dir.join("report.json"),
@@ -224,29 +98,71 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
             (format!("{}% labels", f * 100.0), bars)
         })
         .collect();
+    let split_title = eval_split_title(summary);
     simclr_data::write_atomic(
         &run_dir.join("accuracy.svg"),
-        bar_chart(&format!("{} top-1 (%)", eval_split_title(summary)), &groups).as_bytes(),
+        bar_chart(
+            &format!("{split_title} top-1 of each model"),
+            &format!("{} top-1 (%)", split_title.to_lowercase()),
+            &groups,
+        )
+        .as_bytes(),
     )?;
-    let mut series = vec![(
-        "pretrain".to_string(),
-        loss_curve(&run_dir.join("pretrain/metrics.jsonl")),
-    )];
-    // Each stage's metrics sit next to its checkpoint.
-    for r in results {
-        series.push((
-            format!("{} {}%", r.stage, r.fraction.unwrap_or(1.0) * 100.0),
-            loss_curve(&r.checkpoint.with_file_name("metrics.jsonl")),
-        ));
+    let pre = run_dir.join("pretrain/metrics.jsonl");
+    // Pretraining logs the contrastive loss apart from the online probe's.
+    let pre_charts = [
+        (
+            "loss_pretrain.svg",
+            "Pretraining contrastive loss (NT-Xent)",
+            "loss",
+            vec![("contrastive loss", curve(&pre, &["contrast_loss", "loss"]))],
+        ),
+        (
+            "accuracy_pretrain.svg",
+            "Pretraining: contrastive accuracy and kNN top-1",
+            "accuracy",
+            vec![
+                ("contrastive accuracy", curve(&pre, &["contrast_acc"])),
+                ("kNN top-1 (per epoch)", curve(&pre, &["knn_top1"])),
+            ],
+        ),
+        (
+            "lr_pretrain.svg",
+            "Pretraining learning rate (warmup, then cosine)",
+            "learning rate",
+            vec![("lr", curve(&pre, &["lr"]))],
+        ),
+    ];
+    for (file, title, y_title, series) in pre_charts {
+        let series: Vec<(String, Vec<(f64, f64)>)> = series
+            .into_iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(n, s)| (n.to_string(), s))
+            .collect();
+        simclr_data::write_atomic(
+            &run_dir.join(file),
+            line_chart(title, "step", y_title, &series).as_bytes(),
+        )?;
     }
-    // The contrastive loss lives on another scale: its own chart.
-    simclr_data::write_atomic(
-        &run_dir.join("loss_pretrain.svg"),
-        line_chart("Pretraining contrastive loss (NT-Xent)", &series[..1]).as_bytes(),
-    )?;
+    // Each stage's metrics sit next to its checkpoint.
+    let stages: Vec<(String, Vec<(f64, f64)>)> = results
+        .iter()
+        .map(|r| {
+            (
+                format!("{} {}%", r.stage, r.fraction.unwrap_or(1.0) * 100.0),
+                curve(&r.checkpoint.with_file_name("metrics.jsonl"), &["loss"]),
+            )
+        })
+        .collect();
     simclr_data::write_atomic(
         &run_dir.join("loss_stages.svg"),
-        line_chart("Fine-tuning / baseline / distillation loss", &series[1..]).as_bytes(),
+        line_chart(
+            "Fine-tuning / baseline / distillation loss",
+            "step",
+            "training loss",
+            &stages,
+        )
+        .as_bytes(),
     )?;
 
     let mut md = String::new();
@@ -324,7 +240,7 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
             r.wall_seconds
         );
     }
-    let _ = writeln!(md, "\n![top-1](accuracy.svg)\n\n![pretraining loss](loss_pretrain.svg)\n\n![stage losses](loss_stages.svg)\n");
+    let _ = writeln!(md, "\n![top-1](accuracy.svg)\n\n![pretraining loss](loss_pretrain.svg)\n\n![pretraining accuracy](accuracy_pretrain.svg)\n\n![pretraining learning rate](lr_pretrain.svg)\n\n![stage losses](loss_stages.svg)\n");
     let _ = writeln!(md, "Each fraction's folder holds its labelled split (`labelled_split.txt`, the official split-file format) and the per-class evaluation of each model (`eval_*.md`). The full configuration is in `pipeline.json`.");
     simclr_data::write_atomic(&run_dir.join("report.md"), md.as_bytes())?;
     Ok(())

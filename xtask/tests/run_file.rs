@@ -1,0 +1,108 @@
+//! `cargo xtask pipeline --config FILE`: a run's own `pipeline.json` reproduces the run, a
+//! `--set` on top changes that one value, and a bad file is a one-line error naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn xtask(args: &[&str], out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("pipeline")
+        .args(args)
+        .args(["--no-progress", "--out"])
+        .arg(out)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .env("RAYON_NUM_THREADS", "2")
+        .env_remove("SIMCLR_CRASH_AT")
+        .output()
+        .expect("the xtask binary runs")
+}
+
+fn run_dir(root: &Path) -> PathBuf {
+    std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("a run folder")
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Every model's figures and step count, and the pretraining's, from `report.json`.
+fn figures(run: &Path) -> Vec<String> {
+    let report = json(&run.join("report.json"));
+    let mut out: Vec<String> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {} {} {}", r["stage"], r["top1"], r["top5"], r["steps"]))
+        .collect();
+    out.push(format!(
+        "pretrain {} {}",
+        report["pretrain"]["knn_top1"], report["pretrain"]["steps"]
+    ));
+    out
+}
+
+#[test]
+fn a_runs_own_pipeline_json_reproduces_it_and_a_set_changes_one_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    let r = xtask(&["--preset", "smoke", "--fraction", "0.1"], &a);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run_a = run_dir(&a);
+    let file = run_a.join("pipeline.json");
+    let file = file.to_str().unwrap();
+
+    let r = xtask(&["--config", file], &b);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run_b = run_dir(&b);
+    assert_eq!(run_a.file_name(), run_b.file_name(), "the same run name");
+    assert_eq!(
+        json(&run_a.join("pipeline.json")),
+        json(&run_b.join("pipeline.json"))
+    );
+    assert_eq!(figures(&run_a), figures(&run_b), "the same figures");
+
+    let r = xtask(
+        &["--config", file, "--set", "distill.schedule.train_steps=2"],
+        &c,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut want = json(&run_a.join("pipeline.json"));
+    assert_ne!(want["distill"]["schedule"]["train_steps"], 2);
+    want["distill"]["schedule"]["train_steps"] = 2.into();
+    assert_eq!(json(&run_dir(&c).join("pipeline.json")), want);
+}
+
+#[test]
+fn a_bad_run_file_or_a_flag_it_would_override_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let bad = dir.path().join("run.json");
+    std::fs::write(&bad, b"{\"preset\": \"smoke\", \"fractions\": [0.1]").unwrap();
+    let r = xtask(&["--config", bad.to_str().unwrap()], &out);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("run.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "nothing is written for a bad run file");
+
+    let missing = dir.path().join("missing.json");
+    let r = xtask(&["--config", missing.to_str().unwrap()], &out);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("missing.json"));
+
+    let r = xtask(&["--config", bad.to_str().unwrap(), "--seed", "3"], &out);
+    assert!(!r.status.success());
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
