@@ -356,15 +356,16 @@ pub fn run_distill(
     labelled: &[usize],
     env: StageEnv,
 ) -> simclr_train::Result<(TrainSummary, DistillTask)> {
-    let StageEnv {
-        out_dir,
-        resume,
-        progress,
-        device,
-    } = env;
     cfg.validate()?;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
-    let mut task = DistillTask::new(teacher, student, cfg, train.num_classes(), labelled, device)?;
+    let mut task = DistillTask::new(
+        teacher,
+        student,
+        cfg,
+        train.num_classes(),
+        labelled,
+        env.device,
+    )?;
     // The teacher's pass counts in the stage's wall time (it replaces per-step teacher work).
     let t_label = std::time::Instant::now();
     if cfg.teacher_targets == TeacherTargets::Clean {
@@ -378,9 +379,7 @@ pub fn run_distill(
     let loader = Loader::new(train, None, lc).map_err(data_err)?;
     let run = StageRun {
         stage: "distill",
-        out_dir,
-        resume,
-        progress,
+        env,
         options: &cfg.run,
         extra_meta: simclr_train::stage_meta("distill_config", &cfg, Some(&train_classes))?,
     };

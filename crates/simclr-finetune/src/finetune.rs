@@ -251,15 +251,9 @@ pub fn run_finetune(
     labelled: Vec<usize>,
     env: StageEnv,
 ) -> simclr_train::Result<(TrainSummary, FinetuneTask)> {
-    let StageEnv {
-        out_dir,
-        resume,
-        progress,
-        device,
-    } = env;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     check_all_classes_labelled(train.as_ref(), &labelled).map_err(data_err)?;
-    let mut task = FinetuneTask::new(init, cfg, train.num_classes(), device)?;
+    let mut task = FinetuneTask::new(init, cfg, train.num_classes(), env.device)?;
     // Small labelled sets: the batch never exceeds the set (the official batch is 1024).
     let batch = cfg.train_batch_size.min(labelled.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
@@ -268,9 +262,7 @@ pub fn run_finetune(
     let loader = Loader::new(train, Some(labelled), lc).map_err(data_err)?;
     let run = StageRun {
         stage,
-        out_dir,
-        resume,
-        progress,
+        env,
         options: &cfg.run,
         extra_meta: simclr_train::stage_meta("finetune_config", &cfg, Some(&train_classes))?,
     };

@@ -344,12 +344,6 @@ pub fn run_pretrain_replica(
     env: StageEnv,
     replicas: Arc<dyn Collective>,
 ) -> simclr_train::Result<TrainSummary> {
-    let StageEnv {
-        out_dir,
-        resume,
-        progress,
-        device,
-    } = env;
     let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut config = config.clone();
     // The supervised head is the online probe: it exists exactly when the probe trains.
@@ -376,12 +370,14 @@ pub fn run_pretrain_replica(
         _ => None,
     };
     let primary = replicas.rank() == 0;
-    let mut task = PretrainTask::new(config.clone(), device, replicas, knn)?;
+    let mut task = PretrainTask::new(config.clone(), env.device, replicas, knn)?;
     let run = StageRun {
         stage: "pretrain",
-        out_dir,
-        resume,
-        progress: progress && primary,
+        // Only rank 0 draws a bar.
+        env: StageEnv {
+            progress: env.progress && primary,
+            ..env
+        },
         options: &config.run,
         extra_meta: simclr_train::stage_meta("pretrain_config", &config, None)?,
     };

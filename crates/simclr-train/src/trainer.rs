@@ -937,9 +937,8 @@ pub struct StageEnv<'a> {
 /// What a stage adds to [`train`]: its name, folder and options.
 pub struct StageRun<'a> {
     pub stage: &'a str,
-    pub out_dir: &'a Path,
-    pub resume: bool,
-    pub progress: bool,
+    /// Its folder, resume policy and progress bar (the device is the task's business).
+    pub env: StageEnv<'a>,
     pub options: &'a RunOptions,
     /// The stage's settings, written into its checkpoints.
     pub extra_meta: Vec<(String, String)>,
@@ -979,15 +978,15 @@ pub fn run_stage(
     let mut optimizer =
         crate::optim::build_optimizer(crate::optim::named_vars(task.varmap()), optimizer)?;
     let cfg = TrainerConfig {
-        out_dir: run.out_dir.to_path_buf(),
+        out_dir: run.env.out_dir.to_path_buf(),
         stage: run.stage.to_string(),
         total_steps: schedule.total_steps,
         checkpoint_every: run.options.checkpoint_every,
         keep_checkpoint_max: run.options.keep_checkpoint_max.max(1),
         allow_changed_settings: run.options.allow_changed_settings,
         log_every: 1,
-        resume: run.resume,
-        progress: run.progress,
+        resume: run.env.resume,
+        progress: run.env.progress,
         extra_meta: run.extra_meta,
     };
     train(task, loader, optimizer.as_mut(), &|s| schedule.lr(s), &cfg)
