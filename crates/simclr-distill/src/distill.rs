@@ -244,30 +244,17 @@ impl DistillTask {
         let mut lc = LoaderConfig::eval(self.cfg.train_batch_size.max(1), self.cfg.image_size);
         lc.num_threads = workers;
         let loader = Loader::new(train.clone(), None, lc).map_err(data_err)?;
-        let mut table = vec![0f32; n * c];
-        let mut seen = vec![false; n];
-        for batch in loader.epoch(0, 0) {
-            let batch = batch.map_err(data_err)?;
-            let logits = self
-                .teacher
-                .forward(&batch.views[0].to_device(&self.device)?, false)?
-                .logits_sup
-                .ok_or_else(no_head)?
-                .detach()
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .to_vec2::<f32>()?;
-            for (&i, row) in batch.indices.iter().zip(logits) {
-                table[i * c..(i + 1) * c].copy_from_slice(&row);
-                seen[i] = true;
-            }
-        }
-        if let Some(i) = seen.iter().position(|s| !s) {
+        // The evaluation loader serves every image once, in dataset order: row i is image i.
+        let (logits, _) =
+            simclr_eval::features(&self.teacher, &loader, "logits_sup", &self.device, false)
+                .map_err(terr)?;
+        if logits.dims() != [n, c] {
             return Err(TrainError::InvalidConfig(format!(
-                "the teacher's pass over the data missed image {i}"
+                "the teacher's pass over {n} images gave logits of shape {:?}",
+                logits.dims()
             )));
         }
-        self.clean_targets = Some(Tensor::from_vec(table, (n, c), &self.device)?);
+        self.clean_targets = Some(logits.to_dtype(DType::F32)?.to_device(&self.device)?);
         Ok(())
     }
 

@@ -141,6 +141,16 @@ fn teacher(dir: &std::path::Path, stage: &str, classes: usize) -> std::path::Pat
     path
 }
 
+/// A new run into `out` on the CPU, without a progress bar.
+fn fresh(out: &std::path::Path) -> StageEnv<'_> {
+    StageEnv {
+        out_dir: out,
+        resume: false,
+        progress: false,
+        device: &Device::Cpu,
+    }
+}
+
 fn settings() -> DistillConfig {
     let mut cfg = DistillConfig::new(28, true);
     cfg.train_batch_size = 32;
@@ -278,12 +288,7 @@ fn a_temperature_or_alpha_without_meaning_is_refused_before_any_work() {
             &StudentInit::Scratch(tiny(10)),
             ds.clone(),
             &[],
-            StageEnv {
-                out_dir: &out,
-                resume: false,
-                progress: false,
-                device: &Device::Cpu,
-            },
+            fresh(&out),
         )
         .err()
         .unwrap()
@@ -314,12 +319,7 @@ fn clean_targets_equal_same_view_targets_when_the_view_is_the_image() {
             &StudentInit::Scratch(tiny(10)),
             ds.clone(),
             &[],
-            StageEnv {
-                out_dir: &dir.path().join(out),
-                resume: false,
-                progress: false,
-                device: &Device::Cpu,
-            },
+            fresh(&dir.path().join(out)),
         )
         .unwrap();
         summary.losses

@@ -183,8 +183,9 @@ pub fn local_fold_available(x: &Tensor, residual: Option<&Tensor>) -> bool {
 /// itself (from [`moments_to_stats`] over `count` values per channel) and carry no gradient.
 /// The backward adds their dependence on `x` analytically in the same op, instead of autograd
 /// carrying it through the statistics into [`channel_moments`]'s backward: that path costs a
-/// full-size gradient pass and two full-size additions per BN (candle accumulates the two
-/// `dx` parts into a fresh zeroed buffer), about a tenth of a pretraining step on the CPU. The
+/// full-size gradient pass and a second full-size addition per BN (candle sums the two `dx`
+/// parts). Measured on its own, about 1 % of a pretraining step (A/B of the bench binaries,
+/// within the VM's noise; `docs/performance.md`). The
 /// gradient is the same function; global BN (replicas) keeps the split path because the
 /// statistics' gradient must cross the replicas. Needs [`local_fold_available`].
 pub fn bn_apply_add_local(

@@ -623,9 +623,11 @@ impl MetricsLog {
             path: path.to_path_buf(),
             source: e,
         };
+        // The rows kept (on resume), which the event file is rebuilt from.
+        let mut kept = String::new();
         if let Some(step) = keep_until {
             if let Ok(text) = std::fs::read_to_string(path) {
-                let kept: String = text
+                kept = text
                     .lines()
                     .filter(|l| {
                         serde_json::from_str::<Value>(l)
@@ -649,7 +651,6 @@ impl MetricsLog {
         // TensorBoard is a convenience too: without it the run goes on (with a warning).
         let dir = path.parent().unwrap_or(Path::new("."));
         let events = EventWriter::create(dir, unix_now()).and_then(|mut w| {
-            let kept = std::fs::read_to_string(path).unwrap_or_default();
             for line in kept.lines() {
                 if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) {
                     if let Some(e) = row_event(&fields) {
