@@ -36,6 +36,7 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::checkpoint::CheckpointMeta;
 use crate::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind, SK1_RATIO, SUPPORTED_DEPTHS};
 use crate::error::ModelError;
+use crate::export::CONFIG_KEY;
 use crate::model::SimclrModel;
 use crate::params::parameter_shapes;
 use crate::pth::{read_float_tensors, PthReader, StateDictInfo};
@@ -507,6 +508,43 @@ pub(crate) fn resolve_config(
     })
 }
 
+/// The configuration an exported file stores under [`CONFIG_KEY`], which must describe the
+/// same tensors as `inferred` (what the name and shapes say); it adds what they cannot say
+/// (`ft_proj_selector`, `fine_tune_after_block`, BN decay and epsilon).
+fn stored_config(
+    path: &Path,
+    json: &str,
+    inferred: &ModelConfig,
+) -> Result<ModelConfig, ImportError> {
+    let stored: ModelConfig = serde_json::from_str(json).map_err(|e| {
+        corrupt_entry(
+            path,
+            format!("`{CONFIG_KEY}` is not a model configuration: {e}"),
+        )
+    })?;
+    let shapes = |c: &ModelConfig| parameter_shapes(c).ok();
+    if stored.name() != inferred.name()
+        || stored.cifar_stem != inferred.cifar_stem
+        || shapes(&stored).is_none()
+        || shapes(&stored) != shapes(inferred)
+    {
+        return Err(ImportError::Contradiction {
+            path: path.to_path_buf(),
+            what: format!("the architecture stored under `{CONFIG_KEY}`"),
+            from_name: format!("{} (base width {})", stored.name(), stored.base_width),
+            from_shapes: format!("{} (base width {})", inferred.name(), inferred.base_width),
+        });
+    }
+    Ok(stored)
+}
+
+fn corrupt_entry(path: &Path, reason: String) -> ImportError {
+    ImportError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
 const BN_LEAVES: [(&str, &str); 4] = [
     ("weight", "gamma"),
     ("bias", "beta"),
@@ -516,7 +554,7 @@ const BN_LEAVES: [(&str, &str); 4] = [
 
 /// `(dict, converter key, our name)` for every tensor of `config`; the last head BN's `bias`
 /// maps to `None` (it must be zero).
-fn key_map(config: &ModelConfig) -> Vec<(&'static str, String, Option<String>)> {
+pub(crate) fn key_map(config: &ModelConfig) -> Vec<(&'static str, String, Option<String>)> {
     let mut m = Vec::new();
     let conv = |m: &mut Vec<_>, src: String, dst: String| {
         m.push((
@@ -687,7 +725,10 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
     };
     let (resnet_shapes, head_shapes) = (shapes(resnet_info), shapes(head_info));
     let inferred = infer(path, &resnet_shapes, &head_shapes)?;
-    let config = resolve_config(path, &name, &inferred)?;
+    let mut config = resolve_config(path, &name, &inferred)?;
+    if let Some(json) = reader.texts()?.remove(CONFIG_KEY) {
+        config = stored_config(path, &json, &config)?;
+    }
     config.validate().map_err(|source| ImportError::Config {
         path: path.to_path_buf(),
         source,

@@ -18,7 +18,10 @@
 //! * import of the official weights: the widely used converter's PyTorch files
 //!   ([`import_pth`], on top of a strided `.pth` reader, [`pth`]) and the official TensorFlow 1
 //!   checkpoints, online or `ema_model/` copy ([`import_tf`], on top of a reader of TF's
-//!   tensor-bundle format that needs no TensorFlow, [`tf_bundle`]).
+//!   tensor-bundle format that needs no TensorFlow, [`tf_bundle`]);
+//! * export: the converter's `.pth` layout (read back by the importer, opened by `torch.load`)
+//!   and a Hugging Face-style folder ([`export`]), and the eval-mode network as ONNX
+//!   ([`onnx`]).
 //!
 //! It does not own optimizers, losses, learning-rate schedules, training or evaluation loops,
 //! data loading or augmentation, nor the command line: those live in the crates that use it.
@@ -51,12 +54,14 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod export;
 pub mod heads;
 pub mod import_pth;
 pub mod import_tf;
 pub mod init;
 pub mod layers;
 pub mod model;
+pub mod onnx;
 pub mod params;
 pub mod pool;
 pub mod precision;
@@ -70,9 +75,11 @@ pub use batch_norm::BnMode;
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
 pub use config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
 pub use error::ModelError;
+pub use export::{export_hf, export_pth, pth_file_name, ExportError};
 pub use import_pth::{import_pth, ImportError, ImportedModel, SourceFormat, SourceName};
 pub use import_tf::{import_tf1, import_tf1_named};
 pub use model::{ForwardOptions, ModelOutput, SimclrModel};
+pub use onnx::export_onnx;
 pub use params::{num_parameters, param_group, parameter_shapes, ParamGroup, ParameterCount};
 pub use precision::Precision;
 pub use tf_bundle::{TfBundle, TfBundleError};

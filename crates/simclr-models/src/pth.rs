@@ -1,4 +1,5 @@
-//! Reading tensors from PyTorch `.pth` files (the zip format of `torch.save`), strides included.
+//! PyTorch `.pth` files (the zip format of `torch.save`): reading tensors, strides included, and
+//! writing a dict of state dicts and strings that `torch.load` opens ([`write_pth`]).
 //!
 //! The pickle is parsed with candle's reader (`candle_core::pickle`). Tensor data is read here
 //! rather than with `PthTensors::get`, which refuses tensors that are neither C- nor
@@ -9,12 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::pickle::{Object, Stack, TensorInfo};
 use candle_core::{DType, Device, Tensor};
 
+use crate::export::ExportError;
 use crate::import_pth::ImportError;
 
 /// A state dict's tensors by name (metadata only; data is read on demand).
@@ -101,9 +103,8 @@ impl PthReader {
         &self.path
     }
 
-    /// The state dicts of the file: for a top-level dict, every value that is a dict of tensors
-    /// under its key; tensors stored directly at the top level under the key `""`.
-    pub fn state_dicts(&mut self) -> Result<BTreeMap<String, StateDictInfo>, ImportError> {
+    /// The pickle's top-level dict entries and the folder its storages live in.
+    fn top_level(&mut self) -> Result<(Vec<(Object, Object)>, PathBuf), ImportError> {
         let pkl = self
             .archive
             .file_names()
@@ -125,6 +126,13 @@ impl PthReader {
             .finalize()
             .map_err(|e| corrupt(&self.path, format!("unreadable pickle: {e}")))?;
         let top = as_dict(obj).ok_or_else(|| corrupt(&self.path, "the pickle is not a dict"))?;
+        Ok((top, dir))
+    }
+
+    /// The state dicts of the file: for a top-level dict, every value that is a dict of tensors
+    /// under its key; tensors stored directly at the top level under the key `""`.
+    pub fn state_dicts(&mut self) -> Result<BTreeMap<String, StateDictInfo>, ImportError> {
+        let (top, dir) = self.top_level()?;
         let mut out = BTreeMap::new();
         let mut loose = Vec::new();
         for (k, v) in top {
@@ -144,6 +152,18 @@ impl PthReader {
             out.insert(String::new(), loose);
         }
         Ok(out)
+    }
+
+    /// The top-level entries of the file whose key and value are both strings.
+    pub fn texts(&mut self) -> Result<BTreeMap<String, String>, ImportError> {
+        let (top, _) = self.top_level()?;
+        Ok(top
+            .into_iter()
+            .filter_map(|(k, v)| match (k, v) {
+                (Object::Unicode(k), Object::Unicode(v)) => Some((k, v)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Reads one tensor on the CPU with its shape, honouring its strides and storage offset.
@@ -271,4 +291,172 @@ pub fn read_float_tensors(
         out.insert(name.clone(), t);
     }
     Ok(out)
+}
+
+/// A value of the top-level dict that [`write_pth`] writes.
+#[derive(Clone)]
+pub enum PthEntry {
+    /// A state dict: an `OrderedDict` of tensors by name, each stored contiguous as f32.
+    StateDict(Vec<(String, Tensor)>),
+    /// A string.
+    Text(String),
+}
+
+/// Protocol-2 pickle opcodes, as `pickletools` names them.
+mod op {
+    pub const PROTO: u8 = 0x80;
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const MARK: u8 = b'(';
+    pub const TUPLE: u8 = b't';
+    pub const SETITEMS: u8 = b'u';
+    pub const BINUNICODE: u8 = b'X';
+    pub const BININT: u8 = b'J';
+    pub const LONG1: u8 = 0x8a;
+    pub const GLOBAL: u8 = b'c';
+    pub const REDUCE: u8 = b'R';
+    pub const BINPERSID: u8 = b'Q';
+    pub const NEWFALSE: u8 = 0x89;
+    pub const STOP: u8 = b'.';
+}
+
+/// A minimal pickler: just the opcodes a dict of state dicts needs (no memo).
+struct Pickler(Vec<u8>);
+
+impl Pickler {
+    fn op(&mut self, code: u8) {
+        self.0.push(code);
+    }
+    fn str(&mut self, s: &str) {
+        self.op(op::BINUNICODE);
+        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn int(&mut self, v: usize) {
+        match i32::try_from(v) {
+            Ok(v) => {
+                self.op(op::BININT);
+                self.0.extend_from_slice(&v.to_le_bytes());
+            }
+            Err(_) => {
+                // LONG1: little-endian two's complement; a ninth byte keeps the sign positive.
+                self.op(op::LONG1);
+                self.0.push(9);
+                self.0.extend_from_slice(&(v as u64).to_le_bytes());
+                self.0.push(0);
+            }
+        }
+    }
+    fn global(&mut self, module: &str, name: &str) {
+        self.op(op::GLOBAL);
+        self.0.extend_from_slice(module.as_bytes());
+        self.0.push(b'\n');
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.push(b'\n');
+    }
+    fn int_tuple(&mut self, values: &[usize]) {
+        self.op(op::MARK);
+        for &v in values {
+            self.int(v);
+        }
+        self.op(op::TUPLE);
+    }
+    /// `collections.OrderedDict()`, left on the stack for SETITEMS.
+    fn ordered_dict(&mut self) {
+        self.global("collections", "OrderedDict");
+        self.op(op::EMPTY_TUPLE);
+        self.op(op::REDUCE);
+    }
+    /// `torch._utils._rebuild_tensor_v2` of a contiguous float storage named `key`.
+    fn tensor(&mut self, key: &str, shape: &[usize]) {
+        let numel = shape.iter().product::<usize>();
+        let mut strides = vec![1usize; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            strides[k] = strides[k + 1] * shape[k + 1];
+        }
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.op(op::MARK);
+        self.op(op::MARK);
+        self.str("storage");
+        self.global("torch", "FloatStorage");
+        self.str(key);
+        self.str("cpu");
+        self.int(numel);
+        self.op(op::TUPLE);
+        self.op(op::BINPERSID);
+        self.int(0);
+        self.int_tuple(shape);
+        self.int_tuple(&strides);
+        self.op(op::NEWFALSE);
+        self.ordered_dict();
+        self.op(op::TUPLE);
+        self.op(op::REDUCE);
+    }
+}
+
+/// Writes `entries` as the top-level dict of a `.pth` file, in the layout `torch.save` writes
+/// (format version 3, little-endian storages, 64-byte aligned so `torch.load(mmap=True)` works),
+/// atomically. The archive's folder is the file's stem.
+pub fn write_pth(path: &Path, entries: &[(String, PthEntry)]) -> Result<(), ExportError> {
+    let io = |source: std::io::Error| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let candle = |source: candle_core::Error| ExportError::Candle {
+        path: path.to_path_buf(),
+        source,
+    };
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty() && s.is_ascii() && !s.contains(['/', '\\']))
+        .unwrap_or_else(|| "archive".into());
+    let mut p = Pickler(vec![op::PROTO, 2]);
+    let mut storages: Vec<Vec<u8>> = Vec::new();
+    p.op(op::EMPTY_DICT);
+    p.op(op::MARK);
+    for (key, entry) in entries {
+        p.str(key);
+        match entry {
+            PthEntry::Text(text) => p.str(text),
+            PthEntry::StateDict(tensors) => {
+                p.ordered_dict();
+                p.op(op::MARK);
+                for (name, t) in tensors {
+                    let values = t
+                        .to_dtype(DType::F32)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(candle)?;
+                    p.str(name);
+                    p.tensor(&storages.len().to_string(), t.dims());
+                    storages.push(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+                }
+                p.op(op::SETITEMS);
+            }
+        }
+    }
+    p.op(op::SETITEMS);
+    p.op(op::STOP);
+
+    let mut file = simclr_fs::AtomicFile::create(path).map_err(io)?;
+    {
+        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file.file()));
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .with_alignment(64);
+        let zip_err = |e: zip::result::ZipError| io(std::io::Error::other(e));
+        let record = |zip: &mut zip::ZipWriter<_>, name: String, bytes: &[u8]| {
+            zip.start_file(name, stored).map_err(zip_err)?;
+            zip.write_all(bytes).map_err(io)
+        };
+        record(&mut zip, format!("{stem}/data.pkl"), &p.0)?;
+        record(&mut zip, format!("{stem}/byteorder"), b"little")?;
+        for (i, bytes) in storages.iter().enumerate() {
+            record(&mut zip, format!("{stem}/data/{i}"), bytes)?;
+        }
+        record(&mut zip, format!("{stem}/version"), b"3\n")?;
+        zip.finish().map_err(zip_err)?.flush().map_err(io)?;
+    }
+    file.commit().map_err(io)
 }

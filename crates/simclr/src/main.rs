@@ -44,6 +44,9 @@ enum Command {
     Embed(EmbedArgs),
     /// Convert official weights (converter .pth, TF1 checkpoint) into this project's checkpoint.
     Import(ImportArgs),
+    /// Write a checkpoint's model for other tools: the converter's .pth (`torch.load`, `simclr
+    /// import`), a Hugging Face-style folder, or ONNX; weights only.
+    Export(ExportArgs),
     /// Time the pretraining step on synthetic data (prints a `BENCH` line; docs/gpu.md).
     BenchStep(BenchStepArgs),
     /// One training step on the CPU and on --device, f32 and bf16: values and gradients must
@@ -264,6 +267,29 @@ struct ImportArgs {
     ema: bool,
 }
 
+/// What `simclr export` writes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExportFormat {
+    /// The converter's layout, `{'resnet': …, 'head': …}`, named r{depth}_{w}x_sk{0|1}.pth.
+    Pth,
+    /// A folder: config.json, model.safetensors (weights only), README.md (model card).
+    Hf,
+    /// The eval-mode network as an ONNX model (opset 17), outputs named as `simclr embed`'s
+    /// layers.
+    Onnx,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint of this project (`…/checkpoint.safetensors`).
+    checkpoint: PathBuf,
+    /// pth: the file, or a folder to write r{depth}_{w}x_sk{0|1}.pth into; hf: the folder;
+    /// onnx: the file.
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "pth")]
+    format: ExportFormat,
+}
+
 fn main() {
     simclr::main_with(|| {
         run(Cli::parse_from(simclr::official_spellings(
@@ -291,6 +317,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Parity => simclr::device_check::parity(&device),
         Command::Import(a) => import(a, &device),
+        Command::Export(a) => export(a, &device),
     }
 }
 
@@ -639,4 +666,76 @@ fn import(a: ImportArgs, device: &candle_core::Device) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+fn export(a: ExportArgs, device: &candle_core::Device) -> Result<()> {
+    let ckpt = checkpoint::load(&a.checkpoint, device)?;
+    let config = &ckpt.meta.config;
+    let out = match a.format {
+        ExportFormat::Pth => {
+            let path = if a.out.is_dir() {
+                a.out.join(simclr_models::pth_file_name(config))
+            } else {
+                a.out.clone()
+            };
+            simclr_models::export_pth(&path, config, &ckpt.varmap)?;
+            path
+        }
+        ExportFormat::Hf => {
+            let figures = last_metrics(&a.checkpoint, &ckpt.meta.stage);
+            simclr_models::export_hf(&a.out, &ckpt.meta, &ckpt.varmap, &figures)?;
+            a.out.clone()
+        }
+        ExportFormat::Onnx => {
+            simclr_models::export_onnx(&a.out, config, &ckpt.varmap)?;
+            a.out.clone()
+        }
+    };
+    println!(
+        "exported {} ({}, {} step {}) to {}",
+        a.checkpoint.display(),
+        config.name(),
+        ckpt.meta.stage,
+        ckpt.meta.step,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Figures for a model card: the test top-1 of the pipeline's `eval_<stage>.md` next to the
+/// checkpoint's folder, and the numeric fields of the last row of its `metrics.jsonl` (none
+/// where the files are absent or unreadable: the card is still written).
+fn last_metrics(checkpoint: &Path, stage: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Some(dir) = checkpoint.parent() else {
+        return out;
+    };
+    let report = dir.parent().map(|p| p.join(format!("eval_{stage}.md")));
+    if let Some(text) = report.and_then(|p| std::fs::read_to_string(p).ok()) {
+        if let Some(top1) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("- top-1 accuracy: "))
+        {
+            out.push((
+                "evaluation top-1 (pipeline report)".into(),
+                top1.trim().into(),
+            ));
+        }
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) else {
+        return out;
+    };
+    let row = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).ok());
+    for (k, v) in row.into_iter().flatten() {
+        let value = match (v.as_u64(), v.as_f64()) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(x)) => format!("{x:.4}"),
+            _ => continue,
+        };
+        out.push((format!("last training row: {k}"), value));
+    }
+    out
 }

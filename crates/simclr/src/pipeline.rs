@@ -405,10 +405,11 @@ pub fn finetune_train_steps(labelled: usize, batch: usize) -> u64 {
 }
 
 /// Sets `parts` (a path into `v`, `*` for every element of a list) to `new`; returns how many
-/// places were set, or `None` when a name or index does not exist.
+/// places were set, or `None` when a name or index does not exist. An object set over an object
+/// changes only the fields it names (`pretrain.memory={"queue_size":4096}` keeps the others).
 fn set_path(v: &mut serde_json::Value, parts: &[&str], new: &serde_json::Value) -> Option<usize> {
     let Some((first, rest)) = parts.split_first() else {
-        *v = new.clone();
+        put(v, new);
         return Some(1);
     };
     match v {
@@ -424,11 +425,27 @@ fn set_path(v: &mut serde_json::Value, parts: &[&str], new: &serde_json::Value) 
         }
         // Optional fields serialise as null (or are left out): a value may be set there.
         serde_json::Value::Object(map) if rest.is_empty() => {
-            map.insert(first.to_string(), new.clone());
+            put(
+                map.entry(first.to_string())
+                    .or_insert(serde_json::Value::Null),
+                new,
+            );
             Some(1)
         }
         serde_json::Value::Object(map) => set_path(map.get_mut(*first)?, rest, new),
         _ => None,
+    }
+}
+
+/// `new` over `slot`: objects field by field, anything else replaced.
+fn put(slot: &mut serde_json::Value, new: &serde_json::Value) {
+    match (slot, new) {
+        (serde_json::Value::Object(old), serde_json::Value::Object(fields)) => {
+            for (k, v) in fields {
+                put(old.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (slot, _) => *slot = new.clone(),
     }
 }
 
@@ -1132,6 +1149,20 @@ mod tests {
         assert_eq!(cfg.finetune[1].optimizer.optimizer, OptimizerKind::Lars);
         assert_eq!(cfg.finetune[0].optimizer.optimizer, OptimizerKind::Momentum);
         assert_eq!(cfg.distill.schedule.train_steps, Some(5));
+        // An object sets only the fields it names: over nothing (the memory buffer is off in
+        // the preset), the others take their defaults; over an object, the others are kept.
+        cfg.apply_overrides(&[r#"pretrain.memory={"queue_size":4096,"ema_decay":0.99}"#.into()])
+            .unwrap();
+        let memory = cfg.pretrain.memory.unwrap();
+        assert_eq!((memory.queue_size, memory.ema_decay), (4096, 0.99));
+        assert_eq!(
+            memory.bn_statistics,
+            simclr_pretrain::memory::MemoryConfig::default().bn_statistics
+        );
+        cfg.apply_overrides(&[r#"pretrain.memory={"queue_size":8192}"#.into()])
+            .unwrap();
+        let memory = cfg.pretrain.memory.unwrap();
+        assert_eq!((memory.queue_size, memory.ema_decay), (8192, 0.99));
         let before = serde_json::to_string(&cfg).unwrap();
         for (bad, says) in [
             ("pretrain.schedule.train_epoch=3", "train_epoch"),
@@ -1143,6 +1174,7 @@ mod tests {
             ("distill.augment.crop_min_aera=0.08", "crop_min_aera"),
             ("distill.teacher_target=same_view", "teacher_target"),
             ("distill.teacher_targets=noisy", "wrong type"),
+            (r#"pretrain.memory={"queue_sise":1}"#, "pretrain.memory"),
             ("no-equals-sign", "PATH=VALUE"),
         ] {
             let err = format!("{:#}", cfg.apply_overrides(&[bad.into()]).unwrap_err());

@@ -467,3 +467,83 @@ fn official_flag_spellings_are_accepted() {
         serde_json::json!({"batch": 8, "depth": 18, "width": 4})
     );
 }
+
+#[test]
+fn an_exported_model_imports_back_with_bit_identical_outputs() {
+    // One pretraining and one fine-tuning step of a tiny network; the fine-tuned checkpoint
+    // (supervised head on head layer 1) goes out as a converter .pth and as a Hugging Face
+    // folder; `simclr import` of the .pth and the folder's model.safetensors must give the
+    // logits of the original to the bit.
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let tiny = ["--resnet-depth", "18", "--base-width", "4", "--no-progress"];
+    let steps = ["--train-steps", "1", "--train-batch-size", "8"];
+    let mut args = vec!["pretrain", "--knn-every-epochs", "0"];
+    let pre = d("pre");
+    args.extend(["--out", &pre]);
+    args.extend(tiny.iter().chain(&steps));
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let pre_ckpt = format!("{pre}/checkpoint.safetensors");
+    let ft = d("ft");
+    let mut args = vec!["finetune", "--checkpoint", &pre_ckpt, "--fraction", "0.1"];
+    args.extend(["--no-progress", "--out", &ft]);
+    args.extend(&steps);
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let ckpt = format!("{ft}/checkpoint.safetensors");
+
+    let out = d("out");
+    std::fs::create_dir(&out).unwrap();
+    let r = simclr(&["export", &ckpt, &out], root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let pth = format!("{out}/r18_1x_sk0.pth");
+    let back = d("back.safetensors");
+    let r = simclr(&["import", &pth, &back], root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let hf = d("hf");
+    let r = simclr(&["export", &ckpt, &hf, "--format", "hf"], root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let logits = |checkpoint: &str, name: &str| {
+        let file = d(name);
+        let r = simclr(
+            &[
+                "embed",
+                "--checkpoint",
+                checkpoint,
+                "--layer",
+                "logits_sup",
+                "--no-progress",
+                "--out",
+                &file,
+            ],
+            root(),
+        );
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+        let v = t["features"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    let original = logits(&ckpt, "a.safetensors");
+    assert!(original.len() >= 10);
+    assert_eq!(logits(&back, "b.safetensors"), original, "through the .pth");
+    let hf_weights = format!("{hf}/model.safetensors");
+    assert_eq!(
+        logits(&hf_weights, "c.safetensors"),
+        original,
+        "the HF folder"
+    );
+
+    // A .pth name the importer could not read is refused, naming the one it needs.
+    let wrong = d("model.pth");
+    fails_with(
+        &simclr(&["export", &ckpt, &wrong], root()),
+        &["model.pth", "r18_1x_sk0.pth"],
+    );
+    assert!(!Path::new(&wrong).exists());
+}
