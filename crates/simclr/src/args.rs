@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
-use simclr_models::{ModelConfig, Precision};
+use simclr_models::{ModelConfig, Precision, ProjHeadMode};
 use simclr_train::optim::{OptimizerKind, OptimizerSettings};
 use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
 
@@ -112,6 +112,17 @@ pub struct ModelArgs {
     /// checkpoint (SimCLRv2), else 0 (linear evaluation, the supervised baseline).
     #[arg(long, allow_negative_numbers = true)]
     pub ft_proj_selector: Option<i32>,
+    /// none, linear or nonlinear (the official `proj_head_mode`). [default: nonlinear]
+    #[arg(long, value_parser = parse_proj_head_mode)]
+    pub proj_head_mode: Option<ProjHeadMode>,
+    /// BN moving-average decay (Keras momentum). [default: 0.9]
+    #[arg(long)]
+    pub batch_norm_decay: Option<f64>,
+}
+
+fn parse_proj_head_mode(s: &str) -> std::result::Result<ProjHeadMode, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?}: expected none, linear or nonlinear"))
 }
 
 impl ModelArgs {
@@ -125,6 +136,8 @@ impl ModelArgs {
             num_proj_layers: self.num_proj_layers.unwrap_or(d.num_proj_layers),
             proj_out_dim: self.proj_out_dim.unwrap_or(d.proj_out_dim),
             ft_proj_selector: self.ft_proj_selector.unwrap_or(0),
+            proj_head_mode: self.proj_head_mode.unwrap_or(d.proj_head_mode),
+            batch_norm_decay: self.batch_norm_decay.unwrap_or(d.batch_norm_decay),
             num_classes,
             ..d
         }
@@ -143,6 +156,8 @@ impl ModelArgs {
             ("--base-width", self.base_width.is_some()),
             ("--num-proj-layers", self.num_proj_layers.is_some()),
             ("--proj-out-dim", self.proj_out_dim.is_some()),
+            ("--proj-head-mode", self.proj_head_mode.is_some()),
+            ("--batch-norm-decay", self.batch_norm_decay.is_some()),
         ]
         .into_iter()
         .filter_map(|(flag, set)| set.then_some(flag))

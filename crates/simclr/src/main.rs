@@ -90,6 +90,10 @@ struct PretrainArgs {
     use_blur: Option<bool>,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     lineareval_while_pretraining: bool,
+    /// BN statistics over every replica's batch (the official `global_bn`); false normalises
+    /// with each replica's own.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    global_bn: bool,
     /// SimCLRv2's momentum encoder + memory buffer of negatives.
     #[arg(long)]
     use_memory: bool,
@@ -222,6 +226,9 @@ struct DistillArgs {
     run: RunArgs,
 }
 
+/// Images per evaluation batch (`eval_batch_size`; the official default is 256).
+const EVAL_BATCH_SIZE: usize = 256;
+
 #[derive(Args)]
 struct EvalArgs {
     #[arg(long)]
@@ -234,6 +241,8 @@ struct EvalArgs {
     /// Write the report (JSON) here.
     #[arg(long)]
     report: Option<PathBuf>,
+    #[arg(long, default_value_t = EVAL_BATCH_SIZE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    eval_batch_size: usize,
     /// No progress bars (they show on a terminal only anyway).
     #[arg(long)]
     no_progress: bool,
@@ -250,6 +259,8 @@ struct EmbedArgs {
     /// final_avg_pool, proj_head_N, proj_head_output or logits_sup.
     #[arg(long, default_value = "final_avg_pool")]
     layer: String,
+    #[arg(long, default_value_t = EVAL_BATCH_SIZE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    eval_batch_size: usize,
     #[arg(long)]
     out: PathBuf,
     /// No progress bar (it shows on a terminal only anyway).
@@ -347,6 +358,7 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
         cfg.augment.use_blur = b;
     }
     cfg.lineareval_while_pretraining = a.lineareval_while_pretraining;
+    cfg.global_bn = a.global_bn;
     if a.use_memory {
         cfg.memory = Some(simclr_pretrain::memory::MemoryConfig {
             queue_size: a.memory_size,
@@ -543,7 +555,11 @@ fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
     let ckpt = checkpoint::load(&a.checkpoint, device)?;
     let test = a.data.load(Split::Test)?;
     let image_size = a.data.image_size()?;
-    let loader = Loader::new(test.clone(), None, LoaderConfig::eval(256, image_size))?;
+    let loader = Loader::new(
+        test.clone(),
+        None,
+        LoaderConfig::eval(a.eval_batch_size, image_size),
+    )?;
     let mut json = serde_json::Map::new();
     json.insert(
         "checkpoint".into(),
@@ -589,7 +605,11 @@ fn eval(a: EvalArgs, device: &candle_core::Device) -> Result<()> {
     }
     if a.knn {
         let train = a.data.load(Split::Train)?;
-        let bank = Loader::new(train, None, LoaderConfig::eval(256, image_size))?;
+        let bank = Loader::new(
+            train,
+            None,
+            LoaderConfig::eval(a.eval_batch_size, image_size),
+        )?;
         let data = simclr_eval::KnnData {
             bank,
             queries: loader,
@@ -628,7 +648,11 @@ fn embed(a: EmbedArgs, device: &candle_core::Device) -> Result<()> {
         .unwrap_or(Path::new("."));
     check_writable(dir)?;
     let ds = a.data.load(split)?;
-    let loader = Loader::new(ds, None, LoaderConfig::eval(256, a.data.image_size()?))?;
+    let loader = Loader::new(
+        ds,
+        None,
+        LoaderConfig::eval(a.eval_batch_size, a.data.image_size()?),
+    )?;
     let (features, labels) =
         simclr_eval::features(&ckpt.model, &loader, &a.layer, device, !a.no_progress)?;
     let labels = Tensor::new(

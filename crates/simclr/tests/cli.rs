@@ -27,6 +27,18 @@ fn fails_with(out: &Output, needles: &[&str]) {
     }
 }
 
+/// One training step of a ResNet-18 at base width 4 on 8 images.
+const ONE_TINY_STEP: [&str; 8] = [
+    "--resnet-depth",
+    "18",
+    "--base-width",
+    "4",
+    "--train-steps",
+    "1",
+    "--train-batch-size",
+    "8",
+];
+
 /// The repository root, where the committed subset lives.
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -138,18 +150,10 @@ fn a_split_file_sets_the_epochs_from_its_own_fraction() {
     // The 10 % split a --fraction 0.1 run wrote, read back with --split-file: 30 epochs (the
     // recipe for more than 1 % of labels), not the 60 of the default --fraction 0.01.
     let dir = tempfile::tempdir().unwrap();
-    let tiny = [
-        "--from-scratch",
-        "--resnet-depth",
-        "18",
-        "--base-width",
-        "4",
-        "--train-steps",
-        "1",
-        "--train-batch-size",
-        "8",
-        "--no-progress",
-    ];
+    let tiny: Vec<&str> = ["--from-scratch", "--no-progress"]
+        .into_iter()
+        .chain(ONE_TINY_STEP)
+        .collect();
     let epochs = |out: &Path| -> u64 {
         let meta =
             simclr_models::checkpoint::read_meta(out.join("checkpoint.safetensors")).unwrap();
@@ -164,7 +168,7 @@ fn a_split_file_sets_the_epochs_from_its_own_fraction() {
         "--out",
         first.to_str().unwrap(),
     ];
-    args.extend(tiny);
+    args.extend(&tiny);
     let r = simclr(&args, root());
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(epochs(&first), 30);
@@ -177,7 +181,7 @@ fn a_split_file_sets_the_epochs_from_its_own_fraction() {
         "--out",
         second.to_str().unwrap(),
     ];
-    args.extend(tiny);
+    args.extend(&tiny);
     let r = simclr(&args, root());
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(epochs(&second), 30);
@@ -439,6 +443,8 @@ fn official_flag_spellings_are_accepted() {
             "batch": cfg["train_batch_size"],
             "depth": meta.config.resnet_depth,
             "width": meta.config.base_width,
+            "head": meta.config.proj_head_mode,
+            "bn_decay": meta.config.batch_norm_decay,
         })
     };
     let official = stored(
@@ -448,6 +454,9 @@ fn official_flag_spellings_are_accepted() {
             "--resnet_depth=18",
             "--base_width",
             "4",
+            "--proj_head_mode=linear",
+            "--batch_norm_decay",
+            "0.99",
         ],
         "official",
     );
@@ -458,13 +467,53 @@ fn official_flag_spellings_are_accepted() {
             "--resnet-depth=18",
             "--base-width",
             "4",
+            "--proj-head-mode=linear",
+            "--batch-norm-decay",
+            "0.99",
         ],
         "kebab",
     );
     assert_eq!(official, kebab);
     assert_eq!(
         official,
-        serde_json::json!({"batch": 8, "depth": 18, "width": 4})
+        serde_json::json!({"batch": 8, "depth": 18, "width": 4, "head": "linear", "bn_decay": 0.99})
+    );
+    // The pretraining-only flag and the evaluation batch.
+    let pre = dir.path().join("pre");
+    let mut args = vec!["pretrain", "--global_bn=false", "--knn-every-epochs", "0"];
+    args.extend(["--no-progress", "--out", pre.to_str().unwrap()]);
+    args.extend(ONE_TINY_STEP);
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let meta = simclr_models::checkpoint::read_meta(pre.join("checkpoint.safetensors")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&meta.extra["pretrain_config"]).unwrap();
+    assert_eq!(cfg["global_bn"], false);
+    let ckpt = pre.join("checkpoint.safetensors");
+    let r = simclr(
+        &[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--knn=false",
+            "--eval_batch_size",
+            "7",
+            "--no-progress",
+        ],
+        root(),
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    fails_with(
+        &simclr(
+            &[
+                "eval",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--eval-batch-size",
+                "0",
+            ],
+            root(),
+        ),
+        &["--eval-batch-size", "0"],
     );
 }
 
