@@ -69,6 +69,18 @@ fn a_runs_own_pipeline_json_reproduces_it_and_a_set_changes_one_value() {
         json(&run_b.join("pipeline.json"))
     );
     assert_eq!(figures(&run_a), figures(&run_b), "the same figures");
+    // The TOML twin of the file reproduces it too.
+    let d = dir.path().join("d");
+    let toml_file = run_a.join("pipeline.toml");
+    let r = xtask(&["--config", toml_file.to_str().unwrap()], &d);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run_d = run_dir(&d);
+    assert_eq!(run_a.file_name(), run_d.file_name(), "the same run name");
+    assert_eq!(
+        json(&run_a.join("pipeline.json")),
+        json(&run_d.join("pipeline.json"))
+    );
+    assert_eq!(figures(&run_a), figures(&run_d), "the same figures");
 
     let r = xtask(
         &["--config", file, "--set", "distill.schedule.train_steps=2"],
@@ -91,6 +103,15 @@ fn a_bad_run_file_or_a_flag_it_would_override_is_refused() {
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("run.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "nothing is written for a bad run file");
+
+    let bad_toml = dir.path().join("run.toml");
+    std::fs::write(&bad_toml, b"preset = \"smoke\"\nfractions = [0.1\n").unwrap();
+    let r = xtask(&["--config", bad_toml.to_str().unwrap()], &out);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("run.toml") && err.contains("pipeline.toml"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.exists(), "nothing is written for a bad run file");
 

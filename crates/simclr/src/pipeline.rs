@@ -259,18 +259,24 @@ impl PipelineConfig {
         })
     }
 
-    /// A configuration from a run file: the `pipeline.json` a run writes into its folder (or
-    /// one edited from it). Its batch and step counts are used as they are. Errors name the
-    /// file.
+    /// A configuration from a run file: the `pipeline.json` or `pipeline.toml` a run writes
+    /// into its folder (or one edited from them; TOML when the name ends in `.toml`, JSON
+    /// otherwise). Its batch and step counts are used as they are. Errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("run file {} cannot be read", path.display()))?;
-        let mut cfg: PipelineConfig = serde_json::from_slice(&bytes).with_context(|| {
+        let not_config = || {
             format!(
-                "run file {} is not a pipeline configuration (as a run's pipeline.json)",
+                "run file {} is not a pipeline configuration (as a run's pipeline.json or pipeline.toml)",
                 path.display()
             )
-        })?;
+        };
+        let mut cfg: PipelineConfig = if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::str::from_utf8(&bytes).with_context(not_config)?;
+            toml::from_str(text).with_context(not_config)?
+        } else {
+            serde_json::from_slice(&bytes).with_context(not_config)?
+        };
         for &f in &cfg.fractions {
             validate_fraction(f).with_context(|| format!("run file {}", path.display()))?;
         }
@@ -704,6 +710,9 @@ pub fn run(
             &run_dir.join("pipeline.json"),
             serde_json::to_string_pretty(cfg)?.as_bytes(),
         )?;
+        // The same settings for hand editing; `--config` reads either file.
+        let toml = toml::to_string_pretty(cfg).context("the configuration as TOML")?;
+        simclr_data::write_atomic(&run_dir.join("pipeline.toml"), toml.as_bytes())?;
     }
     tracing::info!(run = %run_dir.display(), train = %train.describe(), eval = %test.describe(), eval_split, "pipeline");
 
