@@ -111,7 +111,10 @@ fn a_bad_run_file_or_a_flag_it_would_override_is_refused() {
     let r = xtask(&["--config", bad_toml.to_str().unwrap()], &out);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("run.toml") && err.contains("pipeline.toml"), "{err}");
+    assert!(
+        err.contains("run.toml") && err.contains("pipeline.toml"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.exists(), "nothing is written for a bad run file");
 

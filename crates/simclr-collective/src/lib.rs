@@ -34,7 +34,8 @@
 //!   on the tensors' CUDA buffers, with the same backward as the thread simulation.
 //!
 //! * [`Rendezvous`]: how the processes of a multi-GPU run meet, through a file or a TCP
-//!   address (needs no GPU; tested with threads).
+//!   address (needs no GPU; tested with threads); [`Launch`]: rank, world size and rendezvous
+//!   from a `torchrun` or SLURM environment.
 //!
 //! The trait only asks for a rank, a world size and the two tensor-in/tensor-out collectives;
 //! the differentiable ops are candle custom ops whose backward calls the same collective.
@@ -53,11 +54,13 @@
 
 use candle_core::{bail, Result, Tensor};
 
+mod launch;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
 mod thread_group;
 
+pub use launch::{first_host, launch_from, slurm_port, Launch};
 pub use rendezvous::Rendezvous;
 
 #[cfg(feature = "nccl")]

@@ -49,6 +49,10 @@ enum Command {
     Export(ExportArgs),
     /// Time the pretraining step on synthetic data (prints a `BENCH` line; docs/gpu.md).
     BenchStep(BenchStepArgs),
+    /// Check a multi-process launch without a GPU: the ranks meet through the rendezvous (the
+    /// flags, or a torchrun or SLURM environment) and each prints its rank, the world size and
+    /// the id rank 0 handed out, which must be the same on every rank.
+    RendezvousCheck(RendezvousCheckArgs),
     /// One training step on the CPU and on --device, f32 and bf16: values and gradients must
     /// agree (f32 1e-4, bf16 2e-2 relative).
     Parity,
@@ -68,6 +72,20 @@ struct BenchStepArgs {
     steps: usize,
     #[arg(long, default_value = "f32")]
     precision: simclr_models::Precision,
+}
+
+#[derive(Args)]
+struct RendezvousCheckArgs {
+    /// Processes in the run (default: from the torchrun or SLURM environment).
+    #[arg(long)]
+    replicas: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    #[arg(long)]
+    rendezvous: Option<simclr_collective::Rendezvous>,
+    /// How long to wait for the other ranks.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -107,7 +125,9 @@ struct PretrainArgs {
     #[arg(long, default_value_t = 1)]
     knn_every_epochs: usize,
     /// Data-parallel replicas, one process per GPU (NCCL; a binary built with --features
-    /// nccl). Start one process per rank with the same flags and its own --rank and --device.
+    /// nccl). Start one process per rank with the same flags and its own --rank and --device,
+    /// or leave these flags out under torchrun or srun: rank, world size, rendezvous and GPU
+    /// then come from their environment (docs/gpu.md).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// This process's rank among the replicas.
@@ -311,9 +331,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     checkpoint::set_allow_non_finite(cli.allow_non_finite);
-    let device = device(cli.device.as_deref())?;
+    // A torchrun or SLURM launch of several processes: each takes the GPU of its local rank
+    // unless --device says otherwise.
+    let launch = simclr_collective::Launch::from_env()?.filter(|l| l.world_size > 1);
+    let local_gpu = match &launch {
+        Some(l) if cli.device.is_none() && cfg!(feature = "cuda") => {
+            Some(format!("cuda:{}", l.local_rank))
+        }
+        _ => None,
+    };
+    let device = device(cli.device.as_deref().or(local_gpu.as_deref()))?;
     match cli.command {
-        Command::Pretrain(a) => pretrain(a, &device),
+        Command::Pretrain(a) => pretrain(a, &device, launch.as_ref()),
+        Command::RendezvousCheck(a) => rendezvous_check(a, launch.as_ref()),
         Command::Finetune(a) => finetune(a, &device),
         Command::Distill(a) => distill(a, &device),
         Command::Eval(a) => eval(a, &device),
@@ -332,7 +362,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
+fn pretrain(
+    a: PretrainArgs,
+    device: &candle_core::Device,
+    launch: Option<&simclr_collective::Launch>,
+) -> Result<()> {
     let image_size = a.data.image_size()?;
     let train = a.data.load(Split::Train)?;
     let test = if a.knn_every_epochs > 0 {
@@ -377,7 +411,11 @@ fn pretrain(a: PretrainArgs, device: &candle_core::Device) -> Result<()> {
         ))
     });
     check_writable(&out)?;
-    let replicas = simclr::args::replicas(a.replicas, a.rank, a.rendezvous.as_ref(), device)?;
+    let (n, rank, rendezvous) = match launch {
+        Some(l) if a.replicas == 1 => (l.world_size, l.rank, Some(l.rendezvous.clone())),
+        _ => (a.replicas, a.rank, a.rendezvous.clone()),
+    };
+    let replicas = simclr::args::replicas(n, rank, rendezvous.as_ref(), device)?;
     let summary = simclr_pretrain::run_pretrain_replica(
         &cfg,
         &PretrainData { train, test },
@@ -762,4 +800,55 @@ fn last_metrics(checkpoint: &Path, stage: &str) -> Vec<(String, String)> {
         out.push((format!("last training row: {k}"), value));
     }
     out
+}
+
+fn rendezvous_check(
+    a: RendezvousCheckArgs,
+    launch: Option<&simclr_collective::Launch>,
+) -> Result<()> {
+    let (world, rank, local, rendezvous, source) = match (a.replicas, launch) {
+        (Some(n), _) => {
+            let Some(r) = a.rendezvous else {
+                bail!("--replicas {n} needs --rendezvous <file or tcp://host:port>")
+            };
+            (n, a.rank, a.rank, r, "flags")
+        }
+        (None, Some(l)) => (
+            l.world_size,
+            l.rank,
+            l.local_rank,
+            l.rendezvous.clone(),
+            l.launcher,
+        ),
+        (None, None) => bail!(
+            "no launch to check: give --replicas, --rank and --rendezvous, or run under torchrun or srun"
+        ),
+    };
+    // Rank 0's id: 16 bytes no other launch is likely to repeat.
+    let create = || {
+        use std::hash::{BuildHasher, Hasher};
+        let mut bytes = Vec::with_capacity(16);
+        for salt in 0..2u64 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(salt);
+            h.write_u32(std::process::id());
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            bytes.extend_from_slice(&h.finish().to_le_bytes());
+        }
+        Ok(bytes)
+    };
+    let timeout = std::time::Duration::from_secs(a.timeout_secs);
+    let id = rendezvous
+        .exchange(rank, world, 16, timeout, create)
+        .with_context(|| format!("rank {rank} of {world}"))?;
+    rendezvous.finish(rank);
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    println!(
+        "rank {rank} of {world} (local rank {local}, from {source}): rendezvous {rendezvous}, id {hex}"
+    );
+    Ok(())
 }

@@ -596,3 +596,104 @@ fn an_exported_model_imports_back_with_bit_identical_outputs() {
     );
     assert!(!Path::new(&wrong).exists());
 }
+
+/// Starts `simclr rendezvous-check` once per rank with that rank's environment and returns each
+/// process's (rank, world size, id) as printed.
+fn rendezvous_ranks(envs: &[Vec<(&str, String)>]) -> Vec<(String, String, String)> {
+    const LAUNCH_VARS: [&str; 11] = [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "SLURM_JOB_NODELIST",
+        "SLURM_JOB_ID",
+    ];
+    let children: Vec<_> = envs
+        .iter()
+        .map(|vars| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_simclr"));
+            c.args(["rendezvous-check", "--timeout-secs", "30"]);
+            for v in LAUNCH_VARS {
+                c.env_remove(v);
+            }
+            c.envs(vars.iter().map(|(k, v)| (k, v)));
+            c.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("the simclr binary starts")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // "rank R of W (local rank L, from S): rendezvous A, id HEX"
+            let word = |after: &str| {
+                text.split(after)
+                    .nth(1)
+                    .and_then(|t| t.split([' ', ',', ')', '\n']).next())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (word("rank "), word(" of "), word(" id "))
+        })
+        .collect()
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+#[test]
+fn torchrun_and_slurm_environments_place_each_process_and_the_ranks_meet() {
+    let port = free_port();
+    let torchrun: Vec<Vec<(&str, String)>> = (0..2)
+        .map(|r| {
+            vec![
+                ("RANK", r.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("LOCAL_RANK", r.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.clone()),
+            ]
+        })
+        .collect();
+    let port = free_port();
+    let slurm: Vec<Vec<(&str, String)>> = (0..2)
+        .map(|r| {
+            vec![
+                ("SLURM_PROCID", r.to_string()),
+                ("SLURM_NTASKS", "2".to_string()),
+                ("SLURM_LOCALID", r.to_string()),
+                ("SLURM_JOB_NODELIST", "localhost".to_string()),
+                ("SLURM_JOB_ID", "77".to_string()),
+                ("MASTER_PORT", port.clone()),
+            ]
+        })
+        .collect();
+    for (launcher, envs) in [("torchrun", torchrun), ("slurm", slurm)] {
+        let got = rendezvous_ranks(&envs);
+        let ranks: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(ranks, ["0", "1"], "{launcher}: {got:?}");
+        assert!(got.iter().all(|g| g.1 == "2"), "{launcher}: {got:?}");
+        assert_eq!(got[0].2.len(), 32, "{launcher}: {got:?}");
+        assert_eq!(got[0].2, got[1].2, "{launcher}: one id on every rank");
+    }
+    // Without flags or a launcher's environment there is nothing to check.
+    fails_with(
+        &simclr(&["rendezvous-check"], root()),
+        &["no launch to check"],
+    );
+}
