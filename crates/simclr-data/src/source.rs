@@ -30,6 +30,18 @@ pub enum DatasetName {
     Hub(String),
 }
 
+impl DatasetName {
+    /// The side the images are used at unless a run says otherwise: the native 28 px of the
+    /// (Fashion-)MNIST files, 32 px for CIFAR, and the official 224 px for everything else.
+    pub fn default_image_size(&self) -> usize {
+        match self {
+            DatasetName::FashionMnistSubset | DatasetName::FashionMnist | DatasetName::Mnist => 28,
+            DatasetName::Cifar10 | DatasetName::Cifar100 => 32,
+            DatasetName::ImageFolder | DatasetName::Hub(_) => 224,
+        }
+    }
+}
+
 impl FromStr for DatasetName {
     type Err = DataError;
     fn from_str(s: &str) -> Result<Self> {

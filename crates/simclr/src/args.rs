@@ -42,11 +42,7 @@ impl DataArgs {
     }
 
     pub fn image_size(&self) -> Result<usize> {
-        Ok(self.image_size.unwrap_or(match self.name()? {
-            DatasetName::FashionMnistSubset | DatasetName::FashionMnist | DatasetName::Mnist => 28,
-            DatasetName::Cifar10 | DatasetName::Cifar100 => 32,
-            _ => 224,
-        }))
+        Ok(self.image_size.unwrap_or(self.name()?.default_image_size()))
     }
 }
 
