@@ -28,6 +28,32 @@ pub struct BenchOptions {
     pub compare: bool,
     pub stock: bool,
     pub python: String,
+    /// Rounds of the alternation.
+    pub rounds: usize,
+}
+
+/// The PyTorch settings a pretraining scenario is compared with on the CPU: its default NCHW
+/// f32, `channels_last` f32, and bf16 autocast over f32 master weights with `channels_last`
+/// (what a PyTorch user would reach for first to go faster).
+const TORCH_PRETRAIN_SETTINGS: [(&str, &[&str]); 3] = [
+    ("PyTorch NCHW f32", &[]),
+    ("PyTorch channels_last f32", &["--channels-last"]),
+    (
+        "PyTorch bf16 autocast + channels_last",
+        &["--precision", "bf16", "--channels-last"],
+    ),
+];
+
+/// `median (min–max)` of `v`.
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let m = simclr_bench::median(v.to_vec());
+    if v.len() > 1 {
+        format!("{m:.2}× ({lo:.2}–{hi:.2})")
+    } else {
+        format!("{m:.2}×")
+    }
 }
 
 fn cargo() -> String {
@@ -74,11 +100,11 @@ fn ours(scenario: &str, package: &str, target: &str, stock: bool) -> Result<Figu
     figure_of(cmd, &what)
 }
 
-fn torch(python: &str, scenario: &str) -> Result<Figure> {
+fn torch(python: &str, scenario: &str, args: &[&str], what: &str) -> Result<Figure> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/torch_bench.py");
     let mut cmd = Command::new(python);
-    cmd.arg(&script).arg(scenario);
-    figure_of(cmd, &format!("{scenario} (PyTorch)"))
+    cmd.arg(&script).arg(scenario).args(args);
+    figure_of(cmd, &format!("{scenario} ({what})"))
 }
 
 /// Runs the benchmarks and prints the table.
@@ -104,42 +130,92 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         bail!("building the benchmarks failed")
     }
     println!(
-        "| scenario | stock candle | simclr-rs | PyTorch | simclr-rs / PyTorch | peak MiB (ours / stock / PyTorch) |"
+        "| scenario | against | simclr-rs images/s | its images/s | simclr-rs / it, median (range) over {} round(s) | peak MiB (ours / it) |",
+        opts.rounds
     );
     println!("|---|---|---|---|---|---|");
     for &&(scenario, package, target, twin) in &chosen {
-        let mine = ours(scenario, package, target, false)?;
-        let theirs = if opts.compare && twin {
-            Some(torch(&opts.python, scenario)?)
-        } else {
-            None
-        };
-        let stock = if opts.stock {
-            Some(ours(scenario, package, target, true)?)
-        } else {
-            None
-        };
-        let rate = |f: &Option<Figure>| {
-            f.as_ref()
-                .map_or("–".to_string(), |f| format!("{:.1}", f.images_per_s))
-        };
-        let mem = |f: &Option<Figure>| {
-            f.as_ref()
-                .map_or("–".to_string(), |f| format!("{:.0}", f.peak_rss_mib))
-        };
-        let ratio = theirs.as_ref().map_or("–".to_string(), |t| {
-            format!("{:.2}×", mine.images_per_s / t.images_per_s)
-        });
-        println!(
-            "| {scenario} ({} thr) | {} | {:.1} | {} | {ratio} | {:.0} / {} / {} |",
-            mine.threads,
-            rate(&stock),
-            mine.images_per_s,
-            rate(&theirs),
-            mine.peak_rss_mib,
-            mem(&stock),
-            mem(&theirs),
-        );
+        // The other side's settings: PyTorch's three for a pretraining step, its one otherwise,
+        // and stock candle.
+        let mut others: Vec<(String, Option<&[&str]>)> = Vec::new();
+        if opts.compare && twin {
+            if scenario.starts_with("pretrain-") {
+                for (name, args) in TORCH_PRETRAIN_SETTINGS {
+                    others.push((name.to_string(), Some(args)));
+                }
+            } else {
+                others.push(("PyTorch".to_string(), Some(&[][..])));
+            }
+        }
+        if opts.stock {
+            others.push(("stock candle".to_string(), None));
+        }
+        // Alternate: ours, each other, ours, … so that drift of the machine's speed falls on
+        // both sides of every ratio alike.
+        let mut mine: Vec<Figure> = Vec::new();
+        let mut theirs: Vec<Vec<Figure>> = vec![Vec::new(); others.len()];
+        for _ in 0..opts.rounds {
+            let m = ours(scenario, package, target, false)?;
+            eprintln!("{scenario}: simclr-rs {:.1} images/s", m.images_per_s);
+            mine.push(m);
+            for ((name, args), got) in others.iter().zip(theirs.iter_mut()) {
+                let f = match args {
+                    Some(a) => torch(&opts.python, scenario, a, name)?,
+                    None => ours(scenario, package, target, true)?,
+                };
+                eprintln!("{scenario}: {name} {:.1} images/s", f.images_per_s);
+                got.push(f);
+            }
+        }
+        let rates = |v: &[Figure]| v.iter().map(|f| f.images_per_s).collect::<Vec<_>>();
+        let my_rates = rates(&mine);
+        let peak = |v: &[Figure]| simclr_bench::median(v.iter().map(|f| f.peak_rss_mib).collect());
+        let threads = mine.first().map_or(0, |f| f.threads);
+        if others.is_empty() {
+            println!(
+                "| {scenario} ({threads} thr) | – | {:.1} | – | – | {:.0} / – |",
+                simclr_bench::median(my_rates.clone()),
+                peak(&mine)
+            );
+        }
+        for ((name, _), got) in others.iter().zip(&theirs) {
+            let ratios: Vec<f64> = my_rates
+                .iter()
+                .zip(rates(got))
+                .map(|(a, b)| a / b)
+                .collect();
+            println!(
+                "| {scenario} ({threads} thr) | {name} | {:.1} | {:.1} | {} | {:.0} / {:.0} |",
+                simclr_bench::median(my_rates.clone()),
+                simclr_bench::median(rates(got)),
+                spread(&ratios),
+                peak(&mine),
+                peak(got)
+            );
+        }
+        // Against PyTorch's best f32 setting of each round (NCHW or channels_last).
+        let f32_sides: Vec<&Vec<Figure>> = others
+            .iter()
+            .zip(&theirs)
+            .filter(|((name, args), _)| args.is_some() && name.contains("f32"))
+            .map(|(_, got)| got)
+            .collect();
+        if f32_sides.len() > 1 {
+            let ratios: Vec<f64> = (0..opts.rounds)
+                .map(|r| {
+                    let best = f32_sides
+                        .iter()
+                        .map(|v| v[r].images_per_s)
+                        .fold(0.0, f64::max);
+                    my_rates[r] / best
+                })
+                .collect();
+            println!(
+                "| {scenario} ({threads} thr) | PyTorch's best f32 of each round | {:.1} | – | {} | – |",
+                simclr_bench::median(my_rates.clone()),
+                spread(&ratios)
+            );
+        }
     }
     Ok(())
 }

@@ -54,6 +54,10 @@ enum Cmd {
         /// The Python that runs the PyTorch script.
         #[arg(long, default_value = "python3")]
         python: String,
+        /// Rounds of the alternation (ours, each comparison, ours, …); ratios are reported as
+        /// the median and range over the rounds.
+        #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        rounds: usize,
     },
     /// Fuzz the input parsers (IDX, CIFAR, images, split files, checkpoints, .pth, TF bundles,
     /// parquet) with random mutations of valid files; failing inputs are saved under
@@ -163,11 +167,13 @@ fn run(cli: Cli) -> Result<()> {
             compare,
             stock,
             python,
+            rounds,
         } => bench::run(&bench::BenchOptions {
             scenarios,
             compare,
             stock,
             python,
+            rounds,
         }),
         Cmd::Fuzz {
             targets,
