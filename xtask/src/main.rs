@@ -92,6 +92,10 @@ enum Cmd {
         /// Label fractions (repeat for several; they share one pretraining).
         #[arg(long = "fraction", default_values_t = [0.01])]
         fractions: Vec<f64>,
+        /// A label-split file (the official `1percent.txt` format) giving the labelled images
+        /// of the --fraction in the same position; one per --fraction when used.
+        #[arg(long = "split-file", value_name = "FILE")]
+        split_files: Vec<PathBuf>,
         #[arg(long, default_value = "fashion-mnist-subset")]
         dataset: String,
         #[arg(long)]
@@ -120,7 +124,7 @@ enum Cmd {
         /// instead of a preset; `--set` still applies on top. Batch and step counts are taken
         /// as the file gives them.
         #[arg(long, value_name = "FILE", conflicts_with_all = [
-            "fractions", "dataset", "image_size", "preset", "model", "seed",
+            "fractions", "split_files", "dataset", "image_size", "preset", "model", "seed",
             "validation_per_class", "pretrain_only", "precision",
         ])]
         config: Option<PathBuf>,
@@ -192,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Pipeline {
             fractions,
+            split_files,
             dataset,
             data_dir,
             image_size,
@@ -228,7 +233,12 @@ fn run(cli: Cli) -> Result<()> {
                         model.as_deref(),
                         seed,
                     )?
-                    .with_precision(precision);
+                    .with_precision(precision)
+                    .with_split_files(if pretrain_only {
+                        Vec::new()
+                    } else {
+                        split_files
+                    })?;
                     cfg.validation_per_class = validation_per_class;
                     cfg
                 }

@@ -46,16 +46,17 @@ fn figures(run: &Path) -> Vec<String> {
     out
 }
 
+/// A smoke run of the 10 % fraction into `out`.
+fn smoke_run(out: &Path) {
+    let r = xtask(&["--preset", "smoke", "--fraction", "0.1"], out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
 #[test]
 fn a_runs_own_pipeline_json_reproduces_it_and_a_set_changes_one_value() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("c"),
-    );
-    let r = xtask(&["--preset", "smoke", "--fraction", "0.1"], &a);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let [a, b, c] = ["a", "b", "c"].map(|n| dir.path().join(n));
+    smoke_run(&a);
     let run_a = run_dir(&a);
     let file = run_a.join("pipeline.json");
     let file = file.to_str().unwrap();
@@ -129,4 +130,85 @@ fn a_bad_run_file_or_a_flag_it_would_override_is_refused() {
         "{}",
         String::from_utf8_lossy(&r.stderr)
     );
+}
+
+#[test]
+fn a_split_file_gives_the_labelled_images_of_its_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(|n| dir.path().join(n));
+    smoke_run(&a);
+    let drawn = run_dir(&a).join("fraction-0.1/labelled_split.txt");
+    let names = std::fs::read_to_string(&drawn).unwrap();
+    // The drawn images listed in another order, as a hand-written file might list them.
+    let mut lines: Vec<&str> = names.lines().collect();
+    lines.reverse();
+    let file = dir.path().join("10percent.txt");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+
+    let file_arg = file.to_str().unwrap();
+    let r = xtask(
+        &[
+            "--preset",
+            "smoke",
+            "--fraction",
+            "0.1",
+            "--split-file",
+            file_arg,
+        ],
+        &b,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run_b = run_dir(&b);
+    let folder = std::fs::read_dir(&run_b)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("fraction-0.1-split-"))
+        .expect("the split file's own fraction folder");
+    let used = std::fs::read_to_string(run_b.join(&folder).join("labelled_split.txt")).unwrap();
+    let mut want: Vec<&str> = names.lines().collect();
+    let mut got: Vec<&str> = used.lines().collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want, "the file's images, no others");
+    assert_eq!(
+        json(&run_b.join("pipeline.json"))["split_files"][0],
+        file_arg,
+        "recorded in the run's configuration"
+    );
+
+    // A file of the wrong size for its fraction, one naming an image that does not exist, and
+    // a count of files that does not match the fractions: one-line errors naming the file.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "no-such-image.png\n").unwrap();
+    let bad_arg = bad.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--fraction", "0.5", "--split-file", file_arg],
+            "10percent.txt",
+        ),
+        (
+            vec!["--fraction", "0.1", "--split-file", bad_arg],
+            "bad.txt",
+        ),
+        (
+            vec![
+                "--fraction",
+                "0.1",
+                "--fraction",
+                "0.5",
+                "--split-file",
+                file_arg,
+            ],
+            "one --split-file per --fraction",
+        ),
+    ] {
+        let mut all = vec!["--preset", "smoke"];
+        all.extend(args);
+        let r = xtask(&all, &c);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{all:?}");
+        assert!(err.contains(says), "{all:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }

@@ -73,6 +73,11 @@ pub struct PipelineConfig {
     /// network, or random weights in the paper preset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student: Option<StudentStart>,
+    /// Label-split files (the official `1percent.txt` format: one training image name per
+    /// line), one per entry of `fractions`, giving the labelled images instead of a draw; the
+    /// fraction still names the recipe and must match the file's size. Empty: drawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split_files: Vec<PathBuf>,
     /// The labelled stages' batch and step counts are final (a configuration read from a run
     /// file, `from_file`): the pipeline does not size them from the labelled set's size.
     #[serde(skip)]
@@ -255,6 +260,7 @@ impl PipelineConfig {
             distill,
             validation_per_class: 0,
             student,
+            split_files: Vec::new(),
             sized: false,
         })
     }
@@ -281,6 +287,8 @@ impl PipelineConfig {
             validate_fraction(f).with_context(|| format!("run file {}", path.display()))?;
         }
         let n = cfg.fractions.len();
+        cfg.check_split_files()
+            .with_context(|| format!("run file {}", path.display()))?;
         if cfg.finetune.len() != n || cfg.baseline.len() != n {
             bail!(
                 "run file {}: {n} fractions but {} fine-tuning and {} baseline settings",
@@ -291,6 +299,21 @@ impl PipelineConfig {
         }
         cfg.sized = true;
         Ok(cfg)
+    }
+
+    /// Pairs each fraction with a split file: `files` must be empty or one per fraction.
+    pub fn with_split_files(mut self, files: Vec<PathBuf>) -> Result<Self> {
+        self.split_files = files;
+        self.check_split_files()?;
+        Ok(self)
+    }
+
+    fn check_split_files(&self) -> Result<()> {
+        let (n, m) = (self.fractions.len(), self.split_files.len());
+        if m != 0 && m != n {
+            bail!("{m} split file(s) for {n} fraction(s): give one --split-file per --fraction, in the same order");
+        }
+        Ok(())
     }
 
     /// Sizes the stages that train on the labelled images from their counts (one per fraction,
@@ -537,6 +560,32 @@ pub struct StageResult {
     pub eval_seconds: f64,
 }
 
+/// The labelled images a split file names (indices into `train`), checked against the
+/// fraction that names the run: the file must hold about `fraction` of the `total` training
+/// images (within a tenth, or one image per class for tiny sets).
+fn split_from_file(
+    file: &Path,
+    fraction: f64,
+    train: &dyn Dataset,
+    total: usize,
+) -> Result<Vec<usize>> {
+    let idx = simclr_data::split::read_split_file(file, train)?;
+    let expected = fraction * total as f64;
+    let slack = (0.1 * expected).max(train.num_classes() as f64);
+    if (idx.len() as f64 - expected).abs() > slack {
+        bail!(
+            "split file {} names {} images, but --fraction {fraction} of {total} training images is about {expected:.0}",
+            file.display(),
+            idx.len()
+        );
+    }
+    Ok(idx)
+}
+
+fn sample_names(ds: &dyn Dataset, idx: &[usize]) -> Vec<String> {
+    idx.iter().map(|&i| ds.sample_name(i)).collect()
+}
+
 fn class_balanced_cap(
     ds: &Arc<dyn Dataset>,
     n: Option<usize>,
@@ -687,9 +736,14 @@ pub fn run(
     // A fraction counts images of the whole training set, so that tuning with a validation
     // split trains on as many labels as the final run.
     let mut splits = Vec::new();
-    for &f in &cfg.fractions {
-        let of_rest = (f * full_train.len() as f64 / train.len() as f64).min(1.0);
-        let idx = class_balanced_subset(&train.labels(), train.num_classes(), of_rest, cfg.seed)?;
+    for (k, &f) in cfg.fractions.iter().enumerate() {
+        let idx = match cfg.split_files.get(k) {
+            Some(file) => split_from_file(file, f, train.as_ref(), full_train.len())?,
+            None => {
+                let of_rest = (f * full_train.len() as f64 / train.len() as f64).min(1.0);
+                class_balanced_subset(&train.labels(), train.num_classes(), of_rest, cfg.seed)?
+            }
+        };
         simclr_data::split::check_all_classes_labelled(train.as_ref(), &idx)?;
         splits.push(idx);
     }
@@ -768,7 +822,15 @@ pub fn run(
     );
 
     for (k, &f) in cfg.fractions.iter().enumerate() {
-        let dir = run_dir.join(format!("fraction-{f}"));
+        // A split file's run lives apart from the drawn split's, so that neither reuses the
+        // other's finished stages.
+        let dir = match cfg.split_files.get(k) {
+            Some(_) => run_dir.join(format!(
+                "fraction-{f}-split-{}",
+                short_hash(&sample_names(train.as_ref(), &splits[k]))
+            )),
+            None => run_dir.join(format!("fraction-{f}")),
+        };
         std::fs::create_dir_all(&dir)?;
         let labelled = splits[k].clone();
         write_split_file(&dir.join("labelled_split.txt"), train.as_ref(), &labelled)?;
