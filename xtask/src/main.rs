@@ -4,6 +4,7 @@
 //! benchmarks, and the end-to-end pipeline (whose logic lives in the `simclr` crate).
 
 mod bench;
+mod cuda;
 mod embedded;
 mod fuzz;
 
@@ -59,6 +60,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         rounds: usize,
     },
+    /// Build the CUDA binary on this GPU-less machine for the lent H100/H200 (sm_90, driver
+    /// 580): the CUDA 13.0 toolkit from PyPI (--install, once), `cargo build --release -p simclr
+    /// --features …` into target-cuda/, and --stage to gzip it for bench/gpu_check.sh
+    /// (docs/gpu.md).
+    CudaBuild(cuda::CudaBuild),
     /// Fuzz the input parsers (IDX, CIFAR, images, split files, checkpoints, .pth, TF bundles,
     /// parquet) with random mutations of valid files; failing inputs are saved under
     /// fuzz/regressions/<target>/ and become regression tests.
@@ -179,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
             python,
             rounds,
         }),
+        Cmd::CudaBuild(opts) => cuda::cuda_build(&opts),
         Cmd::Fuzz {
             targets,
             seconds,
@@ -219,6 +226,8 @@ fn run(cli: Cli) -> Result<()> {
                 dataset: dataset.clone(),
                 data_dir: data_dir.clone(),
                 image_size,
+                train_split: None,
+                eval_split: None,
                 num_workers: 0,
             };
             let fractions = if pretrain_only { Vec::new() } else { fractions };

@@ -1,7 +1,14 @@
-//! ImageFolder: the ImageNet layout `root/<class>/<file>.JPEG`.
+//! ImageFolder: the ImageNet layout `root/<class>/<file>.JPEG`, and the ILSVRC-2012 validation
+//! folder as distributed (all images in one folder, labels in a list).
 //!
 //! Classes are the sorted folder names (for ImageNet the WNIDs, which is also the TFDS class
 //! order); files are listed once, sorted, and decoded on demand so a dataset of any size fits.
+//!
+//! A flat validation folder takes its labels from `LOC_val_solution.csv` (the Kaggle copy of
+//! ILSVRC-2012: a header `ImageId,PredictionString`, then per image its name without extension
+//! and boxes `wnid x_min y_min x_max y_max …`, whose first WNID is the label) or from
+//! `val_labels.txt` (`<file name> <wnid>` per line), found in the dataset's folder or the
+//! validation folder itself. The WNIDs must be the training split's class folders.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +22,45 @@ pub struct ImageFolder {
     class_names: Vec<String>,
     files: Vec<PathBuf>,
     labels: Vec<usize>,
+}
+
+/// The Kaggle copy's validation labels.
+pub const LOC_SOLUTION: &str = "LOC_val_solution.csv";
+/// A plain list, `<file name> <wnid>` per line.
+pub const VAL_LABELS: &str = "val_labels.txt";
+
+/// `image name -> wnid` from either list format (by the file's name).
+fn parse_label_list(path: &Path, text: &str) -> Result<std::collections::HashMap<String, String>> {
+    let csv = path
+        .file_name()
+        .is_some_and(|n| n == std::ffi::OsStr::new(LOC_SOLUTION));
+    let mut out = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || (csv && i == 0 && line.starts_with("ImageId")) {
+            continue;
+        }
+        let bad = |why: &str| DataError::format(path, format!("line {}: {why}: {line:?}", i + 1));
+        let (name, wnid) = if csv {
+            let (id, boxes) = line
+                .split_once(',')
+                .ok_or_else(|| bad("expected ImageId,PredictionString"))?;
+            (id.trim(), boxes.split_whitespace().next().unwrap_or(""))
+        } else {
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(n), Some(w), None) => (n, w),
+                _ => return Err(bad("expected `<file name> <wnid>`")),
+            }
+        };
+        if name.is_empty() || wnid.is_empty() {
+            return Err(bad("an empty image name or label"));
+        }
+        if out.insert(name.to_string(), wnid.to_string()).is_some() {
+            return Err(bad("a second label for the same image"));
+        }
+    }
+    Ok(out)
 }
 
 fn is_image(path: &Path) -> bool {
@@ -67,6 +113,78 @@ impl ImageFolder {
         Ok(ImageFolder {
             root,
             class_names,
+            files,
+            labels,
+        })
+    }
+
+    /// Whether `dir` holds images directly and no class folders (a flat validation folder).
+    pub fn is_flat(dir: &Path) -> Result<bool> {
+        let entries = sorted_entries(dir)?;
+        Ok(!entries.iter().any(|p| p.is_dir()) && entries.iter().any(|p| is_image(p)))
+    }
+
+    /// A flat folder of images labelled by a list (see the module doc) looked for in `root`
+    /// and in `dir`; `classes` are the training split's class folders, in order. An image
+    /// without a label, a label that is not a class, or a malformed line is an error naming the
+    /// list (and line).
+    pub fn open_flat(dir: &Path, root: &Path, classes: &[String]) -> Result<Self> {
+        let lists = [
+            root.join(LOC_SOLUTION),
+            dir.join(LOC_SOLUTION),
+            root.join(VAL_LABELS),
+            dir.join(VAL_LABELS),
+        ];
+        let Some(list) = lists.iter().find(|p| p.is_file()) else {
+            return Err(DataError::format(
+                dir,
+                format!(
+                    "images without class folders need their labels in {LOC_SOLUTION} or {VAL_LABELS} (in {} or this folder)",
+                    root.display()
+                ),
+            ));
+        };
+        if classes.is_empty() {
+            return Err(DataError::format(
+                dir,
+                "a flat validation folder takes its classes from the training split's folders, and there are none",
+            ));
+        }
+        let text = std::fs::read_to_string(list).map_err(|e| DataError::io(list, e))?;
+        let by_name = parse_label_list(list, &text)?;
+        let class_of: std::collections::HashMap<&str, usize> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        let mut files = Vec::new();
+        let mut labels = Vec::new();
+        for path in sorted_entries(dir)?.into_iter().filter(|p| is_image(p)) {
+            let file = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let stem = path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let wnid = by_name
+                .get(stem)
+                .or_else(|| by_name.get(file.as_str()))
+                .ok_or_else(|| DataError::format(list, format!("no label for the image {file}")))?;
+            let label = *class_of.get(wnid.as_str()).ok_or_else(|| {
+                DataError::format(
+                    list,
+                    format!("{file} is labelled {wnid}, which is not a class folder of the training split"),
+                )
+            })?;
+            files.push(path);
+            labels.push(label);
+        }
+        Ok(ImageFolder {
+            root: dir.to_path_buf(),
+            class_names: classes.to_vec(),
             files,
             labels,
         })

@@ -91,6 +91,25 @@ pub struct DataOptions {
     /// `--data-dir`: the dataset's folder.
     pub data_dir: Option<PathBuf>,
     pub hub: HubOptions,
+    /// `--train-split`: the training split's folder of an ImageFolder (`train`) or split name of
+    /// a Hub dataset (`train`).
+    pub train_split: Option<String>,
+    /// `--eval-split`: the evaluation split's folder of an ImageFolder (`val`) or split name of
+    /// a Hub dataset (`test`; ImageNet on the Hub calls it `validation`).
+    pub eval_split: Option<String>,
+}
+
+impl DataOptions {
+    /// The split name `split` reads: the option, else `train` / `default_eval`.
+    fn split_name(&self, split: Split, default_eval: &str) -> String {
+        match split {
+            s if s.is_train() => self.train_split.clone().unwrap_or_else(|| "train".into()),
+            _ => self
+                .eval_split
+                .clone()
+                .unwrap_or_else(|| default_eval.into()),
+        }
+    }
 }
 
 /// The committed subset: `data/fashion-mnist-subset` in the working directory or a folder
@@ -216,30 +235,43 @@ pub fn load_dataset(
             Arc::new(read_cifar_dir(&dir, kind, train)?)
         }
         DatasetName::ImageFolder => {
-            let sub = if train { "train" } else { "val" };
+            let sub = opts.split_name(split, "val");
+            let train_sub = opts.split_name(Split::Train, "val");
             let c = candidates(opts, "imagenet", None);
             let root = c
                 .iter()
-                .find(|d| d.join(sub).is_dir())
+                .find(|d| d.join(&sub).is_dir())
                 .cloned()
                 .ok_or_else(|| {
                     not_found(
                         name,
                         &c,
-                        " (a folder holding train/<class>/* and val/<class>/*)",
+                        &format!(
+                            " (a folder holding {train_sub}/<class>/* and {}/<class>/*)",
+                            opts.split_name(Split::Test, "val")
+                        ),
                     )
                 })?;
-            let folder = ImageFolder::open(root.join(sub))?;
-            let train_root = root.join("train");
-            if !train && train_root.is_dir() {
-                folder
-                    .check_same_classes(&ImageFolder::class_folders(&train_root)?, &train_root)?;
+            let dir = root.join(&sub);
+            let train_root = root.join(&train_sub);
+            if !train && ImageFolder::is_flat(&dir)? {
+                // The ILSVRC-2012 validation images as distributed: one folder, labels in a list.
+                let classes = ImageFolder::class_folders(&train_root)?;
+                Arc::new(ImageFolder::open_flat(&dir, &root, &classes)?)
+            } else {
+                let folder = ImageFolder::open(&dir)?;
+                if !train && train_root.is_dir() {
+                    folder.check_same_classes(
+                        &ImageFolder::class_folders(&train_root)?,
+                        &train_root,
+                    )?;
+                }
+                Arc::new(folder)
             }
-            Arc::new(folder)
         }
         DatasetName::Hub(repo) => Arc::new(read_hub_dataset(
             repo,
-            if train { "train" } else { "test" },
+            &opts.split_name(split, "test"),
             &opts.hub,
         )?),
     })

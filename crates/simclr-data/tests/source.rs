@@ -123,3 +123,85 @@ fn image_folder_val_classes_must_be_the_train_classes() {
     // The training split itself is still readable.
     load_dataset(&name, Split::Train, &opts(dir.path())).unwrap();
 }
+
+/// A 4×4 grey PNG whose pixels are all `v`.
+fn grey_png(path: &std::path::Path, v: u8) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::GrayImage::from_pixel(4, 4, image::Luma([v]))
+        .save(path)
+        .unwrap();
+}
+
+#[test]
+fn a_flat_validation_folder_takes_its_labels_from_the_kaggle_csv_or_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Training split under custom folder names; classes n01 < n02 < n03.
+    for (c, wnid) in ["n02", "n01", "n03"].iter().enumerate() {
+        grey_png(&root.join(format!("training/{wnid}/{wnid}_0.png")), c as u8);
+    }
+    let val = root.join("validation");
+    for i in 1..=4 {
+        grey_png(
+            &val.join(format!("ILSVRC2012_val_0000000{i}.png")),
+            10 * i as u8,
+        );
+    }
+    let csv = "ImageId,PredictionString\n\
+        ILSVRC2012_val_00000003,n01 1 2 3 4 n01 5 6 7 8\n\
+        ILSVRC2012_val_00000001,n03 0 0 9 9\n\
+        ILSVRC2012_val_00000004,n02 1 1 2 2\n\
+        ILSVRC2012_val_00000002,n01 3 3 4 4\n";
+    std::fs::write(root.join("LOC_val_solution.csv"), csv).unwrap();
+    let o = DataOptions {
+        train_split: Some("training".into()),
+        eval_split: Some("validation".into()),
+        ..opts(root)
+    };
+    let train = load_dataset(&DatasetName::ImageFolder, Split::Train, &o).unwrap();
+    assert_eq!(train.class_names(), ["n01", "n02", "n03"]);
+    let test = load_dataset(&DatasetName::ImageFolder, Split::Test, &o).unwrap();
+    assert_eq!(test.class_names(), ["n01", "n02", "n03"]);
+    // Sorted by file name: images 1, 2, 3, 4 are n03, n01, n01, n02.
+    assert_eq!(test.labels(), [2, 0, 0, 1]);
+    assert_eq!(test.image(1).unwrap().data[0], 20);
+
+    // The plain list, in the validation folder, works the same.
+    std::fs::remove_file(root.join("LOC_val_solution.csv")).unwrap();
+    let list = "ILSVRC2012_val_00000001.png n03\nILSVRC2012_val_00000002.png n01\n\
+        ILSVRC2012_val_00000003.png n01\nILSVRC2012_val_00000004.png n02\n";
+    std::fs::write(val.join("val_labels.txt"), list).unwrap();
+    let test = load_dataset(&DatasetName::ImageFolder, Split::Test, &o).unwrap();
+    assert_eq!(test.labels(), [2, 0, 0, 1]);
+
+    // Bad lists: an error naming the list (and the line or image).
+    let lists = val.join("val_labels.txt");
+    for (text, says) in [
+        (
+            "ILSVRC2012_val_00000001.png n03\n",
+            "no label for the image ILSVRC2012_val_00000002.png",
+        ),
+        (
+            &list.replace("n02", "n09")[..],
+            "labelled n09, which is not a class folder",
+        ),
+        ("ILSVRC2012_val_00000001.png\n", "line 1"),
+        (
+            &format!("{list}ILSVRC2012_val_00000001.png n01\n")[..],
+            "a second label",
+        ),
+    ] {
+        std::fs::write(&lists, text).unwrap();
+        let e = load_dataset(&DatasetName::ImageFolder, Split::Test, &o)
+            .err()
+            .expect("refused");
+        let msg = e.to_string();
+        assert!(msg.contains("val_labels.txt"), "{msg}");
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+    std::fs::remove_file(&lists).unwrap();
+    let e = load_dataset(&DatasetName::ImageFolder, Split::Test, &o)
+        .err()
+        .expect("no list");
+    assert!(e.to_string().contains("LOC_val_solution.csv"), "{e}");
+}

@@ -22,6 +22,14 @@ pub struct DataArgs {
     /// Network input side; defaults to 28 for (Fashion-)MNIST, 32 for CIFAR, 224 otherwise.
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// The training split: an imagefolder's folder or a Hub dataset's split. [default: train]
+    #[arg(long)]
+    pub train_split: Option<String>,
+    /// The evaluation split: an imagefolder's folder (a flat folder of images takes its labels
+    /// from LOC_val_solution.csv or val_labels.txt) or a Hub dataset's split (`validation` for
+    /// ImageNet). [default: val for imagefolder, test for Hub datasets]
+    #[arg(long)]
+    pub eval_split: Option<String>,
     /// Decoding/augmentation threads (0: one per core; at most 256).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=256))]
     pub num_workers: usize,
@@ -35,6 +43,8 @@ impl DataArgs {
     pub fn load(&self, split: Split) -> Result<Arc<dyn Dataset>> {
         let opts = DataOptions {
             data_dir: self.data_dir.clone(),
+            train_split: self.train_split.clone(),
+            eval_split: self.eval_split.clone(),
             ..DataOptions::default()
         };
         let name = self.name()?;
