@@ -107,6 +107,21 @@ fn cached_files(
     Vec::new()
 }
 
+#[cfg(not(feature = "hub"))]
+fn download_files(
+    owner: &str,
+    name: &str,
+    _split: &str,
+    revision: &str,
+    _cache: &Path,
+) -> Result<Vec<PathBuf>> {
+    Err(DataError::Hub(format!(
+        "{owner}/{name}@{revision} is not in the local Hub cache, and this build cannot download \
+         it (simclr-data without its `hub` feature)"
+    )))
+}
+
+#[cfg(feature = "hub")]
 fn download_files(
     owner: &str,
     name: &str,
