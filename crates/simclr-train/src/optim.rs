@@ -141,11 +141,8 @@ pub trait Optimizer: Send {
 }
 
 /// The optimizer flag (`--optimizer`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[value(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// [`Lars`] (the official default).
     #[default]
@@ -154,6 +151,28 @@ pub enum OptimizerKind {
     Momentum,
     /// [`AdamW`].
     AdamW,
+}
+
+impl OptimizerKind {
+    /// Every optimizer, by its flag value.
+    pub const ALL: [(&'static str, OptimizerKind); 3] = [
+        ("lars", OptimizerKind::Lars),
+        ("momentum", OptimizerKind::Momentum),
+        ("adamw", OptimizerKind::AdamW),
+    ];
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+
+    /// `lars`, `momentum` or `adamw`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| format!("{s:?}: expected lars, momentum or adamw"))
+    }
 }
 
 /// The optimizer flags of a run, official names and defaults (`momentum` 0.9, `weight_decay`

@@ -17,11 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 
 /// How the base learning rate grows with the global batch size (`--learning_rate_scaling`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[value(rename_all = "lowercase")]
 pub enum LearningRateScaling {
     /// `base_lr · B / 256` (the official default).
     #[default]

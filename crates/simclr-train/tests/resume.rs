@@ -291,13 +291,12 @@ fn varmap_variables_are_tagged_and_sorted() {
 
 #[test]
 fn optimizer_names_for_flags_and_files() {
-    use clap::ValueEnum;
     assert_eq!(
-        OptimizerKind::from_str("adamw", false).unwrap(),
+        "adamw".parse::<OptimizerKind>().unwrap(),
         OptimizerKind::AdamW
     );
     assert_eq!(
-        OptimizerKind::from_str("momentum", false).unwrap(),
+        "momentum".parse::<OptimizerKind>().unwrap(),
         OptimizerKind::Momentum
     );
     assert_eq!(

@@ -61,13 +61,12 @@ fn lr_scaling_equivalences() {
 
 #[test]
 fn scaling_names_for_flags_and_files() {
-    use clap::ValueEnum;
     assert_eq!(
         "sqrt".parse::<LearningRateScaling>().unwrap(),
         LearningRateScaling::Sqrt
     );
     assert_eq!(
-        LearningRateScaling::from_str("linear", false).unwrap(),
+        "linear".parse::<LearningRateScaling>().unwrap(),
         LearningRateScaling::Linear
     );
     assert_eq!(

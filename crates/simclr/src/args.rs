@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use clap::builder::TypedValueParser;
 use clap::Args;
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
 use simclr_models::{ModelConfig, Precision, ProjHeadMode};
@@ -197,13 +198,15 @@ pub struct TrainArgs {
     #[arg(long)]
     pub learning_rate: Option<f64>,
     /// linear (base·B/256) or sqrt (base·√B).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["linear", "sqrt"])
+        .try_map(|s| s.parse::<LearningRateScaling>()))]
     pub learning_rate_scaling: Option<LearningRateScaling>,
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(OptimizerKind::ALL.map(|(name, _)| name))
+        .try_map(|s| s.parse::<OptimizerKind>()))]
     pub optimizer: Option<OptimizerKind>,
     #[arg(long)]
     pub momentum: Option<f64>,
