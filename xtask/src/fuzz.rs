@@ -26,9 +26,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// The targets, in the order `all` runs them.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "idx",
     "cifar",
+    "cifar-py",
     "image",
     "split",
     "checkpoint",
@@ -114,6 +115,16 @@ fn target(name: &str) -> Result<Target> {
                 // The same bytes as a CIFAR-100 file (two label bytes per record).
                 let _ = std::fs::copy(dir.join("test_batch.bin"), dir.join("test.bin"));
                 let _ = read_cifar_dir(&dir, CifarKind::Cifar100Fine, false);
+            },
+        },
+        "cifar-py" => Target {
+            name: "cifar-py",
+            input: "cifar-10-batches-py/test_batch",
+            seeds: seeds_cifar_py,
+            run: |s| {
+                use simclr_data::cifar::{read_cifar_py_dir, CifarKind};
+                let dir = s.join("cifar-10-batches-py");
+                let _ = read_cifar_py_dir(&dir, CifarKind::Cifar10, false);
             },
         },
         "image" => Target {
@@ -235,6 +246,19 @@ fn seeds_cifar(_: &Path) -> Result<Vec<Vec<u8>>> {
             .collect()
     };
     Ok(vec![[record(3, 0), record(9, 1)].concat(), record(0, 2)])
+}
+
+/// The committed Python 3 pickles of a CIFAR-10 test batch, protocols 2, 4 and 5.
+fn seeds_cifar_py(_: &Path) -> Result<Vec<Vec<u8>>> {
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/simclr-data/tests/fixtures");
+    [2, 4, 5]
+        .iter()
+        .map(|p| {
+            let f = fixtures.join(format!("cifar_py_p{p}/cifar-10-batches-py/test_batch"));
+            std::fs::read(&f).with_context(|| format!("reading {}", f.display()))
+        })
+        .collect()
 }
 
 fn seeds_image(_: &Path) -> Result<Vec<Vec<u8>>> {

@@ -69,7 +69,8 @@ enum Cmd {
     /// parquet) with random mutations of valid files; failing inputs are saved under
     /// fuzz/regressions/<target>/ and become regression tests.
     Fuzz {
-        /// Targets (default: all): idx, cifar, image, split, checkpoint, pth, tf-bundle, parquet.
+        /// Targets (default: all): idx, cifar, cifar-py, image, split, checkpoint, pth, tf-bundle,
+        /// parquet.
         targets: Vec<String>,
         /// Seconds per target.
         #[arg(long, default_value_t = 10)]

@@ -17,6 +17,7 @@ pub mod hub;
 pub mod idx;
 mod image;
 pub mod loader;
+pub mod pickle;
 pub mod source;
 pub mod split;
 

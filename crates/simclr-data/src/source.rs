@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::cifar::{read_cifar_dir, CifarKind};
+use crate::cifar::{read_cifar_dir, read_cifar_py_dir, CifarKind};
 use crate::hub::{read_hub_dataset, HubOptions};
 use crate::idx::{idx_split_paths, read_idx_dir, FASHION_MNIST_CLASSES};
 use crate::{DataError, Dataset, ImageFolder, Result};
@@ -215,24 +215,47 @@ pub fn load_dataset(
             Arc::new(read_idx_dir(&dir, train, &digits)?)
         }
         DatasetName::Cifar10 | DatasetName::Cifar100 => {
-            let (sub, kind, marker) = if *name == DatasetName::Cifar10 {
-                ("cifar-10-batches-bin", CifarKind::Cifar10, "test_batch.bin")
+            // (binary folder, its marker file, python folder, its marker file)
+            let (kind, bin, bin_marker, py, py_marker) = if *name == DatasetName::Cifar10 {
+                let k = CifarKind::Cifar10;
+                (
+                    k,
+                    "cifar-10-batches-bin",
+                    "test_batch.bin",
+                    "cifar-10-batches-py",
+                    "test_batch",
+                )
             } else {
-                ("cifar-100-binary", CifarKind::Cifar100Fine, "test.bin")
+                let k = CifarKind::Cifar100Fine;
+                (
+                    k,
+                    "cifar-100-binary",
+                    "test.bin",
+                    "cifar-100-python",
+                    "test",
+                )
             };
-            let c = candidates(opts, sub, None);
-            let dir = c
-                .iter()
-                .find(|d| d.join(marker).is_file())
-                .cloned()
-                .ok_or_else(|| {
-                    not_found(
-                        name,
-                        &c,
-                        &format!(" (the folder {sub}/ of the binary version)"),
-                    )
-                })?;
-            Arc::new(read_cifar_dir(&dir, kind, train)?)
+            let binary = candidates(opts, bin, None);
+            let python = candidates(opts, py, None);
+            if let Some(dir) = binary.iter().find(|d| d.join(bin_marker).is_file()) {
+                Arc::new(read_cifar_dir(dir, kind, train)?)
+            } else if let Some(dir) = python.iter().find(|d| d.join(py_marker).is_file()) {
+                Arc::new(read_cifar_py_dir(dir, kind, train)?)
+            } else {
+                let mut c = binary;
+                for p in python {
+                    if !c.contains(&p) {
+                        c.push(p);
+                    }
+                }
+                return Err(not_found(
+                    name,
+                    &c,
+                    &format!(
+                        " (the folder {bin}/ of the binary version or {py}/ of the python version)"
+                    ),
+                ));
+            }
         }
         DatasetName::ImageFolder => {
             let sub = opts.split_name(split, "val");
