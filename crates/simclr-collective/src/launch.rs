@@ -5,13 +5,15 @@
 //!   agent keeps a store on `MASTER_PORT` (it then sets `TORCHELASTIC_USE_AGENT_STORE=True`), so
 //!   rank 0 listens on the next port; a plain launch that sets the variables by hand uses
 //!   `MASTER_PORT` itself.
-//! * SLURM (`srun`, one task per GPU): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`; rank 0's
+//! * SLURM (`srun`, one task per GPU): `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` (set for the
+//!   tasks of an `srun` step, not for the batch script itself), `SLURM_LOCALID`; rank 0's
 //!   host is `MASTER_ADDR` if set, else the first host of `SLURM_JOB_NODELIST` (the compressed
 //!   form `gpu[03-04],cpu1` gives `gpu03`); the port is `MASTER_PORT` if set, else
 //!   [`slurm_port`] of `SLURM_JOB_ID`, so two jobs on one node do not collide.
 //!
-//! torchrun's variables win when both are present (torchrun inside an `srun` allocation). The
-//! result feeds the [`Rendezvous`] as `tcp://host:port`.
+//! torchrun's variables win when both are present (torchrun inside an `srun` allocation). A
+//! world of one process is no launch (`None`). The result feeds the [`Rendezvous`] as
+//! `tcp://host:port`.
 
 use candle_core::{bail, Result};
 
@@ -85,6 +87,9 @@ pub fn launch_from(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch
     let (launcher, rank, world, local, host, port) = if var("WORLD_SIZE").is_some() {
         let launcher = "torchrun";
         let world = required("WORLD_SIZE", launcher)?;
+        if world == 1 {
+            return Ok(None);
+        }
         let rank = required("RANK", launcher)?;
         let local = number("LOCAL_RANK")?.unwrap_or(rank);
         let Some(host) = var("MASTER_ADDR").filter(|h| !h.trim().is_empty()) else {
@@ -92,17 +97,16 @@ pub fn launch_from(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch
         };
         let port = required("MASTER_PORT", launcher)?;
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True");
-        (
-            launcher,
-            rank,
-            world,
-            local,
-            host,
-            port + u64::from(agent_store),
-        )
-    } else if var("SLURM_NTASKS").is_some() {
+        let port = port.saturating_add(u64::from(agent_store));
+        (launcher, rank, world, local, host, port)
+    } else if var("SLURM_STEP_NUM_TASKS").is_some() {
+        // The tasks of an `srun` step; a batch script's own shell (`SLURM_NTASKS` set, no step)
+        // is one process, not a rank.
         let launcher = "slurm";
-        let world = required("SLURM_NTASKS", launcher)?;
+        let world = required("SLURM_STEP_NUM_TASKS", launcher)?;
+        if world == 1 {
+            return Ok(None);
+        }
         let rank = required("SLURM_PROCID", launcher)?;
         let local = number("SLURM_LOCALID")?.unwrap_or(0);
         let host = match var("MASTER_ADDR").filter(|h| !h.trim().is_empty()) {
@@ -208,7 +212,7 @@ mod tests {
     fn slurm_variables_give_the_first_node_and_a_port_from_the_job() {
         let l = env(&[
             ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
             ("SLURM_LOCALID", "1"),
             ("SLURM_JOB_NODELIST", "gpu[03-04,07],cpu1"),
             ("SLURM_JOB_ID", "123456"),
@@ -220,7 +224,7 @@ mod tests {
         assert_eq!(l.launcher, "slurm");
         let l = env(&[
             ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "2"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
             ("SLURM_NODELIST", "node7"),
             ("MASTER_PORT", "4000"),
         ])
@@ -230,7 +234,7 @@ mod tests {
         // torchrun inside an allocation: its variables win.
         let l = env(&[
             ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "4"),
+            ("SLURM_STEP_NUM_TASKS", "4"),
             ("RANK", "1"),
             ("WORLD_SIZE", "2"),
             ("MASTER_ADDR", "h"),
@@ -259,6 +263,13 @@ mod tests {
     #[test]
     fn no_launcher_is_none_and_bad_values_are_named() {
         assert_eq!(env(&[]).unwrap(), None);
+        // One process, or a batch script's shell: no launch, whatever else is missing.
+        assert_eq!(env(&[("WORLD_SIZE", "1")]).unwrap(), None);
+        assert_eq!(env(&[("SLURM_STEP_NUM_TASKS", "1")]).unwrap(), None);
+        assert_eq!(
+            env(&[("SLURM_NTASKS", "8"), ("SLURM_PROCID", "0")]).unwrap(),
+            None
+        );
         for (pairs, says) in [
             (
                 vec![
@@ -288,7 +299,17 @@ mod tests {
             ),
             (
                 vec![
-                    ("SLURM_NTASKS", "2"),
+                    ("WORLD_SIZE", "2"),
+                    ("RANK", "0"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "18446744073709551615"),
+                    ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                ],
+                "is not a TCP port",
+            ),
+            (
+                vec![
+                    ("SLURM_STEP_NUM_TASKS", "2"),
                     ("SLURM_PROCID", "0"),
                     ("SLURM_JOB_NODELIST", "n[1"),
                 ],
@@ -296,7 +317,7 @@ mod tests {
             ),
             (
                 vec![
-                    ("SLURM_NTASKS", "2"),
+                    ("SLURM_STEP_NUM_TASKS", "2"),
                     ("SLURM_PROCID", "0"),
                     ("SLURM_JOB_NODELIST", "n1"),
                 ],

@@ -157,7 +157,7 @@ pub fn parse_cifar_py_file(
         )));
     }
     let n = shape[0];
-    if pixels.len() != n * PIXELS {
+    if n.checked_mul(PIXELS) != Some(pixels.len()) {
         return Err(bad(format!(
             "`data` holds {} bytes for {n} images of {PIXELS} (truncated)",
             pixels.len()

@@ -1,12 +1,14 @@
-//! A small unpickler: enough of Python's pickle format (protocols 2–5, as Python 2's `cPickle`
-//! and Python 3 write them) to read data files such as CIFAR's python version, whose arrays are
+//! A small unpickler: enough of Python's pickle format (the binary protocols 2–5 and the text
+//! opcodes of protocol 0, as Python 2's `cPickle` and Python 3 write them) to read data files such as CIFAR's python version, whose arrays are
 //! numpy `ndarray`s.
 //!
 //! Nothing is executed: a global (`GLOBAL`, `STACK_GLOBAL`) stays a name, and a call (`REDUCE`,
 //! `NEWOBJ`) or a `BUILD` stays a node holding its callable and arguments, for the reader of the
 //! file to recognise ([`ndarray_bytes`] recognises numpy's two array forms). Memoised values are
 //! copies, so a file that mutates a shared object after memoising it reads as the state at the
-//! time of the copy; data files do not do that.
+//! time of the copy; data files do not do that. Copies are bounded (eight times the file plus
+//! 1 MiB), and so is nesting ([`MAX_DEPTH`]), so that no file can ask for unbounded memory or
+//! overflow the stack.
 
 use std::path::Path;
 
@@ -195,6 +197,37 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How deeply containers may nest: every recursive walk of a value (its copy, drop, weight)
+/// stays this shallow, so a file of nested tuples cannot overflow the thread's stack.
+const MAX_DEPTH: usize = 64;
+
+/// The nesting depth of `v`, counted up to `limit` (the walk stops there).
+fn bounded_depth(v: &Value, limit: usize) -> usize {
+    if limit == 0 {
+        return 0;
+    }
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::List(items) | Value::Tuple(items) => Box::new(items.iter()),
+        Value::Dict(items) => Box::new(items.iter().flat_map(|(k, v)| [k, v])),
+        Value::Call(a, b) | Value::Build(a, b) => Box::new([a.as_ref(), b.as_ref()].into_iter()),
+        _ => return 0,
+    };
+    1 + children
+        .map(|c| bounded_depth(c, limit - 1))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Refuses `v` when it nests deeper than [`MAX_DEPTH`].
+fn shallow(v: Value, at: usize) -> std::result::Result<Value, String> {
+    if bounded_depth(&v, MAX_DEPTH + 1) > MAX_DEPTH {
+        return Err(format!(
+            "values nest deeper than {MAX_DEPTH} levels at byte {at}"
+        ));
+    }
+    Ok(v)
+}
+
 /// About how many bytes a copy of `v` takes.
 fn weight(v: &Value) -> usize {
     16 + match v {
@@ -262,7 +295,7 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
     let mut r = Reader { data, pos: 0 };
     let mut stack: Vec<Item> = Vec::new();
     let mut memo: std::collections::HashMap<u64, Value> = std::collections::HashMap::new();
-    let (mut copied, budget) = (0usize, 4 * data.len() + (1 << 20));
+    let (mut copied, budget) = (0usize, 8 * data.len() + (1 << 20));
     loop {
         let at = r.pos;
         let op = r.u8()?;
@@ -345,17 +378,17 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
             b'}' => stack.push(Item::Value(Value::Dict(Vec::new()))),
             b'l' => {
                 let items = pop_mark(&mut stack)?;
-                stack.push(Item::Value(Value::List(items)));
+                stack.push(Item::Value(shallow(Value::List(items), at)?));
             }
             b't' => {
                 let items = pop_mark(&mut stack)?;
-                stack.push(Item::Value(Value::Tuple(items)));
+                stack.push(Item::Value(shallow(Value::Tuple(items), at)?));
             }
             b'd' => {
                 let items = pop_mark(&mut stack)?;
                 let mut d = Value::Dict(Vec::new());
                 add_pairs(&mut d, items)?;
-                stack.push(Item::Value(d));
+                stack.push(Item::Value(shallow(d, at)?));
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -364,30 +397,102 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
                     items.push(pop_value(&mut stack)?);
                 }
                 items.reverse();
-                stack.push(Item::Value(Value::Tuple(items)));
+                stack.push(Item::Value(shallow(Value::Tuple(items), at)?));
             }
             b'a' => {
-                let v = pop_value(&mut stack)?;
+                let v = shallow(pop_value(&mut stack)?, at)?;
                 match top_mut(&mut stack)? {
                     Value::List(l) => l.push(v),
                     _ => return Err(format!("APPEND to a non-list at byte {at}")),
                 }
             }
             b'e' => {
-                let items = pop_mark(&mut stack)?;
+                let items = shallow(Value::List(pop_mark(&mut stack)?), at)?;
+                let Value::List(items) = items else {
+                    unreachable!("a list stays a list")
+                };
                 match top_mut(&mut stack)? {
                     Value::List(l) => l.extend(items),
                     _ => return Err(format!("APPENDS to a non-list at byte {at}")),
                 }
             }
             b's' => {
-                let v = pop_value(&mut stack)?;
-                let k = pop_value(&mut stack)?;
+                let v = shallow(pop_value(&mut stack)?, at)?;
+                let k = shallow(pop_value(&mut stack)?, at)?;
                 add_pairs(top_mut(&mut stack)?, vec![k, v])?;
             }
             b'u' => {
-                let items = pop_mark(&mut stack)?;
+                let items = shallow(Value::List(pop_mark(&mut stack)?), at)?;
+                let Value::List(items) = items else {
+                    unreachable!("a list stays a list")
+                };
                 add_pairs(top_mut(&mut stack)?, items)?;
+            }
+            // Protocol 0 (text), as Python 2 wrote small files such as CIFAR-10's batches.meta.
+            b'S' => {
+                let line = r.line()?;
+                let bytes = python_string_literal(&line)
+                    .ok_or_else(|| format!("a malformed string {line:?} at byte {at}"))?;
+                stack.push(Item::Value(Value::Bytes(bytes)));
+            }
+            b'V' => {
+                let line = r.line()?;
+                stack.push(Item::Value(Value::Str(raw_unicode_escape(&line))));
+            }
+            b'I' => {
+                let line = r.line()?;
+                let v = match line.trim() {
+                    "01" => Value::Bool(true),
+                    "00" => Value::Bool(false),
+                    t => Value::Int(
+                        t.parse()
+                            .map_err(|_| format!("a malformed integer {t:?} at byte {at}"))?,
+                    ),
+                };
+                stack.push(Item::Value(v));
+            }
+            b'L' => {
+                let line = r.line()?;
+                let t = line.trim().trim_end_matches('L');
+                let v = t
+                    .parse()
+                    .map_err(|_| format!("a malformed or too large integer {t:?} at byte {at}"))?;
+                stack.push(Item::Value(Value::Int(v)));
+            }
+            b'F' => {
+                let line = r.line()?;
+                let v = line
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("a malformed float {line:?} at byte {at}"))?;
+                stack.push(Item::Value(Value::Float(v)));
+            }
+            b'p' | b'g' => {
+                let line = r.line()?;
+                let key: u64 = line
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("a malformed memo key {line:?} at byte {at}"))?;
+                if op == b'p' {
+                    let v = match stack.last() {
+                        Some(Item::Value(v)) => v,
+                        _ => return Err(format!("memoising a mark at byte {at}")),
+                    };
+                    copied += weight(v);
+                    if copied > budget {
+                        return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
+                    }
+                    memo.insert(key, v.clone());
+                } else {
+                    let v = memo
+                        .get(&key)
+                        .ok_or_else(|| format!("memo entry {key} read before it is written"))?;
+                    copied += weight(v);
+                    if copied > budget {
+                        return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
+                    }
+                    stack.push(Item::Value(v.clone()));
+                }
             }
             b'c' => {
                 let module = r.line()?;
@@ -418,12 +523,13 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
                     }
                     _ => Value::Call(Box::new(f), Box::new(args)),
                 };
-                stack.push(Item::Value(value));
+                stack.push(Item::Value(shallow(value, at)?));
             }
             b'b' => {
                 let state = pop_value(&mut stack)?;
                 let obj = pop_value(&mut stack)?;
-                stack.push(Item::Value(Value::Build(Box::new(obj), Box::new(state))));
+                let built = Value::Build(Box::new(obj), Box::new(state));
+                stack.push(Item::Value(shallow(built, at)?));
             }
             b'q' | b'r' | 0x94 => {
                 let key = match op {
@@ -432,10 +538,14 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
                     _ => memo.len() as u64,
                 };
                 let v = match stack.last() {
-                    Some(Item::Value(v)) => v.clone(),
+                    Some(Item::Value(v)) => v,
                     _ => return Err(format!("memoising a mark at byte {at}")),
                 };
-                memo.insert(key, v);
+                copied += weight(v);
+                if copied > budget {
+                    return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
+                }
+                memo.insert(key, v.clone());
             }
             b'h' | b'j' => {
                 let key = if op == b'h' { r.u8()? as u64 } else { r.le(4)? };
@@ -446,9 +556,7 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
                 // for terabytes by reading one large value many times.
                 copied += weight(v);
                 if copied > budget {
-                    return Err(format!(
-                        "memo reads copy more than {budget} bytes (at byte {at})"
-                    ));
+                    return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
                 }
                 stack.push(Item::Value(v.clone()));
             }
@@ -459,6 +567,57 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
             }
         }
     }
+}
+
+/// The bytes of a Python 2 string literal as protocol 0 writes it (`'abc'`, `"it's"`, with
+/// `\\`, `\'`, `\n`, `\t`, `\r` and `\xNN` escapes); `None` when it is not one.
+fn python_string_literal(line: &str) -> Option<Vec<u8>> {
+    let line = line.trim_end_matches('\r');
+    let quote = line.chars().next().filter(|q| *q == '\'' || *q == '"')?;
+    let inner = line.strip_prefix(quote)?.strip_suffix(quote)?;
+    let mut out = Vec::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next()? {
+            'n' => out.push(b'\n'),
+            't' => out.push(b'\t'),
+            'r' => out.push(b'\r'),
+            'x' => {
+                let hex: String = chars.by_ref().take(2).collect();
+                out.push(u8::from_str_radix(&hex, 16).ok()?);
+            }
+            e @ ('\\' | '\'' | '"') => out.push(e as u8),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Protocol 0's unicode text (`V` lines: raw-unicode-escape, `\\uXXXX` for non-latin-1).
+fn raw_unicode_escape(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' && chars.peek() == Some(&'u') {
+            chars.next();
+            let hex: String = chars.by_ref().take(4).collect();
+            match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                Some(u) => out.push(u),
+                None => {
+                    out.push_str("\\u");
+                    out.push_str(&hex);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Reads the pickle in `data`; errors name `path`.

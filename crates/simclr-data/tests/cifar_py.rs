@@ -116,6 +116,37 @@ fn a_python_2_pickle_reads_and_corrupt_files_are_named() {
     check(train.as_ref(), &[1, 2, 3, 4, 5], 10, "python 2");
     // Without batches.meta, the fixed CIFAR-10 names.
     assert_eq!(train.class_names()[0], "airplane");
+    // batches.meta as Python 2 wrote it, in the text protocol 0 (names changed so that reading
+    // them shows).
+    let mut meta =
+        String::from("(dp1\nS'num_cases_per_batch'\np2\nI10000\nsS'label_names'\np3\n(lp4\n");
+    for (i, name) in [
+        "air'plane",
+        "car",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let quoted = if name.contains('\'') {
+            format!("\"{name}\"")
+        } else {
+            format!("'{name}'")
+        };
+        meta += &format!("S{quoted}\np{}\na", 5 + i);
+    }
+    meta += "sS'num_vis'\np15\nI3072\ns.";
+    std::fs::write(dir.join("batches.meta"), meta).unwrap();
+    let train = load_dataset(&DatasetName::Cifar10, Split::Train, &opts(&dir)).unwrap();
+    assert_eq!(train.class_names()[0], "air'plane");
+    assert_eq!(train.class_names()[1], "car");
 
     for (bytes, says) in [
         (test[..test.len() / 2].to_vec(), "runs past the end"),
@@ -123,6 +154,23 @@ fn a_python_2_pickle_reads_and_corrupt_files_are_named() {
         (python2_batch(&[0], &[10]), "not a class of Cifar10"),
         (b"\x80\x02}q\x01.".to_vec(), "no `data` entry"),
         (b"not a pickle".to_vec(), "not a readable pickle"),
+        // A million nested one-tuples: refused, not a stack overflow.
+        (
+            [&[0x80u8, 2, b'N'][..], &vec![0x85u8; 1_000_000], b"."].concat(),
+            "nest deeper",
+        ),
+        // One 64 KiB string memoised 100,000 times (6.5 GB of copies): refused.
+        (
+            [
+                &[0x80u8, 4, 0x8e][..],
+                &(65536u64).to_le_bytes(),
+                &vec![7u8; 65536],
+                &vec![0x94u8; 100_000],
+                b".",
+            ]
+            .concat(),
+            "memo copies exceed",
+        ),
     ] {
         std::fs::write(dir.join("test_batch"), &bytes).unwrap();
         let e = load_dataset(&DatasetName::Cifar10, Split::Test, &opts(&dir))

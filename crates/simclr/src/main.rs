@@ -98,19 +98,19 @@ struct PretrainArgs {
     model: ModelArgs,
     #[arg(long, default_value_t = 0.1)]
     temperature: f64,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     hidden_norm: bool,
     /// Colour distortion strength (default: 1.0, or 0.5 at ≤ 32 px).
     #[arg(long)]
     color_jitter_strength: Option<f32>,
     /// Gaussian blur (default: on above 32 px).
-    #[arg(long, action = clap::ArgAction::Set)]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     use_blur: Option<bool>,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     lineareval_while_pretraining: bool,
     /// BN statistics over every replica's batch (the official `global_bn`); false normalises
     /// with each replica's own.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     global_bn: bool,
     /// SimCLRv2's momentum encoder + memory buffer of negatives.
     #[arg(long)]
@@ -128,8 +128,8 @@ struct PretrainArgs {
     /// nccl). Start one process per rank with the same flags and its own --rank and --device,
     /// or leave these flags out under torchrun or srun: rank, world size, rendezvous and GPU
     /// then come from their environment (docs/gpu.md).
-    #[arg(long, default_value_t = 1)]
-    replicas: usize,
+    #[arg(long)]
+    replicas: Option<usize>,
     /// This process's rank among the replicas.
     #[arg(long, default_value_t = 0)]
     rank: usize,
@@ -200,7 +200,7 @@ struct FinetuneArgs {
     /// -1 trains everything; 4 freezes the encoder (linear evaluation).
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     fine_tune_after_block: i32,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     zero_init_logits_layer: bool,
     #[arg(long)]
     out: PathBuf,
@@ -256,7 +256,7 @@ struct EvalArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Also compute kNN top-1 of the encoder features (train split as the bank).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     knn: bool,
     /// Write the report (JSON) here.
     #[arg(long)]
@@ -331,12 +331,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     checkpoint::set_allow_non_finite(cli.allow_non_finite);
-    // A torchrun or SLURM launch of several processes: each takes the GPU of its local rank
+    // A torchrun or SLURM launch of several processes, read only by the commands that run as
+    // ranks (others work inside any allocation): each rank takes the GPU of its local rank
     // unless --device says otherwise.
-    let launch = simclr_collective::Launch::from_env()?.filter(|l| l.world_size > 1);
+    let launch = match &cli.command {
+        Command::Pretrain(a) if a.replicas.is_none() => simclr_collective::Launch::from_env()?,
+        Command::RendezvousCheck(a) if a.replicas.is_none() => {
+            simclr_collective::Launch::from_env()?
+        }
+        _ => None,
+    };
     let local_gpu = match &launch {
         Some(l) if cli.device.is_none() && cfg!(feature = "cuda") => {
-            Some(format!("cuda:{}", l.local_rank))
+            Some(format!("cuda:{}", local_gpu_index(l.local_rank)))
         }
         _ => None,
     };
@@ -411,9 +418,9 @@ fn pretrain(
         ))
     });
     check_writable(&out)?;
-    let (n, rank, rendezvous) = match launch {
-        Some(l) if a.replicas == 1 => (l.world_size, l.rank, Some(l.rendezvous.clone())),
-        _ => (a.replicas, a.rank, a.rendezvous.clone()),
+    let (n, rank, rendezvous) = match (a.replicas, launch) {
+        (None, Some(l)) => (l.world_size, l.rank, Some(l.rendezvous.clone())),
+        (n, _) => (n.unwrap_or(1), a.rank, a.rendezvous.clone()),
     };
     let replicas = simclr::args::replicas(n, rank, rendezvous.as_ref(), device)?;
     let summary = simclr_pretrain::run_pretrain_replica(
@@ -800,6 +807,15 @@ fn last_metrics(checkpoint: &Path, stage: &str) -> Vec<(String, String)> {
         out.push((format!("last training row: {k}"), value));
     }
     out
+}
+
+/// The GPU of local rank `local`: device 0 when the launcher left each task one visible GPU
+/// (`CUDA_VISIBLE_DEVICES` with a single entry, as SLURM's GPU binding does), else `local`.
+fn local_gpu_index(local: usize) -> usize {
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if !v.trim().is_empty() && !v.contains(',') => 0,
+        _ => local,
+    }
 }
 
 fn rendezvous_check(

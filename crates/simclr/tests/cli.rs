@@ -480,7 +480,8 @@ fn official_flag_spellings_are_accepted() {
     );
     // The pretraining-only flag and the evaluation batch.
     let pre = dir.path().join("pre");
-    let mut args = vec!["pretrain", "--global_bn=false", "--knn-every-epochs", "0"];
+    // Python's spelling of a boolean, as the official flags are written.
+    let mut args = vec!["pretrain", "--global_bn=False", "--knn-every-epochs", "0"];
     args.extend(["--no-progress", "--out", pre.to_str().unwrap()]);
     args.extend(ONE_TINY_STEP);
     let r = simclr(&args, root());
@@ -600,7 +601,7 @@ fn an_exported_model_imports_back_with_bit_identical_outputs() {
 /// Starts `simclr rendezvous-check` once per rank with that rank's environment and returns each
 /// process's (rank, world size, id) as printed.
 fn rendezvous_ranks(envs: &[Vec<(&str, String)>]) -> Vec<(String, String, String)> {
-    const LAUNCH_VARS: [&str; 11] = [
+    const LAUNCH_VARS: [&str; 13] = [
         "RANK",
         "WORLD_SIZE",
         "LOCAL_RANK",
@@ -609,6 +610,8 @@ fn rendezvous_ranks(envs: &[Vec<(&str, String)>]) -> Vec<(String, String, String
         "TORCHELASTIC_USE_AGENT_STORE",
         "SLURM_PROCID",
         "SLURM_NTASKS",
+        "SLURM_STEP_NUM_TASKS",
+        "CUDA_VISIBLE_DEVICES",
         "SLURM_LOCALID",
         "SLURM_JOB_NODELIST",
         "SLURM_JOB_ID",
@@ -675,7 +678,7 @@ fn torchrun_and_slurm_environments_place_each_process_and_the_ranks_meet() {
         .map(|r| {
             vec![
                 ("SLURM_PROCID", r.to_string()),
-                ("SLURM_NTASKS", "2".to_string()),
+                ("SLURM_STEP_NUM_TASKS", "2".to_string()),
                 ("SLURM_LOCALID", r.to_string()),
                 ("SLURM_JOB_NODELIST", "localhost".to_string()),
                 ("SLURM_JOB_ID", "77".to_string()),
