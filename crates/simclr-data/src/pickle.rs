@@ -291,11 +291,57 @@ fn add_pairs(target: &mut Value, items: Vec<Value>) -> std::result::Result<(), S
     Ok(())
 }
 
+/// The memo, whose copies (on each write and each read) are bounded in total: otherwise a small
+/// file could ask for terabytes by copying one large value many times.
+struct Memo {
+    values: std::collections::HashMap<u64, Value>,
+    copied: usize,
+    budget: usize,
+}
+
+impl Memo {
+    fn charge(&mut self, v: &Value, at: usize) -> std::result::Result<(), String> {
+        self.copied += weight(v);
+        if self.copied > self.budget {
+            return Err(format!(
+                "memo copies exceed {} bytes (at byte {at})",
+                self.budget
+            ));
+        }
+        Ok(())
+    }
+
+    /// Memoises the top of the stack under `key`.
+    fn put(&mut self, key: u64, stack: &[Item], at: usize) -> std::result::Result<(), String> {
+        let v = match stack.last() {
+            Some(Item::Value(v)) => v,
+            _ => return Err(format!("memoising a mark at byte {at}")),
+        };
+        self.charge(v, at)?;
+        self.values.insert(key, v.clone());
+        Ok(())
+    }
+
+    /// A copy of the value memoised under `key`.
+    fn get(&mut self, key: u64, at: usize) -> std::result::Result<Value, String> {
+        let v = self
+            .values
+            .get(&key)
+            .ok_or_else(|| format!("memo entry {key} read before it is written"))?
+            .clone();
+        self.charge(&v, at)?;
+        Ok(v)
+    }
+}
+
 fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
     let mut r = Reader { data, pos: 0 };
     let mut stack: Vec<Item> = Vec::new();
-    let mut memo: std::collections::HashMap<u64, Value> = std::collections::HashMap::new();
-    let (mut copied, budget) = (0usize, 8 * data.len() + (1 << 20));
+    let mut memo = Memo {
+        values: std::collections::HashMap::new(),
+        copied: 0,
+        budget: 8 * data.len() + (1 << 20),
+    };
     loop {
         let at = r.pos;
         let op = r.u8()?;
@@ -474,24 +520,9 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
                     .parse()
                     .map_err(|_| format!("a malformed memo key {line:?} at byte {at}"))?;
                 if op == b'p' {
-                    let v = match stack.last() {
-                        Some(Item::Value(v)) => v,
-                        _ => return Err(format!("memoising a mark at byte {at}")),
-                    };
-                    copied += weight(v);
-                    if copied > budget {
-                        return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
-                    }
-                    memo.insert(key, v.clone());
+                    memo.put(key, &stack, at)?;
                 } else {
-                    let v = memo
-                        .get(&key)
-                        .ok_or_else(|| format!("memo entry {key} read before it is written"))?;
-                    copied += weight(v);
-                    if copied > budget {
-                        return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
-                    }
-                    stack.push(Item::Value(v.clone()));
+                    stack.push(Item::Value(memo.get(key, at)?));
                 }
             }
             b'c' => {
@@ -535,30 +566,13 @@ fn unpickle_bytes(data: &[u8]) -> std::result::Result<Value, String> {
                 let key = match op {
                     b'q' => r.u8()? as u64,
                     b'r' => r.le(4)?,
-                    _ => memo.len() as u64,
+                    _ => memo.values.len() as u64,
                 };
-                let v = match stack.last() {
-                    Some(Item::Value(v)) => v,
-                    _ => return Err(format!("memoising a mark at byte {at}")),
-                };
-                copied += weight(v);
-                if copied > budget {
-                    return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
-                }
-                memo.insert(key, v.clone());
+                memo.put(key, &stack, at)?;
             }
             b'h' | b'j' => {
                 let key = if op == b'h' { r.u8()? as u64 } else { r.le(4)? };
-                let v = memo
-                    .get(&key)
-                    .ok_or_else(|| format!("memo entry {key} read before it is written"))?;
-                // Each read is a copy: bound what copies may add, or a small file could ask
-                // for terabytes by reading one large value many times.
-                copied += weight(v);
-                if copied > budget {
-                    return Err(format!("memo copies exceed {budget} bytes (at byte {at})"));
-                }
-                stack.push(Item::Value(v.clone()));
+                stack.push(Item::Value(memo.get(key, at)?));
             }
             other => {
                 return Err(format!(
