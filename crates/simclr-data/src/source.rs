@@ -170,6 +170,21 @@ pub fn load_dataset(
     opts: &DataOptions,
 ) -> Result<Arc<dyn Dataset>> {
     let train = split.is_train();
+    let named_splits = matches!(name, DatasetName::ImageFolder | DatasetName::Hub(_));
+    for (flag, value) in [
+        ("train_split", &opts.train_split),
+        ("eval_split", &opts.eval_split),
+    ] {
+        if let (Some(v), false) = (value, named_splits) {
+            return Err(DataError::Config {
+                name: flag,
+                value: v.clone(),
+                reason: format!(
+                    "dataset {name} has fixed train and test files; split names apply to imagefolder and hf: datasets"
+                ),
+            });
+        }
+    }
     if let (Some(d), DatasetName::FashionMnistSubset | DatasetName::Hub(_)) = (&opts.data_dir, name)
     {
         return Err(DataError::Config {

@@ -205,3 +205,16 @@ fn a_flat_validation_folder_takes_its_labels_from_the_kaggle_csv_or_a_list() {
         .expect("no list");
     assert!(e.to_string().contains("LOC_val_solution.csv"), "{e}");
 }
+
+#[test]
+fn split_names_are_refused_where_the_files_are_fixed() {
+    let o = DataOptions {
+        eval_split: Some("validation".into()),
+        ..Default::default()
+    };
+    let e = load_dataset(&DatasetName::FashionMnistSubset, Split::Test, &o)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("eval_split") && e.contains("validation"), "{e}");
+}

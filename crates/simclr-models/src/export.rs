@@ -21,7 +21,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 
 use crate::checkpoint::{self, CheckpointError, CheckpointMeta};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ProjHeadMode};
 use crate::import_pth::{key_map, SourceName};
 use crate::pth::{write_pth, PthEntry};
 
@@ -97,6 +97,12 @@ pub fn export_pth(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<
                 pth_file_name(config)
             )))
         }
+    }
+    if config.proj_head_mode != ProjHeadMode::Nonlinear {
+        return Err(unsupported(format!(
+            "the converter's layout holds a nonlinear projection head, and this model's is {:?}: export it as ONNX or a Hugging Face folder instead",
+            config.proj_head_mode
+        )));
     }
     let vars = variables(path, varmap)?;
     let mut resnet = Vec::new();
@@ -228,7 +234,13 @@ fn model_card(meta: &CheckpointMeta, figures: &[(String, String)]) -> String {
         ("input channels", c.in_channels.to_string()),
         (
             "projection head",
-            format!("{} layers, output {}", c.num_proj_layers, c.proj_out_dim),
+            match c.proj_head_mode {
+                ProjHeadMode::Nonlinear => {
+                    format!("{} layers, output {}", c.num_proj_layers, c.proj_out_dim)
+                }
+                ProjHeadMode::Linear => format!("one linear layer, output {}", c.proj_out_dim),
+                ProjHeadMode::None => "none".to_string(),
+            },
         ),
         (
             "supervised head classes",

@@ -528,12 +528,16 @@ fn stored_config(
         || shapes(&stored).is_none()
         || shapes(&stored) != shapes(inferred)
     {
-        return Err(ImportError::Contradiction {
-            path: path.to_path_buf(),
-            what: format!("the architecture stored under `{CONFIG_KEY}`"),
-            from_name: format!("{} (base width {})", stored.name(), stored.base_width),
-            from_shapes: format!("{} (base width {})", inferred.name(), inferred.base_width),
-        });
+        return Err(unsupported(
+            path,
+            format!(
+                "the configuration stored under `{CONFIG_KEY}` ({}, base width {}) does not describe the tensors ({}, base width {})",
+                stored.name(),
+                stored.base_width,
+                inferred.name(),
+                inferred.base_width
+            ),
+        ));
     }
     Ok(stored)
 }

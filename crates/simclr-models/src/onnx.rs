@@ -361,14 +361,16 @@ pub fn output_names(config: &ModelConfig) -> Vec<String> {
     let n = config.num_head_layers();
     let mut out = vec!["final_avg_pool".to_string()];
     out.extend((1..n).map(|i| format!("proj_head_{i}")));
-    if n > 0 {
-        out.push("proj_head_output".into());
-    }
+    // Without a projection head its output is the encoder's, as in the model's forward.
+    out.push("proj_head_output".into());
     if config.num_classes.is_some() {
         out.push("logits_sup".into());
     }
     out
 }
+
+/// ONNX files are one protobuf message, which parsers refuse above 2 GiB.
+const PROTOBUF_LIMIT: usize = (1 << 31) - (1 << 20);
 
 /// Writes the eval-mode network of `config` held in `varmap` to `path` as an ONNX model,
 /// atomically.
@@ -457,11 +459,16 @@ pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result
         let z = g.bn(&z, &format!("{prefix}.bn"), *relu)?;
         hiddens.push(z);
     }
-    let mut outputs: Vec<(String, String)> = names
+    // final_avg_pool and the hidden layers under their names (hiddens[0..n], at least the
+    // pool), then the last entry as proj_head_output.
+    let named = config.num_head_layers().max(1);
+    let mut outputs: Vec<(String, String)> = names[..named]
         .iter()
-        .zip(&hiddens)
+        .zip(&hiddens[..named])
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
+    let last = hiddens.last().cloned().unwrap_or_default();
+    outputs.push(("proj_head_output".into(), last));
     if config.num_classes.is_some() {
         let input = hiddens[config.supervised_input_index()].clone();
         let logits = g.dense(&input, "head_supervised", true)?;
@@ -472,6 +479,16 @@ pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result
         g.node_outputs("Identity", &[t], std::slice::from_ref(name), vec![]);
     }
 
+    let weights: usize = g.initializers.iter().map(|t| t.0.len()).sum();
+    if weights > PROTOBUF_LIMIT {
+        return Err(ExportError::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the weights take {:.1} GiB, over the 2 GiB an ONNX file can hold in one message (external data is not written)",
+                weights as f64 / (1u64 << 30) as f64
+            ),
+        });
+    }
     let mut graph = Pb::default();
     for n in g.nodes.drain(..) {
         graph.msg(1, n);
@@ -493,10 +510,10 @@ pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result
         ),
     );
     for (i, (name, _)) in outputs.iter().enumerate() {
-        let width = if name == "logits_sup" {
-            config.num_classes.unwrap_or(0)
-        } else {
-            config.hidden_dim(i)
+        let width = match name.as_str() {
+            "logits_sup" => config.num_classes.unwrap_or(0),
+            "proj_head_output" => config.hidden_dim(config.num_hiddens() - 1),
+            _ => config.hidden_dim(i),
         };
         graph.msg(12, value_info(name, &[Err("batch"), Ok(width)]));
     }

@@ -17,7 +17,7 @@ use simclr_models::onnx::output_names;
 use simclr_models::pth::{read_float_tensors, write_pth, PthEntry, PthReader};
 use simclr_models::{
     export_hf, export_onnx, export_pth, import_pth, pth_file_name, ExportError, ImportError,
-    ModelConfig, SimclrModel,
+    ModelConfig, ProjHeadMode, SimclrModel,
 };
 
 const FIXTURES: [&str; 3] = ["r18_1x_sk0", "r50_1x_sk0", "r50_1x_sk1"];
@@ -225,6 +225,60 @@ fn onnxruntime_runs_the_exported_graph_and_agrees() {
     }
 }
 
+/// A freshly initialised R18 (base width 4, CIFAR stem) with projection head `mode` and the
+/// supervised head on the encoder output.
+fn head_variant(mode: ProjHeadMode) -> (ModelConfig, VarMap, SimclrModel) {
+    let config = ModelConfig {
+        resnet_depth: 18,
+        base_width: 4,
+        proj_head_mode: mode,
+        num_classes: Some(10),
+        ..ModelConfig::default()
+    }
+    .with_image_size(32);
+    let varmap = VarMap::new();
+    let model = SimclrModel::init(&config, &varmap, 3, &Device::Cpu).unwrap();
+    (config, varmap, model)
+}
+
+#[test]
+fn onnx_of_linear_and_headless_models_gives_their_proj_head_output() {
+    let Some(python) = python_with("onnxruntime, numpy, safetensors") else {
+        eprintln!("SKIPPED: no python with onnxruntime (set SIMCLR_PYTHON to one)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [ProjHeadMode::Linear, ProjHeadMode::None] {
+        let (config, varmap, model) = head_variant(mode);
+        let path = dir.path().join(format!("{mode:?}.onnx"));
+        export_onnx(&path, &config, &varmap).unwrap();
+        let names = output_names(&config);
+        assert_eq!(names, ["final_avg_pool", "proj_head_output", "logits_sup"]);
+        let ours = dir.path().join(format!("{mode:?}.safetensors"));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        save_outputs(&model, "r18_1x_sk0", &names, &ours);
+        run_check(
+            &python,
+            "check_onnx.py",
+            &[&path, &ours],
+            &format!("{mode:?}"),
+        );
+    }
+}
+
+#[test]
+fn a_pth_of_a_model_without_the_nonlinear_head_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, varmap, _) = head_variant(ProjHeadMode::Linear);
+    let path = dir.path().join(pth_file_name(&config));
+    let err = export_pth(&path, &config, &varmap).unwrap_err().to_string();
+    assert!(
+        err.contains("nonlinear projection head") && err.contains("ONNX"),
+        "{err}"
+    );
+    assert!(!path.exists());
+}
+
 #[test]
 fn a_pth_named_otherwise_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
@@ -277,7 +331,7 @@ fn a_stored_configuration_that_contradicts_the_tensors_is_refused() {
         assert!(
             matches!(
                 err,
-                ImportError::Contradiction { .. } | ImportError::Corrupt { .. }
+                ImportError::Unsupported { .. } | ImportError::Corrupt { .. }
             ),
             "{what}: {err}"
         );

@@ -760,13 +760,20 @@ pub fn run(
     if rank == 0 {
         simclr_fs::ensure_writable_dir(&run_dir)
             .with_context(|| format!("output folder {} cannot be written", run_dir.display()))?;
+        // The same settings for hand editing; `--config` reads either file. TOML cannot hold
+        // every value JSON can (a seed above i64::MAX, a path that is not UTF-8): then the run
+        // goes on with the JSON file alone.
+        let toml = toml::to_string_pretty(cfg);
         simclr_data::write_atomic(
             &run_dir.join("pipeline.json"),
             serde_json::to_string_pretty(cfg)?.as_bytes(),
         )?;
-        // The same settings for hand editing; `--config` reads either file.
-        let toml = toml::to_string_pretty(cfg).context("the configuration as TOML")?;
-        simclr_data::write_atomic(&run_dir.join("pipeline.toml"), toml.as_bytes())?;
+        match toml {
+            Ok(text) => simclr_data::write_atomic(&run_dir.join("pipeline.toml"), text.as_bytes())?,
+            Err(e) => {
+                tracing::warn!("pipeline.toml not written (pipeline.json holds the settings): {e}")
+            }
+        }
     }
     tracing::info!(run = %run_dir.display(), train = %train.describe(), eval = %test.describe(), eval_split, "pipeline");
 
