@@ -185,6 +185,7 @@ fn target(name: &str) -> Result<Target> {
                     cache_dir: Some(s.join("hub")),
                     offline: true,
                     revision: None,
+                    ..Default::default()
                 };
                 let _ = simclr_data::hub::read_hub_dataset("fuzz/fashion", "test", &opts);
             },
@@ -754,6 +755,7 @@ mod tests {
             cache_dir: Some(scratch.join("hub")),
             offline: true,
             revision: None,
+            ..Default::default()
         };
         let ds = simclr_data::hub::read_hub_dataset("fuzz/fashion", "test", &opts).unwrap();
         assert_eq!(simclr_data::Dataset::len(&ds), 2);

@@ -229,6 +229,9 @@ fn run(cli: Cli) -> Result<()> {
                 image_size,
                 train_split: None,
                 eval_split: None,
+                hf_revision: None,
+                hf_image_column: None,
+                hf_label_column: None,
                 num_workers: 0,
             };
             let fractions = if pretrain_only { Vec::new() } else { fractions };

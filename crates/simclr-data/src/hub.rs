@@ -24,6 +24,12 @@ pub struct HubOptions {
     pub offline: bool,
     /// A branch, tag or commit; `None` tries `main` then `refs/convert/parquet`.
     pub revision: Option<String>,
+    /// The column holding the encoded images (an `{bytes, path}` struct or raw bytes); `None`:
+    /// `image` or `img`, or any struct column with a `bytes` field.
+    pub image_column: Option<String>,
+    /// The integer label column; `None`: a column whose name contains `label`, else the first
+    /// integer column.
+    pub label_column: Option<String>,
 }
 
 pub fn default_cache_dir() -> PathBuf {
@@ -190,7 +196,7 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
     }
     let mut ds: Option<ParquetParts> = None;
     for f in &files {
-        read_parquet_file(f, ds.get_or_insert_with(ParquetParts::default))?;
+        read_parquet_file(f, ds.get_or_insert_with(ParquetParts::default), opts)?;
     }
     let parts = ds.unwrap_or_default();
     if parts.images.is_empty() {
@@ -211,7 +217,8 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
                 return Err(DataError::format(
                     &files[0],
                     format!(
-                        "row {row}: label {max} with no class names in the file's metadata;                          more than {MAX_UNNAMED_CLASSES} classes is not a plausible label set"
+                        "row {row}: label {max} with no class names in the file's metadata; \
+                         more than {MAX_UNNAMED_CLASSES} classes is not a plausible label set"
                     ),
                 ));
             }
@@ -253,32 +260,40 @@ struct ParquetParts {
 
 /// Class names from the `huggingface` key-value metadata the `datasets` library writes
 /// (`info.features.<label>.names` of a ClassLabel).
-fn class_names_from_metadata(reader: &SerializedFileReader<File>) -> Option<Vec<String>> {
+fn class_names_from_metadata(
+    reader: &SerializedFileReader<File>,
+    label_column: Option<&str>,
+) -> Option<Vec<String>> {
     let kv = reader.metadata().file_metadata().key_value_metadata()?;
     let json = kv.iter().find(|k| k.key == "huggingface")?.value.as_ref()?;
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     let features = v.get("info")?.get("features")?.as_object()?;
-    features.values().find_map(|f| {
-        (f.get("_type")?.as_str()? == "ClassLabel").then(|| {
-            f.get("names")?
-                .as_array()?
-                .iter()
-                .map(|n| n.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-        })?
-    })
+    features
+        .iter()
+        .filter(|(name, _)| label_column.is_none_or(|c| c == name.as_str()))
+        .map(|(_, f)| f)
+        .find_map(|f| {
+            (f.get("_type")?.as_str()? == "ClassLabel").then(|| {
+                f.get("names")?
+                    .as_array()?
+                    .iter()
+                    .map(|n| n.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+            })?
+        })
 }
 
 /// [`read_rows`] of one parquet file. The parquet crate panics on some malformed files
 /// (slice indices taken from the file without a check, found by `cargo xtask fuzz parquet`):
 /// such a panic becomes this file's error instead of taking the process down.
-fn read_parquet_file(path: &Path, parts: &mut ParquetParts) -> Result<()> {
+fn read_parquet_file(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -> Result<()> {
     let mut local = ParquetParts {
         class_names: parts.class_names.take(),
         ..Default::default()
     };
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rows(path, &mut local)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_rows(path, &mut local, opts)
+    }));
     parts.class_names = local.class_names.take();
     match result {
         Ok(Ok(())) => {
@@ -301,43 +316,60 @@ fn read_parquet_file(path: &Path, parts: &mut ParquetParts) -> Result<()> {
     }
 }
 
-fn read_rows(path: &Path, parts: &mut ParquetParts) -> Result<()> {
+fn read_rows(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -> Result<()> {
     let bad = |reason: String| DataError::format(path, reason);
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let reader = SerializedFileReader::new(file)
         .map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
     if parts.class_names.is_none() {
-        parts.class_names = class_names_from_metadata(&reader);
+        parts.class_names = class_names_from_metadata(&reader, opts.label_column.as_deref());
     }
     let rows = reader
         .get_row_iter(None)
         .map_err(|e| bad(format!("cannot read rows: {e}")))?;
+    let (image_col, label_col) = (opts.image_column.as_deref(), opts.label_column.as_deref());
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
         let mut bytes = None;
         let mut label = None;
         for (col, field) in row.get_column_iter() {
+            let col = col.as_str();
+            // A named column is the only one read; without a name, the usual guesses.
+            let image_here = image_col.is_none_or(|c| c == col);
+            let raw_image_here = match image_col {
+                Some(c) => c == col,
+                None => col == "image" || col == "img",
+            };
+            let label_here = match label_col {
+                Some(c) => c == col,
+                None => label.is_none() || col.contains("label"),
+            };
             match field {
-                Field::Group(g) => {
+                Field::Group(g) if image_here => {
                     for (k, v) in g.get_column_iter() {
                         if let (true, Field::Bytes(b)) = (k == "bytes", v) {
                             bytes = Some(b.data().to_vec());
                         }
                     }
                 }
-                Field::Bytes(b) if col == "image" || col == "img" => {
-                    bytes = Some(b.data().to_vec())
-                }
-                Field::Long(l) if label.is_none() || col.contains("label") => label = Some(*l),
-                Field::Int(l) if label.is_none() || col.contains("label") => {
-                    label = Some(*l as i64)
-                }
+                Field::Bytes(b) if raw_image_here => bytes = Some(b.data().to_vec()),
+                Field::Long(l) if label_here => label = Some(*l),
+                Field::Int(l) if label_here => label = Some(*l as i64),
                 _ => {}
             }
         }
-        let bytes =
-            bytes.ok_or_else(|| bad(format!("row {i}: no image column with encoded bytes")))?;
-        let label = label.ok_or_else(|| bad(format!("row {i}: no integer label column")))?;
+        let bytes = bytes.ok_or_else(|| {
+            bad(match image_col {
+                Some(c) => format!("row {i}: no column {c:?} with encoded image bytes"),
+                None => format!("row {i}: no image column with encoded bytes"),
+            })
+        })?;
+        let label = label.ok_or_else(|| {
+            bad(match label_col {
+                Some(c) => format!("row {i}: no integer column {c:?}"),
+                None => format!("row {i}: no integer label column"),
+            })
+        })?;
         let label =
             usize::try_from(label).map_err(|_| bad(format!("row {i}: negative label {label}")))?;
         let img = crate::folder::decode_encoded(&bytes).map_err(|e| DataError::Decode {

@@ -185,6 +185,20 @@ pub fn load_dataset(
             });
         }
     }
+    let is_hub = matches!(name, DatasetName::Hub(_));
+    for (flag, value) in [
+        ("hf_revision", &opts.hub.revision),
+        ("hf_image_column", &opts.hub.image_column),
+        ("hf_label_column", &opts.hub.label_column),
+    ] {
+        if let (Some(v), false) = (value, is_hub) {
+            return Err(DataError::Config {
+                name: flag,
+                value: v.clone(),
+                reason: format!("dataset {name} is not an hf: dataset"),
+            });
+        }
+    }
     if let (Some(d), DatasetName::FashionMnistSubset | DatasetName::Hub(_)) = (&opts.data_dir, name)
     {
         return Err(DataError::Config {

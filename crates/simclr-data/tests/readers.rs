@@ -288,6 +288,19 @@ fn write_hub_cache(
     split: &str,
     with_names: bool,
 ) {
+    write_hub_cache_columns(cache, rows, split, with_names, ("image", "label"), None);
+}
+
+/// [`write_hub_cache`] with the image and label columns named `columns`, and optionally an
+/// integer column `decoy` (all 9s) before them that a guess would take for the label.
+fn write_hub_cache_columns(
+    cache: &std::path::Path,
+    rows: &[(Vec<u8>, i64)],
+    split: &str,
+    with_names: bool,
+    columns: (&str, &str),
+    decoy: Option<&str>,
+) {
     let repo = cache.join("datasets--zalando-datasets--fashion_mnist");
     let commit = "0123456789abcdef0123456789abcdef01234567";
     write(&repo.join("refs/main"), commit.as_bytes());
@@ -314,18 +327,38 @@ fn write_hub_cache(
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let json = serde_json::json!({"info": {"features": {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}});
+        let mut features = serde_json::Map::new();
+        features.insert(columns.0.into(), serde_json::json!({"_type": "Image"}));
+        if let Some(d) = decoy {
+            let decoy_names: Vec<String> = (0..10).map(|i| format!("decoy{i}")).collect();
+            features.insert(
+                d.into(),
+                serde_json::json!({"names": decoy_names, "_type": "ClassLabel"}),
+            );
+        }
+        features.insert(
+            columns.1.into(),
+            serde_json::json!({"names": names, "_type": "ClassLabel"}),
+        );
+        let json = serde_json::json!({"info": {"features": features}});
         props = props.set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
             "huggingface".into(),
             json.to_string(),
         )]));
     }
-    let schema = Schema::new(vec![
-        Field::new("image", DataType::Struct(fields), true),
-        Field::new("label", DataType::Int64, true),
-    ]);
-    let batch =
-        RecordBatch::try_new(Arc::new(schema), vec![Arc::new(image), Arc::new(labels)]).unwrap();
+    let mut schema = Vec::new();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    if let Some(d) = decoy {
+        schema.push(Field::new(d, DataType::Int64, true));
+        arrays.push(Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|_| 9),
+        )));
+    }
+    schema.push(Field::new(columns.0, DataType::Struct(fields), true));
+    arrays.push(Arc::new(image));
+    schema.push(Field::new(columns.1, DataType::Int64, true));
+    arrays.push(Arc::new(labels));
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(schema)), arrays).unwrap();
     let file = std::fs::File::create(&path).unwrap();
     let mut w =
         parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props.build())).unwrap();
@@ -354,6 +387,7 @@ fn hub_parquet_from_the_local_cache_offline() {
         cache_dir: Some(cache.path().to_path_buf()),
         offline: true,
         revision: None,
+        ..Default::default()
     };
     let ds = read_hub_dataset("zalando-datasets/fashion_mnist", "train", &opts).unwrap();
     assert_eq!(ds.len(), 20);
@@ -385,6 +419,7 @@ fn hub_parquet_bad_input_is_a_clear_error() {
         cache_dir: Some(cache.path().to_path_buf()),
         offline: true,
         revision: None,
+        ..Default::default()
     };
     // Without ClassLabel metadata the classes are numbered up to the largest label.
     let ds = read_hub_dataset("zalando-datasets/fashion_mnist", "train", &opts).unwrap();
@@ -430,4 +465,60 @@ fn walk(dir: &std::path::Path) -> std::path::PathBuf {
         }
     }
     std::path::PathBuf::new()
+}
+
+#[test]
+fn hub_columns_can_be_named() {
+    let cache = tempfile::tempdir().unwrap();
+    let originals = fmnist_images(3, 1);
+    let rows: Vec<(Vec<u8>, i64)> = originals
+        .iter()
+        .map(|(img, c)| (png_bytes(img), *c as i64))
+        .collect();
+    // A decoy integer column comes first: the default guess takes it for the label.
+    write_hub_cache_columns(
+        cache.path(),
+        &rows,
+        "train",
+        true,
+        ("picture", "fine"),
+        Some("coarse_label"),
+    );
+    let mut opts = HubOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        offline: true,
+        ..Default::default()
+    };
+    let guessed = read_hub_dataset("zalando-datasets/fashion_mnist", "train", &opts).unwrap();
+    assert!(
+        (0..3).all(|i| guessed.label(i) == 9),
+        "the guess reads the decoy"
+    );
+    opts.image_column = Some("picture".into());
+    opts.label_column = Some("fine".into());
+    let ds = read_hub_dataset("zalando-datasets/fashion_mnist", "train", &opts).unwrap();
+    assert_eq!(
+        ds.class_names()[0],
+        "T-shirt/top",
+        "the named column's class names"
+    );
+    for (i, (img, c)) in originals.iter().enumerate() {
+        assert_eq!(ds.label(i), *c);
+        assert_eq!(&ds.image(i).unwrap(), img);
+    }
+    opts.label_column = Some("finest".into());
+    let e = err_text(read_hub_dataset(
+        "zalando-datasets/fashion_mnist",
+        "train",
+        &opts,
+    ));
+    assert!(e.contains("no integer column \"finest\""), "{e}");
+    opts.label_column = None;
+    opts.image_column = Some("photo".into());
+    let e = err_text(read_hub_dataset(
+        "zalando-datasets/fashion_mnist",
+        "train",
+        &opts,
+    ));
+    assert!(e.contains("no column \"photo\""), "{e}");
 }

@@ -31,6 +31,18 @@ pub struct DataArgs {
     /// ImageNet). [default: val for imagefolder, test for Hub datasets]
     #[arg(long)]
     pub eval_split: Option<String>,
+    /// hf: datasets: a branch, tag or commit of the dataset repository. [default: main, then
+    /// the Hub's parquet conversion]
+    #[arg(long)]
+    pub hf_revision: Option<String>,
+    /// hf: datasets: the column of encoded images. [default: image or img, or any column with
+    /// a bytes field]
+    #[arg(long)]
+    pub hf_image_column: Option<String>,
+    /// hf: datasets: the integer label column. [default: a column named *label*, else the
+    /// first integer column]
+    #[arg(long)]
+    pub hf_label_column: Option<String>,
     /// Decoding/augmentation threads (0: one per core; at most 256).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=256))]
     pub num_workers: usize,
@@ -46,7 +58,12 @@ impl DataArgs {
             data_dir: self.data_dir.clone(),
             train_split: self.train_split.clone(),
             eval_split: self.eval_split.clone(),
-            ..DataOptions::default()
+            hub: simclr_data::hub::HubOptions {
+                revision: self.hf_revision.clone(),
+                image_column: self.hf_image_column.clone(),
+                label_column: self.hf_label_column.clone(),
+                ..Default::default()
+            },
         };
         let name = self.name()?;
         load_dataset(&name, split, &opts).with_context(|| format!("loading {name} ({split:?})"))
