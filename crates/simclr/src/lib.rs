@@ -1,13 +1,15 @@
 //! # simclr
 //!
-//! The command line of simclr-rs (`simclr pretrain | finetune | distill | eval | embed | import`)
-//! and the end-to-end pipeline behind `cargo xtask pipeline` (with its report). It owns argument parsing and reporting only: every
+//! The command line of simclr-rs (`simclr pipeline | pretrain | finetune | distill | eval | embed
+//! | import | export`) and the end-to-end pipeline behind `simclr pipeline` and `cargo xtask
+//! pipeline` (with its report). It owns argument parsing and reporting only: every
 //! stage's logic lives in its crate (`simclr-pretrain`, `simclr-eval`, `simclr-models`, …).
 
 pub mod args;
 pub mod charts;
 pub mod device_check;
 pub mod pipeline;
+pub mod pipeline_cli;
 pub mod report;
 
 /// The frame of the binaries: tunes the allocator for training ([`simclr_models::tune_allocator`]),

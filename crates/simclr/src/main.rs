@@ -31,6 +31,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole method: pretrain → fine-tune → distill → evaluate, plus the supervised
+    /// baseline, with a report (what `cargo xtask pipeline` runs).
+    Pipeline(simclr::pipeline_cli::PipelineArgs),
     /// Contrastive pretraining (NT-Xent, LARS, warmup + cosine) on unlabeled images.
     Pretrain(PretrainArgs),
     /// Fine-tune a pretrained checkpoint on a labelled fraction (or train the supervised
@@ -348,7 +351,12 @@ fn run(cli: Cli) -> Result<()> {
         _ => None,
     };
     let device = device(cli.device.as_deref().or(local_gpu.as_deref()))?;
+    if let Command::Pipeline(a) = cli.command {
+        // The pipeline chooses its devices itself (--gpus).
+        return simclr::pipeline_cli::run_pipeline(a, cli.device.as_deref());
+    }
     match cli.command {
+        Command::Pipeline(_) => unreachable!("handled above"),
         Command::Pretrain(a) => pretrain(a, &device, launch.as_ref()),
         Command::RendezvousCheck(a) => rendezvous_check(a, launch.as_ref()),
         Command::Finetune(a) => finetune(a, &device),

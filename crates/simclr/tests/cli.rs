@@ -700,3 +700,35 @@ fn torchrun_and_slurm_environments_place_each_process_and_the_ranks_meet() {
         &["no launch to check"],
     );
 }
+
+#[test]
+fn simclr_pipeline_runs_the_smoke_preset_as_xtask_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs");
+    let r = simclr(
+        &[
+            "pipeline",
+            "--preset",
+            "smoke",
+            "--fraction",
+            "0.1",
+            "--no-progress",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        root(),
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("fine-tuned"), "{report}");
+    fails_with(
+        &simclr(&["--device", "cpu", "pipeline", "--gpus", "0,1"], root()),
+        &["--device and --gpus"],
+    );
+}
