@@ -314,3 +314,40 @@ pub fn replicas(
         bail!("--replicas {n}: this binary was built without NCCL (rebuild with --features nccl)")
     }
 }
+
+/// The file a training subcommand writes its resolved settings to, in its output folder;
+/// `--config` reads it back.
+pub const STAGE_CONFIG_FILE: &str = "config.json";
+
+/// A stage's settings from a run file: TOML when the name ends in `.toml`, JSON otherwise (the
+/// `config.json` a run writes). Errors name the file.
+pub fn stage_config<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    read_run_file(
+        path,
+        &format!("this stage's configuration (as the {STAGE_CONFIG_FILE} of its runs)"),
+    )
+}
+
+/// A run file as `T`: TOML when the name ends in `.toml`, JSON otherwise; an error names the
+/// file and says it is not `what`.
+pub fn read_run_file<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("run file {} cannot be read", path.display()))?;
+    let not = || format!("run file {} is not {what}", path.display());
+    if path.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).with_context(not)
+    } else {
+        serde_json::from_str(&text).with_context(not)
+    }
+}
+
+/// Writes a stage's resolved settings into its output folder (atomically), for `--config`.
+pub fn write_stage_config(dir: &std::path::Path, cfg: &impl serde::Serialize) -> Result<()> {
+    let path = dir.join(STAGE_CONFIG_FILE);
+    let text = serde_json::to_string_pretty(cfg)?;
+    simclr_fs::write_atomic(&path, format!("{text}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -95,6 +95,18 @@ struct RendezvousCheckArgs {
 struct PretrainArgs {
     #[command(flatten)]
     train: TrainArgs,
+    /// The stage's settings from a file (the `config.json` a run writes into its folder, or a
+    /// TOML file of the same fields) instead of the flags below; data, output and run flags
+    /// still apply.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "train_batch_size", "train_epochs", "train_steps", "learning_rate", "learning_rate_scaling", "warmup_epochs", "weight_decay", "optimizer", "momentum", "precision",
+        "resnet_depth", "width_multiplier", "sk_ratio", "base_width", "num_proj_layers",
+        "proj_out_dim", "ft_proj_selector", "proj_head_mode", "batch_norm_decay", "image_size",
+        "temperature", "hidden_norm", "color_jitter_strength", "use_blur",
+        "lineareval_while_pretraining", "global_bn", "use_memory", "memory_size", "momentum_ema",
+        "seed", "knn_every_epochs",
+    ])]
+    config: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
@@ -188,6 +200,14 @@ impl LabelArgs {
 struct FinetuneArgs {
     #[command(flatten)]
     train: TrainArgs,
+    /// The stage's settings from a file (the `config.json` a run writes into its folder, or a
+    /// TOML file of the same fields) instead of the training flags; the network to start from,
+    /// the labels, data, output and run flags still apply.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "train_batch_size", "train_epochs", "train_steps", "learning_rate", "learning_rate_scaling", "warmup_epochs", "weight_decay", "optimizer", "momentum", "precision",
+        "ft_proj_selector", "fine_tune_after_block", "zero_init_logits_layer", "image_size",
+    ])]
+    config: Option<PathBuf>,
     /// The pretrained (or imported) checkpoint.
     #[arg(long, required_unless_present = "from_scratch")]
     checkpoint: Option<PathBuf>,
@@ -215,6 +235,14 @@ struct FinetuneArgs {
 struct DistillArgs {
     #[command(flatten)]
     train: TrainArgs,
+    /// The stage's settings from a file (the `config.json` a run writes into its folder, or a
+    /// TOML file of the same fields) instead of the training flags; teacher, student, labels,
+    /// data, output and run flags still apply.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "train_batch_size", "train_epochs", "train_steps", "learning_rate", "learning_rate_scaling", "warmup_epochs", "weight_decay", "optimizer", "momentum", "precision",
+        "temperature", "tau_squared", "alpha", "teacher_targets", "image_size",
+    ])]
+    config: Option<PathBuf>,
     /// The fine-tuned teacher.
     #[arg(long)]
     teacher: PathBuf,
@@ -417,6 +445,9 @@ fn pretrain(
     }
     cfg.seed = a.seed;
     cfg.knn_every_epochs = a.knn_every_epochs;
+    if let Some(file) = &a.config {
+        cfg = simclr::args::stage_config(file)?;
+    }
     cfg.run = a.run.options(a.data.num_workers);
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -426,6 +457,7 @@ fn pretrain(
         ))
     });
     check_writable(&out)?;
+    simclr::args::write_stage_config(&out, &cfg)?;
     let (n, rank, rendezvous) = match (a.replicas, launch) {
         (None, Some(l)) => (l.world_size, l.rank, Some(l.rendezvous.clone())),
         (n, _) => (n.unwrap_or(1), a.rank, a.rendezvous.clone()),
@@ -486,6 +518,9 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     cfg.fine_tune_after_block = a.fine_tune_after_block;
     cfg.zero_init_logits_layer = a.zero_init_logits_layer;
     cfg.seed = a.labels.seed;
+    if let Some(file) = &a.config {
+        cfg = simclr::args::stage_config(file)?;
+    }
     cfg.run = a.run.options(a.data.num_workers);
     let (init, stage) = match (&a.checkpoint, a.from_scratch) {
         (_, true) => (
@@ -507,6 +542,7 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
         (None, false) => bail!("--checkpoint is required unless --from-scratch"),
     };
     check_writable(&a.out)?;
+    simclr::args::write_stage_config(&a.out, &cfg)?;
     simclr_data::split::write_split_file(
         &a.out.join("labelled_split.txt"),
         train.as_ref(),
@@ -573,8 +609,12 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
         &mut cfg.precision,
     );
     cfg.seed = a.labels.seed;
+    if let Some(file) = &a.config {
+        cfg = simclr::args::stage_config(file)?;
+    }
     cfg.run = a.run.options(a.data.num_workers);
     check_writable(&a.out)?;
+    simclr::args::write_stage_config(&a.out, &cfg)?;
     let (s, _) = run_distill(
         &cfg,
         &a.teacher,

@@ -269,20 +269,10 @@ impl PipelineConfig {
     /// into its folder (or one edited from them; TOML when the name ends in `.toml`, JSON
     /// otherwise). Its batch and step counts are used as they are. Errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("run file {} cannot be read", path.display()))?;
-        let not_config = || {
-            format!(
-                "run file {} is not a pipeline configuration (as a run's pipeline.json or pipeline.toml)",
-                path.display()
-            )
-        };
-        let mut cfg: PipelineConfig = if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::str::from_utf8(&bytes).with_context(not_config)?;
-            toml::from_str(text).with_context(not_config)?
-        } else {
-            serde_json::from_slice(&bytes).with_context(not_config)?
-        };
+        let mut cfg: PipelineConfig = crate::args::read_run_file(
+            path,
+            "a pipeline configuration (as a run's pipeline.json or pipeline.toml)",
+        )?;
         for &f in &cfg.fractions {
             validate_fraction(f).with_context(|| format!("run file {}", path.display()))?;
         }

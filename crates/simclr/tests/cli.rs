@@ -732,3 +732,90 @@ fn simclr_pipeline_runs_the_smoke_preset_as_xtask_does() {
         &["--device and --gpus"],
     );
 }
+
+#[test]
+fn a_stage_runs_again_from_the_config_json_it_wrote() {
+    // A pretraining step writes its settings to config.json; `--config` of that file (as JSON,
+    // and as the same settings in TOML) trains with the same settings; a hyperparameter flag
+    // beside it is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let first = d("first");
+    let mut args = vec![
+        "pretrain",
+        "--knn-every-epochs",
+        "0",
+        "--temperature",
+        "0.3",
+    ];
+    args.extend(["--no-progress", "--out", &first]);
+    args.extend(ONE_TINY_STEP);
+    let r = simclr(&args, root());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let file = format!("{first}/config.json");
+    let settings = |out: &str| -> serde_json::Value {
+        let meta =
+            simclr_models::checkpoint::read_meta(format!("{out}/checkpoint.safetensors")).unwrap();
+        serde_json::from_str(&meta.extra["pretrain_config"]).unwrap()
+    };
+    let want = settings(&first);
+    assert_eq!(want["objective"]["temperature"], 0.3);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(
+        written, want,
+        "config.json holds what the checkpoint records"
+    );
+
+    let toml_file = d("pretrain.toml");
+    let as_toml = toml::to_string(
+        &serde_json::from_value::<simclr_pretrain::PretrainConfig>(written).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&toml_file, as_toml).unwrap();
+    for (name, config) in [("again", &file), ("from-toml", &toml_file)] {
+        let out = d(name);
+        let r = simclr(
+            &[
+                "pretrain",
+                "--config",
+                config,
+                "--no-progress",
+                "--out",
+                &out,
+            ],
+            root(),
+        );
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(settings(&out), want, "{name}");
+    }
+    fails_with(
+        &simclr(
+            &[
+                "pretrain",
+                "--config",
+                &file,
+                "--temperature",
+                "0.5",
+                "--out",
+                &d("x"),
+            ],
+            root(),
+        ),
+        &["--temperature", "--config"],
+    );
+    fails_with(
+        &simclr(
+            &[
+                "finetune",
+                "--config",
+                &d("missing.json"),
+                "--from-scratch",
+                "--out",
+                &d("y"),
+            ],
+            root(),
+        ),
+        &["missing.json"],
+    );
+}
