@@ -1,4 +1,4 @@
-//! Collective operations between data-parallel replicas (reference §2.2).
+//! Collective operations between data-parallel replicas (the official tf2/objective.py, `tpu_cross_replica_concat`).
 //!
 //! This crate owns the communication between replicas and nothing else: the [`Collective`]
 //! trait, the single-replica identity and an in-process simulation of several replicas with
@@ -15,13 +15,13 @@
 //!   rank order; backward **sums** the incoming gradient over all replicas (an all-reduce) and
 //!   returns this replica's slice. Returning only the local slice of the local gradient would
 //!   drop every other replica's contribution (the bug lightly fixed in its `GatherLayer`,
-//!   reference §2.2).
+//!   the official tf2/objective.py, `tpu_cross_replica_concat`).
 //! * [`Collective::all_reduce_sum`]: forward sums elementwise over the replicas; backward is the
 //!   all-reduce of the incoming gradient. Global batch normalisation builds its statistics on it.
 //!
 //! The loss each replica computes is then divided by the world size by the caller and the
 //! parameter gradients are summed across replicas (an all-reduce), which gives the mean over the
-//! global batch (reference §2.1 step 7).
+//! global batch (the official tf2/objective.py, `add_contrastive_loss` step 7).
 //!
 //! # Implementations
 //!

@@ -1,4 +1,4 @@
-//! SimCLR augmentations, as the official tf2 `data_util.py` applies them (reference §4).
+//! SimCLR augmentations, as the official tf2 `data_util.py` applies them.
 //!
 //! Pretraining view: Inception crop (TF's `sample_distorted_bounding_box`: area 0.08–1, aspect
 //! 3/4–4/3, min_object_covered 0.1, 100 attempts, whole image on failure) + bicubic resize, flip

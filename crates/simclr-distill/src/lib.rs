@@ -1,6 +1,6 @@
 //! # simclr-distill
 //!
-//! Owns SimCLRv2's third stage (reference §3.6): a fixed teacher (the fine-tuned network) labels
+//! Owns SimCLRv2's third stage (the SimCLRv2 paper's distillation): a fixed teacher (the fine-tuned network) labels
 //! the unlabeled images, on the fly on the very augmented view the student sees (the official
 //! colab) or once on the clean images (`TeacherTargets::Clean`), and the student
 //! minimises `−Σ_y P_T(y|x;τ) log P_S(y|x;τ)`; optionally with the τ² factor of the official

@@ -19,7 +19,7 @@ use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, Tr
 /// Stages whose checkpoints can be fine-tuned.
 pub const PRETRAINED_STAGES: [&str; 2] = ["pretrain", "import"];
 
-/// Settings with the official names; defaults are the SimCLRv2 1 % recipe (reference §3.5):
+/// Settings with the official names; defaults are the SimCLRv2 1 % recipe (the official README's fine-tuning commands):
 /// LARS, `learning_rate` 0.005 with sqrt scaling (0.16 at batch 1024), no weight decay, no
 /// warmup, `ft_proj_selector` 1, zero-initialised logits layer, crop + flip.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -4,7 +4,8 @@
 //! pretrained checkpoint (from the first projection-head layer, `ft_proj_selector = 1`, for
 //! 1 % / 10 % labels), the linear-evaluation protocol (`fine_tune_after_block = 4`: frozen
 //! encoder), and the supervised baseline (the same network from scratch on the same images with
-//! the same augmentation). Reference §3.4–§3.5.
+//! the same augmentation). The recipes follow the official README's linear-evaluation and
+//! fine-tuning commands.
 //!
 //! It does not own the training loop, optimizers or checkpoints (`simclr-train`,
 //! `simclr-models`), the label split (`simclr-data::split`), or evaluation (`simclr-eval`).

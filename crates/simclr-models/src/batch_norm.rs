@@ -1,4 +1,4 @@
-//! Batch normalisation with the official semantics (reference §1.3).
+//! Batch normalisation with the official semantics (the official tf2/resnet.py, `BatchNormRelu`).
 //!
 //! Variables: `gamma` (always), `beta` (only when `center`; the last projection-head layer has
 //! none), `moving_mean` and `moving_variance` (non-trainable statistics, kept in the same

@@ -6,7 +6,7 @@
 //! gradients), each allocating a fresh buffer, and candle's CPU broadcast ops walk strided
 //! indices. It was measured at about 40% of a ResNet training step here.
 //!
-//! BN is split at the one place where replicas must talk (global BN, reference §1.3):
+//! BN is split at the one place where replicas must talk (global BN, the official tf2/resnet.py, `BatchNormRelu`):
 //!
 //! 1. [`channel_moments`]: per-channel `Σx` and `Σx²` of `x` (`[N, C, *]`) as a `[2, C]`
 //!    tensor, accumulated in f64 (one pass). Its gradient is `g₀[c] + 2·x·g₁[c]` (one pass).

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 
-/// `min_dim` of the selective-kernel mixing layer (reference §1.6): the hidden width of the
+/// `min_dim` of the selective-kernel mixing layer (the official tf2/resnet.py, `SK_Conv2D`): the hidden width of the
 /// SK attention is `max(int(f * sk_ratio), SK_MIN_DIM)`.
 pub const SK_MIN_DIM: usize = 32;
 
@@ -47,7 +47,7 @@ impl BlockKind {
     }
 }
 
-/// Which stem the network uses (reference §1.4).
+/// Which stem the network uses (the official tf2/resnet.py, `Resnet`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StemKind {
     /// conv 7x7/s2, BN-ReLU, max-pool 3x3/s2 SAME.
@@ -270,7 +270,7 @@ impl ModelConfig {
         }
     }
 
-    /// Blocks per stage (reference §1.1). Unsupported depths give an empty list.
+    /// Blocks per stage (the official tf2/resnet.py). Unsupported depths give an empty list.
     pub fn blocks_per_stage(&self) -> [usize; 4] {
         match self.resnet_depth {
             18 => [2, 2, 2, 2],
@@ -653,7 +653,7 @@ mod tests {
             (0..4).map(|s| c.stage_filters(s)).collect::<Vec<_>>(),
             [64, 128, 256, 512]
         );
-        // SK mid dims of reference §1.6.
+        // SK mid dims of the official tf2/resnet.py, `SK_Conv2D`.
         let mids = |c: &ModelConfig| {
             (0..4)
                 .map(|s| c.sk_mid_dim(c.stage_filters(s)))

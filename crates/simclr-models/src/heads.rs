@@ -1,4 +1,4 @@
-//! The projection head and the supervised head (reference §1.7, §1.8).
+//! The projection head and the supervised head (the official tf2/model.py, `ProjectionHead` and `SupervisedHead`).
 //!
 //! Projection head, `nonlinear` mode, `L = num_proj_layers` layers `nl_0 .. nl_{L-1}`: each is a
 //! dense layer without bias followed by BN. The middle layers keep the input width, have a BN

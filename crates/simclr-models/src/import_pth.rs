@@ -1,5 +1,5 @@
 //! Import of the PyTorch files written by the widely used TF1 -> PyTorch converter of the
-//! official weights (reference §1.11): `r{depth}_{w}x_sk{0|1}[_ema].pth`, a dict with a
+//! official weights (the TF1 → PyTorch converter, Separius/SimCLRv2-Pytorch): `r{depth}_{w}x_sk{0|1}[_ema].pth`, a dict with a
 //! `resnet` state dict (encoder + `fc`, the supervised head) and a `head` state dict (the
 //! projection head, `layers.{3i}` dense / `layers.{3i+1}` BN).
 //!

@@ -1,7 +1,7 @@
 //! Import of the official TensorFlow 1 checkpoints (`model.ckpt-N.index` +
 //! `model.ckpt-N.data-00000-of-00001`), read with [`crate::tf_bundle`], without TensorFlow.
 //!
-//! Variable names follow reference §1.10; the mapping follows the converter of §1.11:
+//! Variable names are those of the official TF1 checkpoints; the mapping follows the TF1 → PyTorch converter:
 //!
 //! * the online weights are `base_model/…`, `head_contrastive/…` and `head_supervised/…`; the
 //!   EMA copy (`ema = true`) is `ema_model/base_model/…` and `ema_model/head_contrastive/…`,

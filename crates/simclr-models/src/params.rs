@@ -2,7 +2,7 @@
 //!
 //! The official LARS optimizer excludes variables from weight decay and from the trust ratio by
 //! a regex search of their names for `batch_normalization`, `bias` and `head_supervised`
-//! (reference §1.10, §3.1). Here the group of each variable is an explicit table over this
+//! (the official tf2/model.py and lars_optimizer.py). Here the group of each variable is an explicit table over this
 //! crate's names, [`param_group`].
 
 use candle_core::DType;

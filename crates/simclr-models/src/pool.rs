@@ -1,4 +1,4 @@
-//! Pooling with TF semantics (reference §1.4, §1.5), on NCHW tensors.
+//! Pooling with TF semantics (the official tf2/resnet.py), on NCHW tensors.
 //!
 //! * [`max_pool_same`]: TF `SAME` max pooling. For input size `n`, kernel `k`, stride `s` the
 //!   output has `ceil(n / s)` cells, the total padding is `max((ceil(n/s) - 1) * s + k - n, 0)`,

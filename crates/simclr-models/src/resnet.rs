@@ -1,4 +1,4 @@
-//! The SimCLRv2 ResNet encoder (reference §1.1, §1.4, §1.5, §1.9).
+//! The SimCLRv2 ResNet encoder (the official tf2/resnet.py: stems, blocks, `fine_tune_after_block`).
 //!
 //! Variable names (under the `resnet` prefix the model uses):
 //!

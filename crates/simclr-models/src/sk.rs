@@ -1,4 +1,4 @@
-//! The selective-kernel convolution of SimCLRv2 (reference §1.6).
+//! The selective-kernel convolution of SimCLRv2 (the official tf2/resnet.py, `SK_Conv2D`).
 //!
 //! For `f` filters and stride `s`: one 3x3/s conv to `2f` channels + BN-ReLU; the result is split
 //! into two `f`-channel streams (both 3x3, not SKNet's 3x3 + dilated 5x5 pair); a global

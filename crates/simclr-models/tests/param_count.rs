@@ -1,4 +1,4 @@
-//! Parameter counts of the 13 released configurations (reference §1.1, official README),
+//! Parameter counts of the 13 released configurations (the official tf2/resnet.py, official README),
 //! computed from the layer shapes without allocating the models.
 
 use simclr_models::{num_parameters, parameter_shapes, ModelConfig};
@@ -112,7 +112,7 @@ fn layout_of_the_largest_model_is_listed_without_allocating_it() {
             .unwrap()
     };
     assert_eq!(get("resnet.stem.conv2.weight"), vec![192, 96, 3, 3]);
-    // SK mid dims 32, 32, 48, 96 (reference §1.6).
+    // SK mid dims 32, 32, 48, 96 (the official tf2/resnet.py, `SK_Conv2D`).
     for (g, mid) in [(1, 32), (2, 32), (3, 48), (4, 96)] {
         let s = get(&format!(
             "resnet.block_group{g}.block0.sk.mix_reduce.weight"

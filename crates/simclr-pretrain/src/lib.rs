@@ -2,15 +2,15 @@
 //!
 //! This crate owns the contrastive side of simclr-rs:
 //!
-//! * the objective: NT-Xent exactly as the official `add_contrastive_loss` (reference §2.1),
+//! * the objective: NT-Xent exactly as the official `add_contrastive_loss` (the official tf2/objective.py, `add_contrastive_loss`),
 //!   with its logged metrics `contrast_acc` and `contrast_entropy` ([`objective`]), its
 //!   normalisation and masked cross-entropy as fused kernels on the CPU and the GPU
 //!   ([`ntxent_ops`]);
 //! * the use of the collectives (`simclr-collective`, re-exported here) through which
 //!   negatives are gathered across replicas and their gradients are sent back home
-//!   (reference §2.2);
+//!   (the official tf2/objective.py, `tpu_cross_replica_concat`);
 //! * SimCLRv2's optional momentum encoder and memory buffer of negatives: the EMA update of the
-//!   weights, the FIFO queue of keys and the contrastive loss that uses both (reference §2.4;
+//!   weights, the FIFO queue of keys and the contrastive loss that uses both (described in the SimCLRv2 paper, absent from the official code;
 //!   [`memory`]);
 //! * the pretraining stage ([`stage`]): the model on the two stacked views, the contrastive
 //!   loss, the online linear probe on stop-gradient features, the kNN monitor at epoch ends,

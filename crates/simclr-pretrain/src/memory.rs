@@ -1,4 +1,5 @@
-//! SimCLRv2's optional momentum encoder and memory buffer (reference §2.4).
+//! SimCLRv2's optional momentum encoder and memory buffer (described in the SimCLRv2 paper; the
+//! official code does not include it).
 //!
 //! The SimCLRv2 paper adds a MoCo-style memory: a second, moving-average ("momentum") copy of
 //! the encoder and projection head produces *keys*, and the keys of past batches are kept in a

@@ -1,5 +1,5 @@
 //! The NT-Xent contrastive objective, exactly as the official `add_contrastive_loss`
-//! (reference §2.1), with cross-replica negatives (§2.2).
+//! (the official tf2/objective.py, `add_contrastive_loss`), with cross-replica negatives (`tpu_cross_replica_concat`).
 //!
 //! Input: `h`, the `2n × d` projection-head outputs of this replica, the `n` view-1 rows first
 //! and then the `n` view-2 rows of the same images (the two views are stacked along the batch
@@ -25,7 +25,7 @@
 //! compositions there, which follow these formulas op for op.
 //!
 //! The caller divides the loss by the number of replicas before `backward()` and sums the
-//! parameter gradients over the replicas (reference §2.1 step 7); the sum of the replicas'
+//! parameter gradients over the replicas (the official tf2/objective.py, `add_contrastive_loss` step 7); the sum of the replicas'
 //! divided losses is the loss of one replica on the combined batch.
 //!
 //! Metrics (as tf2's `metrics.py` logs them, from `logits_ab` only):

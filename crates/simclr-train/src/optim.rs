@@ -9,7 +9,7 @@
 //! synchronisation inside [`Optimizer::step`]. State tensors are replaced, never mutated, at every
 //! step, so the tensors returned by [`Optimizer::state_tensors`] are snapshots.
 //!
-//! * [`Lars`]: the official LARS (reference §3.1).
+//! * [`Lars`]: the official LARS (the official tf2/lars_optimizer.py).
 //! * [`MomentumSgd`]: the official `momentum` optimizer (Keras SGD, momentum 0.9, Nesterov) with
 //!   L2 on every non-BN variable.
 //! * [`AdamW`]: Adam with decoupled weight decay.

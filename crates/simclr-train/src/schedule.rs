@@ -1,4 +1,4 @@
-//! Learning-rate scaling, step arithmetic and the warmup-then-cosine schedule (reference §3.2).
+//! Learning-rate scaling, step arithmetic and the warmup-then-cosine schedule (the official tf2/model.py, `WarmUpAndCosineDecay`).
 //!
 //! The arithmetic follows the official TF2 code so that its step counts are reproduced exactly:
 //!
@@ -9,7 +9,7 @@
 //! * lr(step) = `step / warmup_steps · scaled_lr` during warmup, then a cosine decay from
 //!   `scaled_lr` to 0 over `train_steps − warmup_steps` steps, no restarts, 0 afterwards.
 //!
-//! The released checkpoints' global steps (reference §3.5) are reproduced by [`train_steps`];
+//! The released checkpoints' global steps (the official README's fine-tuning commands) are reproduced by [`train_steps`];
 //! see the tests.
 
 use serde::{Deserialize, Serialize};

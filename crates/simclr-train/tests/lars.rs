@@ -1,5 +1,5 @@
 //! LARS against hand computations and an independent float64 implementation of the official
-//! update (reference §3.1).
+//! update (the official tf2/lars_optimizer.py).
 
 mod common;
 

@@ -1,5 +1,5 @@
-//! Learning-rate scaling, step arithmetic and the warmup-then-cosine schedule (reference §3.2,
-//! §3.5).
+//! Learning-rate scaling, step arithmetic and the warmup-then-cosine schedule (the official
+//! tf2/model.py, `WarmUpAndCosineDecay`, and the README's fine-tuning commands).
 
 use simclr_train::schedule::{
     scaled_lr, train_steps, warmup_steps, LearningRateScaling, LrScheduleConfig, WarmupCosine,

@@ -1,4 +1,4 @@
-//! LARS as the official TF2 `LARSOptimizer` computes it (reference §3.1).
+//! LARS as the official TF2 `LARSOptimizer` computes it (the official tf2/lars_optimizer.py).
 //!
 //! Per variable, with momentum `m`, weight decay `wd`, LARS coefficient `eeta`:
 //!
