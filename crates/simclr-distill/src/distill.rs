@@ -240,10 +240,9 @@ impl DistillTask {
                 MAX_CLEAN_TARGET_BYTES >> 30
             )));
         }
-        let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
         let mut lc = LoaderConfig::eval(self.cfg.train_batch_size.max(1), self.cfg.image_size);
         lc.num_threads = workers;
-        let loader = Loader::new(train.clone(), None, lc).map_err(data_err)?;
+        let loader = Loader::new(train.clone(), None, lc)?;
         // The evaluation loader serves every image once, in dataset order: row i is image i.
         let (logits, _) =
             simclr_eval::features(&self.teacher, &loader, "logits_sup", &self.device, false)
@@ -344,7 +343,6 @@ pub fn run_distill(
     env: StageEnv,
 ) -> simclr_train::Result<(TrainSummary, DistillTask)> {
     cfg.validate()?;
-    let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut task = DistillTask::new(
         teacher,
         student,
@@ -363,7 +361,7 @@ pub fn run_distill(
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.run.num_workers;
     let train_classes = train.class_names().to_vec();
-    let loader = Loader::new(train, None, lc).map_err(data_err)?;
+    let loader = Loader::new(train, None, lc)?;
     let run = StageRun {
         stage: "distill",
         env,

@@ -251,15 +251,14 @@ pub fn run_finetune(
     labelled: Vec<usize>,
     env: StageEnv,
 ) -> simclr_train::Result<(TrainSummary, FinetuneTask)> {
-    let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
-    check_all_classes_labelled(train.as_ref(), &labelled).map_err(data_err)?;
+    check_all_classes_labelled(train.as_ref(), &labelled)?;
     let mut task = FinetuneTask::new(init, cfg, train.num_classes(), env.device)?;
     // Small labelled sets: the batch never exceeds the set (the official batch is 1024).
     let batch = cfg.train_batch_size.min(labelled.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.run.num_workers;
     let train_classes = train.class_names().to_vec();
-    let loader = Loader::new(train, Some(labelled), lc).map_err(data_err)?;
+    let loader = Loader::new(train, Some(labelled), lc)?;
     let run = StageRun {
         stage,
         env,

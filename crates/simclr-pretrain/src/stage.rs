@@ -344,7 +344,6 @@ pub fn run_pretrain_replica(
     env: StageEnv,
     replicas: Arc<dyn Collective>,
 ) -> simclr_train::Result<TrainSummary> {
-    let data_err = |e: simclr_data::DataError| TrainError::Data(e.to_string());
     let mut config = config.clone();
     // The supervised head is the online probe: it exists exactly when the probe trains.
     config.model.num_classes = config
@@ -357,14 +356,14 @@ pub fn run_pretrain_replica(
         config.seed,
     );
     loader_cfg.num_threads = config.run.num_workers;
-    let loader = Loader::new(data.train.clone(), None, loader_cfg).map_err(data_err)?;
+    let loader = Loader::new(data.train.clone(), None, loader_cfg)?;
     let knn = match &data.test {
         Some(test) if config.knn_every_epochs > 0 => {
             let mut eval = LoaderConfig::eval(256, config.image_size);
             eval.num_threads = config.run.num_workers;
             Some(KnnData {
-                bank: Loader::new(data.train.clone(), None, eval.clone()).map_err(data_err)?,
-                queries: Loader::new(test.clone(), None, eval).map_err(data_err)?,
+                bank: Loader::new(data.train.clone(), None, eval.clone())?,
+                queries: Loader::new(test.clone(), None, eval)?,
             })
         }
         _ => None,

@@ -40,9 +40,9 @@ pub enum TrainError {
         source: std::io::Error,
     },
 
-    /// The data pipeline failed (the message names the file).
+    /// The data pipeline failed (the error names the file).
     #[error("data: {0}")]
-    Data(String),
+    Data(#[from] simclr_data::DataError),
 
     /// The loss became NaN or infinite: the run stops, the last checkpoint stays as it was.
     #[error(

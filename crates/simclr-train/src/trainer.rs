@@ -788,7 +788,7 @@ pub fn train(
             if step >= cfg.total_steps {
                 break;
             }
-            let batch = batch.map_err(|e| TrainError::Data(e.to_string()))?;
+            let batch = batch.map_err(TrainError::Data)?;
             let ts = Instant::now();
             let rate = lr(step);
             let out = task.forward(&batch, step)?;
