@@ -533,7 +533,7 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
                     .refuse_with(&format!("--checkpoint {}", p.display()))?;
                 FinetuneInit::Pretrained(p.clone())
             },
-            if a.fine_tune_after_block >= 4 {
+            if cfg.fine_tune_after_block >= 4 {
                 "linear_eval"
             } else {
                 "finetune"
