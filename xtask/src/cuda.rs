@@ -110,12 +110,15 @@ fn link_unversioned(lib: &Path) -> Result<()> {
         let Some((base, _)) = name.split_once(".so.") else {
             continue;
         };
-        let link = lib.join(format!("{base}.so"));
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&name, &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        relink(Path::new(&name), &lib.join(format!("{base}.so")))?;
     }
     Ok(())
+}
+
+/// `link` -> `target`, replacing whatever `link` was (an install run again).
+fn relink(target: &Path, link: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {}", link.display()))
 }
 
 /// The driver entry points cudarc binds: `pub unsafe fn cuXxx(` in its `driver/sys` module.
@@ -216,10 +219,7 @@ fn install(opts: &CudaBuild, prefix: &Path) -> Result<()> {
     link_unversioned(&lib)?;
     for (_, name, file) in &extra {
         let src = prefix.join(format!("py-extra/nvidia/{name}/lib/{file}"));
-        let link = lib.join(format!("lib{name}.so"));
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&src, &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        relink(&src, &lib.join(format!("lib{name}.so")))?;
     }
     let bindings = cudarc_dir()?.join("src/driver/sys/mod.rs");
     let text = std::fs::read_to_string(&bindings)

@@ -170,32 +170,25 @@ pub fn load_dataset(
     opts: &DataOptions,
 ) -> Result<Arc<dyn Dataset>> {
     let train = split.is_train();
-    let named_splits = matches!(name, DatasetName::ImageFolder | DatasetName::Hub(_));
-    for (flag, value) in [
-        ("train_split", &opts.train_split),
-        ("eval_split", &opts.eval_split),
+    // Options that only some datasets read: set for another, they would be ignored in silence.
+    let (named_splits, is_hub) = (
+        matches!(name, DatasetName::ImageFolder | DatasetName::Hub(_)),
+        matches!(name, DatasetName::Hub(_)),
+    );
+    let splits_only = "split names apply to imagefolder and hf: datasets";
+    let hub_only = "it is not an hf: dataset";
+    for (flag, value, applies, why) in [
+        ("train_split", &opts.train_split, named_splits, splits_only),
+        ("eval_split", &opts.eval_split, named_splits, splits_only),
+        ("hf_revision", &opts.hub.revision, is_hub, hub_only),
+        ("hf_image_column", &opts.hub.image_column, is_hub, hub_only),
+        ("hf_label_column", &opts.hub.label_column, is_hub, hub_only),
     ] {
-        if let (Some(v), false) = (value, named_splits) {
+        if let (Some(v), false) = (value, applies) {
             return Err(DataError::Config {
                 name: flag,
                 value: v.clone(),
-                reason: format!(
-                    "dataset {name} has fixed train and test files; split names apply to imagefolder and hf: datasets"
-                ),
-            });
-        }
-    }
-    let is_hub = matches!(name, DatasetName::Hub(_));
-    for (flag, value) in [
-        ("hf_revision", &opts.hub.revision),
-        ("hf_image_column", &opts.hub.image_column),
-        ("hf_label_column", &opts.hub.label_column),
-    ] {
-        if let (Some(v), false) = (value, is_hub) {
-            return Err(DataError::Config {
-                name: flag,
-                value: v.clone(),
-                reason: format!("dataset {name} is not an hf: dataset"),
+                reason: format!("dataset {name} does not read it: {why}"),
             });
         }
     }

@@ -144,7 +144,11 @@ pub fn export_pth(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<
     )
 }
 
-fn variables(path: &Path, varmap: &VarMap) -> Result<BTreeMap<String, Tensor>, ExportError> {
+/// Every variable of `varmap` as f32, by name (what each export writes); errors name `path`.
+pub(crate) fn variables(
+    path: &Path,
+    varmap: &VarMap,
+) -> Result<BTreeMap<String, Tensor>, ExportError> {
     let data = varmap.data().lock().map_err(|_| ExportError::Candle {
         path: path.to_path_buf(),
         source: candle_core::Error::Msg("variable store lock poisoned".into()),
@@ -161,6 +165,13 @@ fn variables(path: &Path, varmap: &VarMap) -> Result<BTreeMap<String, Tensor>, E
             Ok((k.clone(), t))
         })
         .collect()
+}
+
+/// The values of `t` as little-endian f32 bytes, in C order (the raw storage the `.pth` and
+/// ONNX writers store).
+pub(crate) fn f32_le_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// What [`export_hf`] writes into its folder.

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 
 use crate::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
@@ -142,15 +142,11 @@ impl Graph<'_> {
             .vars
             .get(name)
             .ok_or_else(|| self.fail(format!("the model has no variable `{name}`")))?;
-        let values = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|source| ExportError::Candle {
-                path: self.path.to_path_buf(),
-                source,
-            })?;
+        let raw = crate::export::f32_le_bytes(t).map_err(|source| ExportError::Candle {
+            path: self.path.to_path_buf(),
+            source,
+        })?;
         let dims = t.dims().to_vec();
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.raw_initializer(name, &dims, 1, raw);
         Ok(name.to_string())
     }
@@ -375,25 +371,7 @@ const PROTOBUF_LIMIT: usize = (1 << 31) - (1 << 20);
 /// Writes the eval-mode network of `config` held in `varmap` to `path` as an ONNX model,
 /// atomically.
 pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), ExportError> {
-    let candle = |source: candle_core::Error| ExportError::Candle {
-        path: path.to_path_buf(),
-        source,
-    };
-    let vars = {
-        let data = varmap.data().lock().map_err(|_| {
-            candle(candle_core::Error::Msg(
-                "variable store lock poisoned".into(),
-            ))
-        })?;
-        data.iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    v.as_tensor().to_dtype(DType::F32).map_err(candle)?,
-                ))
-            })
-            .collect::<Result<BTreeMap<_, _>, ExportError>>()?
-    };
+    let vars = crate::export::variables(path, varmap)?;
     let mut g = Graph {
         path,
         vars,

@@ -423,14 +423,10 @@ pub fn write_pth(path: &Path, entries: &[(String, PthEntry)]) -> Result<(), Expo
                 p.ordered_dict();
                 p.op(op::MARK);
                 for (name, t) in tensors {
-                    let values = t
-                        .to_dtype(DType::F32)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .map_err(candle)?;
+                    let bytes = crate::export::f32_le_bytes(t).map_err(candle)?;
                     p.str(name);
                     p.tensor(&storages.len().to_string(), t.dims());
-                    storages.push(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+                    storages.push(bytes);
                 }
                 p.op(op::SETITEMS);
             }

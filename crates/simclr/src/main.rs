@@ -412,48 +412,52 @@ fn pretrain(
 ) -> Result<()> {
     let image_size = a.data.image_size()?;
     let train = a.data.load(Split::Train)?;
-    let test = if a.knn_every_epochs > 0 {
+    let classes = a.lineareval_while_pretraining.then(|| train.num_classes());
+    // The settings: from a run file, or built from the flags.
+    let mut cfg: PretrainConfig = match &a.config {
+        Some(file) => simclr::args::stage_config(file)?,
+        None => {
+            let mut cfg = PretrainConfig::new(a.model.config(image_size, classes)?, image_size);
+            a.train.apply(
+                &mut cfg.train_batch_size,
+                &mut cfg.schedule,
+                &mut cfg.optimizer,
+                &mut cfg.precision,
+            );
+            cfg.objective.temperature = a.temperature;
+            cfg.objective.hidden_norm = a.hidden_norm;
+            if let Some(s) = a.color_jitter_strength {
+                cfg.augment.color_jitter_strength = s;
+            }
+            if let Some(b) = a.use_blur {
+                cfg.augment.use_blur = b;
+            }
+            cfg.lineareval_while_pretraining = a.lineareval_while_pretraining;
+            cfg.global_bn = a.global_bn;
+            if a.use_memory {
+                cfg.memory = Some(simclr_pretrain::memory::MemoryConfig {
+                    queue_size: a.memory_size,
+                    ema_decay: a.momentum_ema,
+                    ..Default::default()
+                });
+            }
+            cfg.seed = a.seed;
+            cfg.knn_every_epochs = a.knn_every_epochs;
+            cfg
+        }
+    };
+    cfg.run = a.run.options(a.data.num_workers);
+    // The kNN monitor's images, when the settings ask for it.
+    let test = if cfg.knn_every_epochs > 0 {
         Some(a.data.load(Split::Test)?)
     } else {
         None
     };
-    let classes = a.lineareval_while_pretraining.then(|| train.num_classes());
-    let model = a.model.config(image_size, classes)?;
-    let mut cfg = PretrainConfig::new(model.clone(), image_size);
-    a.train.apply(
-        &mut cfg.train_batch_size,
-        &mut cfg.schedule,
-        &mut cfg.optimizer,
-        &mut cfg.precision,
-    );
-    cfg.objective.temperature = a.temperature;
-    cfg.objective.hidden_norm = a.hidden_norm;
-    if let Some(s) = a.color_jitter_strength {
-        cfg.augment.color_jitter_strength = s;
-    }
-    if let Some(b) = a.use_blur {
-        cfg.augment.use_blur = b;
-    }
-    cfg.lineareval_while_pretraining = a.lineareval_while_pretraining;
-    cfg.global_bn = a.global_bn;
-    if a.use_memory {
-        cfg.memory = Some(simclr_pretrain::memory::MemoryConfig {
-            queue_size: a.memory_size,
-            ema_decay: a.momentum_ema,
-            ..Default::default()
-        });
-    }
-    cfg.seed = a.seed;
-    cfg.knn_every_epochs = a.knn_every_epochs;
-    if let Some(file) = &a.config {
-        cfg = simclr::args::stage_config(file)?;
-    }
-    cfg.run = a.run.options(a.data.num_workers);
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(format!(
             "checkpoints/pretrain-{}-{}",
             a.data.dataset.replace([':', '/'], "_"),
-            model.name()
+            cfg.model.name()
         ))
     });
     check_writable(&out)?;
@@ -495,32 +499,36 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     let image_size = a.data.image_size()?;
     let train = a.data.load(Split::Train)?;
     let labelled = a.labels.indices(train.as_ref())?;
-    let mut cfg = FinetuneConfig::new(
-        image_size,
-        a.labels.fraction_of(labelled.len(), train.len()),
-    );
-    a.train.apply(
-        &mut cfg.train_batch_size,
-        &mut cfg.schedule,
-        &mut cfg.optimizer,
-        &mut cfg.precision,
-    );
-    cfg.ft_proj_selector = a
-        .model
-        .ft_proj_selector
-        // SimCLRv2 fine-tunes from the first head layer; linear evaluation and the supervised
-        // baseline keep the official default, the encoder output.
-        .unwrap_or(if a.from_scratch || a.fine_tune_after_block >= 4 {
-            0
-        } else {
-            1
-        });
-    cfg.fine_tune_after_block = a.fine_tune_after_block;
-    cfg.zero_init_logits_layer = a.zero_init_logits_layer;
-    cfg.seed = a.labels.seed;
-    if let Some(file) = &a.config {
-        cfg = simclr::args::stage_config(file)?;
-    }
+    // The settings: from a run file, or built from the flags.
+    let mut cfg: FinetuneConfig = match &a.config {
+        Some(file) => simclr::args::stage_config(file)?,
+        None => {
+            let mut cfg = FinetuneConfig::new(
+                image_size,
+                a.labels.fraction_of(labelled.len(), train.len()),
+            );
+            a.train.apply(
+                &mut cfg.train_batch_size,
+                &mut cfg.schedule,
+                &mut cfg.optimizer,
+                &mut cfg.precision,
+            );
+            cfg.ft_proj_selector = a
+                .model
+                .ft_proj_selector
+                // SimCLRv2 fine-tunes from the first head layer; linear evaluation and the supervised
+                // baseline keep the official default, the encoder output.
+                .unwrap_or(if a.from_scratch || a.fine_tune_after_block >= 4 {
+                    0
+                } else {
+                    1
+                });
+            cfg.fine_tune_after_block = a.fine_tune_after_block;
+            cfg.zero_init_logits_layer = a.zero_init_logits_layer;
+            cfg.seed = a.labels.seed;
+            cfg
+        }
+    };
     cfg.run = a.run.options(a.data.num_workers);
     let (init, stage) = match (&a.checkpoint, a.from_scratch) {
         (_, true) => (
@@ -575,11 +583,6 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
     use simclr_distill::{run_distill, DistillConfig, StudentInit};
     let image_size = a.data.image_size()?;
     let train = a.data.load(Split::Train)?;
-    let labelled = if a.alpha < 1.0 {
-        a.labels.indices(train.as_ref())?
-    } else {
-        Vec::new()
-    };
     let student = match (&a.student_checkpoint, a.student_from_flags) {
         (Some(p), _) => {
             a.model
@@ -595,24 +598,34 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
             StudentInit::Scratch(checkpoint::read_meta(&a.teacher)?.config)
         }
     };
-    let mut cfg = DistillConfig::new(image_size, !a.student_from_flags);
-    if let Some(t) = a.temperature {
-        cfg.temperature = t;
-    }
-    cfg.tau_squared = a.tau_squared;
-    cfg.alpha = a.alpha;
-    cfg.teacher_targets = a.teacher_targets;
-    a.train.apply(
-        &mut cfg.train_batch_size,
-        &mut cfg.schedule,
-        &mut cfg.optimizer,
-        &mut cfg.precision,
-    );
-    cfg.seed = a.labels.seed;
-    if let Some(file) = &a.config {
-        cfg = simclr::args::stage_config(file)?;
-    }
+    // The settings: from a run file, or built from the flags.
+    let mut cfg: DistillConfig = match &a.config {
+        Some(file) => simclr::args::stage_config(file)?,
+        None => {
+            let mut cfg = DistillConfig::new(image_size, !a.student_from_flags);
+            if let Some(t) = a.temperature {
+                cfg.temperature = t;
+            }
+            cfg.tau_squared = a.tau_squared;
+            cfg.alpha = a.alpha;
+            cfg.teacher_targets = a.teacher_targets;
+            a.train.apply(
+                &mut cfg.train_batch_size,
+                &mut cfg.schedule,
+                &mut cfg.optimizer,
+                &mut cfg.precision,
+            );
+            cfg.seed = a.labels.seed;
+            cfg
+        }
+    };
     cfg.run = a.run.options(a.data.num_workers);
+    // The labelled images count only where the loss has a labelled part (alpha < 1).
+    let labelled = if cfg.alpha < 1.0 {
+        a.labels.indices(train.as_ref())?
+    } else {
+        Vec::new()
+    };
     check_writable(&a.out)?;
     simclr::args::write_stage_config(&a.out, &cfg)?;
     let (s, _) = run_distill(
