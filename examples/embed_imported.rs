@@ -22,7 +22,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model_path = args.first().map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../crates/simclr-models/tests/fixtures/r18_1x_sk0.pth")
+            .join("../crates/simclr-interop/tests/fixtures/r18_1x_sk0.pth")
     });
     let dataset: DatasetName = args
         .get(1)
@@ -35,7 +35,7 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
 
     // The architecture comes from the file: its name and tensor shapes.
-    let imported = simclr_models::import_pth(&model_path, &device)?;
+    let imported = simclr_interop::import_pth(&model_path, &device)?;
     println!(
         "imported {} ({}, {} features)",
         model_path.display(),

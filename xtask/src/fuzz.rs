@@ -161,7 +161,7 @@ fn target(name: &str) -> Result<Target> {
             seeds: |_| fixture_seed("r18_1x_sk0.pth"),
             run: |s| {
                 let _ =
-                    simclr_models::import_pth(s.join("r18_1x_sk0.pth"), &candle_core::Device::Cpu);
+                    simclr_interop::import_pth(s.join("r18_1x_sk0.pth"), &candle_core::Device::Cpu);
             },
         },
         "tf-bundle" => Target {
@@ -169,7 +169,7 @@ fn target(name: &str) -> Result<Target> {
             input: "r18_1x_sk0/model.ckpt-1234.index",
             seeds: seeds_tf_bundle,
             run: |s| {
-                let _ = simclr_models::import_tf1(
+                let _ = simclr_interop::import_tf1(
                     s.join("r18_1x_sk0/model.ckpt-1234"),
                     false,
                     &candle_core::Device::Cpu,
@@ -209,7 +209,7 @@ pub fn regressions_dir(target: &str) -> PathBuf {
 
 fn fixture_seed(name: &str) -> Result<Vec<Vec<u8>>> {
     let p = repo_root()
-        .join("crates/simclr-models/tests/fixtures")
+        .join("crates/simclr-interop/tests/fixtures")
         .join(name);
     Ok(vec![
         std::fs::read(&p).with_context(|| p.display().to_string())?
@@ -338,7 +338,7 @@ fn seeds_checkpoint(scratch: &Path) -> Result<Vec<Vec<u8>>> {
 
 fn seeds_tf_bundle(scratch: &Path) -> Result<Vec<Vec<u8>>> {
     // The data shard stays the fixture's; the index (the part with the parsing) is mutated.
-    let src = repo_root().join("crates/simclr-models/tests/fixtures/r18_1x_sk0_tf1");
+    let src = repo_root().join("crates/simclr-interop/tests/fixtures/r18_1x_sk0_tf1");
     let dir = scratch.join("r18_1x_sk0");
     std::fs::create_dir_all(&dir)?;
     for name in ["checkpoint", "model.ckpt-1234.data-00000-of-00001"] {
@@ -762,7 +762,7 @@ mod tests {
         let t = target("tf-bundle").unwrap();
         let tf = (t.seeds)(&scratch).unwrap();
         std::fs::write(scratch.join(t.input), &tf[0]).unwrap();
-        simclr_models::import_tf1(
+        simclr_interop::import_tf1(
             scratch.join("r18_1x_sk0/model.ckpt-1234"),
             false,
             &candle_core::Device::Cpu,

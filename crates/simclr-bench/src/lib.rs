@@ -1,6 +1,8 @@
 //! What the benchmarks of simclr-rs share, and nothing else: which scenarios a bench binary
-//! was asked to run, the median of timed repetitions, the process's peak memory, and the
-//! figure line that `cargo xtask bench` collects.
+//! was asked to run, the median of timed repetitions, the process's peak memory, the
+//! figure line that `cargo xtask bench` collects, and the process-wide allocator setting
+//! ([`tune_allocator`]) that the `simclr` binary runs with, so that a benchmark measures what
+//! training runs.
 //!
 //! A bench binary (`harness = false`) runs every scenario when given no name, or the scenarios
 //! named on its command line (`cargo bench -p simclr-pretrain --bench step -- pretrain-r18-cifar-32`).
@@ -9,6 +11,10 @@
 //! scenario's alone.
 
 use serde::{Deserialize, Serialize};
+
+mod allocator;
+
+pub use allocator::tune_allocator;
 
 /// The prefix of the machine-readable line.
 pub const PREFIX: &str = "BENCH ";

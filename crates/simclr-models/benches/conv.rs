@@ -1,5 +1,5 @@
 //! Convolution throughput on the CPU: candle's `conv2d` against the im2col + GEMM custom ops of
-//! `simclr_models::conv`, and what that does to a SimCLR training step.
+//! `simclr_kernels::conv`, and what that does to a SimCLR training step.
 //!
 //! `cargo bench -p simclr-models --bench conv` prints (medians over timed runs after warm-up):
 //!
@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
-use simclr_models::conv::{
+use simclr_kernels::conv::{
     conv2d_with, set_conv_backend, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
 };
 use simclr_models::{ModelConfig, SimclrModel};

@@ -27,7 +27,7 @@ fn bench(scenario: &str, what: &str, config: ModelConfig, side: usize, batch: us
 }
 
 fn main() {
-    simclr_models::tune_allocator();
+    simclr_bench::tune_allocator();
     let r18 = ModelConfig {
         resnet_depth: 18,
         num_classes: Some(10),

@@ -14,7 +14,7 @@
 //!   With [`BnMode::global`] the statistics are over every replica's batch: the per-channel
 //!   sums of `x` and `x²` are all-reduced through the collective, as the official
 //!   cross-replica BN does, and the gradient goes back through the same all-reduce.
-//! * The passes over the activation run as fused kernels ([`crate::bn_ops`]); a ReLU that
+//! * The passes over the activation run as fused kernels ([`simclr_kernels::bn_ops`]); a ReLU that
 //!   follows a BN is fused into it ([`BatchNorm::forward_relu`]).
 //! * Inference mode uses the moving statistics; they receive no gradient (they are detached).
 
@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use simclr_collective::Collective;
 
-use crate::bn_ops::{
+use simclr_kernels::bn_ops::{
     bn_apply_add, bn_apply_add_local, channel_moments, local_fold_available, moments_to_stats,
     stats_dtype,
 };

@@ -11,9 +11,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::conv::ConvGeometry;
 use crate::init::{conv_init, dense_init};
 use crate::precision::bf16_product;
+use simclr_kernels::conv::ConvGeometry;
 
 /// A bias-free 2-D convolution with TF fixed/SAME padding.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ impl Module for Conv2d {
         let pad = (self.kernel - 1) / 2;
         let geometry = ConvGeometry::symmetric(self.kernel, self.stride, pad);
         bf16_product(x, &cast_like(&self.weight, x)?, |x, w| {
-            crate::conv::conv2d(x, w, geometry)
+            simclr_kernels::conv::conv2d(x, w, geometry)
         })
     }
 }

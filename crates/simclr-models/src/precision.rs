@@ -4,7 +4,7 @@
 //! layer casts its f32 weight to the dtype of its input, so the products run in bf16 while the
 //! variables (the master weights the optimizer updates) stay f32: the casts are differentiable,
 //! and the gradients arrive in f32. Batch normalisation computes its statistics, moving averages
-//! and affine parameters in f32 whatever the activation dtype ([`crate::bn_ops::stats_dtype`]),
+//! and affine parameters in f32 whatever the activation dtype ([`simclr_kernels::bn_ops::stats_dtype`]),
 //! and the model's outputs (features, projections, logits) are cast back to f32, so losses are
 //! f32. There is no loss scaling: bf16 has f32's exponent range.
 //!

@@ -6,11 +6,11 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use simclr_collective::{Collective, ThreadGroup};
-use simclr_models::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
-use simclr_models::bn_ops::{
+use simclr_kernels::bn_ops::{
     bn_apply, bn_apply_add, bn_apply_reference, channel_moments, channel_moments_reference,
     moments_to_stats,
 };
+use simclr_models::batch_norm::{BatchNorm, BatchNormOptions, BnMode};
 
 const SHAPES: [&[usize]; 5] = [
     &[3, 5, 7, 9],

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{pseudo_random, rel_err, values};
-use simclr_models::conv::{
+use simclr_kernels::conv::{
     conv2d_with, Col2Im, Conv2dGemm, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
     Im2Col,
 };

@@ -38,7 +38,7 @@ fn bench(scenario: &str, what: &str, base_width: usize, side: usize, batch: usiz
 }
 
 fn main() {
-    simclr_models::tune_allocator();
+    simclr_bench::tune_allocator();
     // `SIMCLR_BENCH_STEPS=N`: time N steps instead of 3 (for a profiler).
     let steps = std::env::var("SIMCLR_BENCH_STEPS")
         .ok()

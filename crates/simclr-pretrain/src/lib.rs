@@ -4,8 +4,8 @@
 //!
 //! * the objective: NT-Xent exactly as the official `add_contrastive_loss` (the official tf2/objective.py, `add_contrastive_loss`),
 //!   with its logged metrics `contrast_acc` and `contrast_entropy` ([`objective`]), its
-//!   normalisation and masked cross-entropy as fused kernels on the CPU and the GPU
-//!   ([`ntxent_ops`]);
+//!   normalisation and masked cross-entropy run as the fused kernels of `simclr-kernels`
+//!   (`simclr_kernels::ntxent`);
 //! * the use of the collectives (`simclr-collective`, re-exported here) through which
 //!   negatives are gathered across replicas and their gradients are sent back home
 //!   (the official tf2/objective.py, `tpu_cross_replica_concat`);
@@ -16,7 +16,7 @@
 //!   loss, the online linear probe on stop-gradient features, the kNN monitor at epoch ends,
 //!   run by the shared training loop of `simclr-train`.
 //!
-//! It does not own the networks (`simclr-models`), the optimizers and learning-rate schedules
+//! It does not own the networks (`simclr-models`), the kernels (`simclr-kernels`), the optimizers and learning-rate schedules
 //! (`simclr-train`), data loading and augmentation (`simclr-data`) or evaluation
 //! (`simclr-eval`). The objective works on plain tensors: it takes the projection-head outputs
 //! of the two stacked views and knows nothing about the model that produced them.
@@ -36,7 +36,6 @@
 
 pub mod bench;
 pub mod memory;
-pub mod ntxent_ops;
 pub mod objective;
 pub mod stage;
 

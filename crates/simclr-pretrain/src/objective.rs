@@ -21,7 +21,7 @@
 //!    return. The initial loss is ≈ `2·ln(2N − 1)` for a global batch of `N` images.
 //!
 //! Steps 4–5 run as one similarity GEMM and the fused masked cross-entropy of
-//! [`crate::ntxent_ops`] (step 1 is its fused normalisation); for f64 inputs, the reference
+//! [`simclr_kernels::ntxent`] (step 1 is its fused normalisation); for f64 inputs, the reference
 //! compositions there, which follow these formulas op for op.
 //!
 //! The caller divides the loss by the number of replicas before `backward()` and sums the
@@ -35,19 +35,13 @@
 //!   computed exactly from a log-softmax (the official metric adds `1e-8` inside the logarithm,
 //!   which lowers the value by less than `1e-8` per column).
 
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use simclr_collective::Collective;
 
-pub use crate::ntxent_ops::l2_normalize;
-use crate::ntxent_ops::{contrastive_ce, ContrastLayout};
-
-/// The constant the official code subtracts from the self-similarity logits.
-pub const LARGE_NUM: f64 = 1e9;
-
-/// TF's `l2_normalize` epsilon, a lower bound on the squared norm.
-pub const L2_NORMALIZE_EPSILON: f64 = 1e-12;
+use simclr_kernels::ntxent::{contrastive_ce, ContrastLayout};
+pub use simclr_kernels::ntxent::{l2_normalize, L2_NORMALIZE_EPSILON, LARGE_NUM};
 
 /// NT-Xent settings, with the official flag names.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -166,7 +160,7 @@ pub(crate) fn two_way_contrastive(
     let inv_t = 1.0 / temperature;
     // One GEMM for the four blocks (and the extra negatives): rows [a1; a2], columns
     // [c1 | c2 | extra]. The fused cross-entropy knows which column is each row's positive and
-    // which its own copy (ntxent_ops::ContrastLayout).
+    // which its own copy (simclr_kernels::ntxent::ContrastLayout).
     let anchors = Tensor::cat(&[a1, a2], 0)?;
     let mut candidates = vec![c1, c2];
     if let Some(e) = extra.filter(|e| e.dim(0).is_ok_and(|m| m > 0)) {
@@ -192,34 +186,6 @@ pub(crate) fn two_way_contrastive(
         contrast_acc,
         contrast_entropy,
     })
-}
-
-/// `rows × width` one-hot matrix with a 1 at `(i, labels[i])`.
-pub(crate) fn one_hot(
-    labels: &[usize],
-    width: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let mut v = vec![0f32; labels.len() * width];
-    for (i, &l) in labels.iter().enumerate() {
-        if l >= width {
-            bail!("label {l} out of range for {width} columns")
-        }
-        v[i * width + l] = 1.0;
-    }
-    Tensor::from_vec(v, (labels.len(), width), device)?.to_dtype(dtype)
-}
-
-/// Per-row softmax cross-entropy `logsumexp(x_i) − Σ_j t_ij x_ij` for one-hot targets `t`,
-/// with the row maximum subtracted before exponentiating.
-pub(crate) fn softmax_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let log_sum_exp = (log_sum_exp + max)?.squeeze(D::Minus1)?;
-    let picked = (logits * targets)?.sum(D::Minus1)?;
-    log_sum_exp - picked
 }
 
 /// `(contrast_acc, contrast_entropy)` from `logits_ab` (computed on the host in f64).

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_matrix_close, to_matrix, Rng};
-use simclr_pretrain::ntxent_ops::{
+use simclr_kernels::ntxent::{
     contrastive_ce, contrastive_ce_reference, l2_normalize, l2_normalize_reference, ContrastLayout,
 };
 

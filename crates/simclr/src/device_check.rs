@@ -10,9 +10,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
-use simclr_models::bn_ops;
+use simclr_kernels::bn_ops;
+use simclr_kernels::ntxent::{contrastive_ce, l2_normalize, ContrastLayout};
 use simclr_models::{ModelConfig, Precision, SimclrModel};
-use simclr_pretrain::ntxent_ops::{contrastive_ce, l2_normalize, ContrastLayout};
 use simclr_pretrain::{nt_xent, NtXentConfig, SingleReplica};
 
 /// `simclr bench-step`: prints the pretraining step's figure as a `BENCH` line.

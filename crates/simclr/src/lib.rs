@@ -12,11 +12,11 @@ pub mod pipeline;
 pub mod pipeline_cli;
 pub mod report;
 
-/// The frame of the binaries: tunes the allocator for training ([`simclr_models::tune_allocator`]),
+/// The frame of the binaries: tunes the allocator for training ([`simclr_bench::tune_allocator`]),
 /// logs to stderr (`RUST_LOG`, default `info`; colours only on a
 /// terminal), runs `run`, and reports an error on one line with exit status 1 (no backtrace).
 pub fn main_with(run: impl FnOnce() -> anyhow::Result<()>) {
-    simclr_models::tune_allocator();
+    simclr_bench::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -784,9 +784,9 @@ fn import(a: ImportArgs, device: &candle_core::Device) -> Result<()> {
         if a.ema {
             bail!("--ema applies to TF1 checkpoints; a converter .pth holds one copy (its name says _ema)");
         }
-        simclr_models::import_pth(&a.source, device)?
+        simclr_interop::import_pth(&a.source, device)?
     } else {
-        simclr_models::import_tf1(&a.source, a.ema, device)?
+        simclr_interop::import_tf1(&a.source, a.ema, device)?
     };
     checkpoint::save(&a.out, &imported.varmap, &imported.checkpoint_meta())?;
     println!(
@@ -804,20 +804,20 @@ fn export(a: ExportArgs, device: &candle_core::Device) -> Result<()> {
     let out = match a.format {
         ExportFormat::Pth => {
             let path = if a.out.is_dir() {
-                a.out.join(simclr_models::pth_file_name(config))
+                a.out.join(simclr_interop::pth_file_name(config))
             } else {
                 a.out.clone()
             };
-            simclr_models::export_pth(&path, config, &ckpt.varmap)?;
+            simclr_interop::export_pth(&path, config, &ckpt.varmap)?;
             path
         }
         ExportFormat::Hf => {
             let figures = last_metrics(&a.checkpoint, &ckpt.meta.stage);
-            simclr_models::export_hf(&a.out, &ckpt.meta, &ckpt.varmap, &figures)?;
+            simclr_interop::export_hf(&a.out, &ckpt.meta, &ckpt.varmap, &figures)?;
             a.out.clone()
         }
         ExportFormat::Onnx => {
-            simclr_models::export_onnx(&a.out, config, &ckpt.varmap)?;
+            simclr_interop::export_onnx(&a.out, config, &ckpt.varmap)?;
             a.out.clone()
         }
     };

@@ -68,11 +68,3 @@ pub fn pseudo_random(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
-
-/// Path of a file in tests/fixtures.
-pub fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-        .join(name)
-}

@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::{Object, Stack, TensorInfo};
 use candle_core::{DType, Device, Tensor};
 
-use crate::export::ExportError;
-use crate::import_pth::ImportError;
+use crate::error::InteropError;
 
 /// A state dict's tensors by name (metadata only; data is read on demand).
 pub type StateDictInfo = BTreeMap<String, TensorInfo>;
@@ -28,8 +27,8 @@ pub struct PthReader {
     archive: zip::ZipArchive<BufReader<File>>,
 }
 
-fn corrupt(path: &Path, reason: impl std::fmt::Display) -> ImportError {
-    ImportError::Corrupt {
+fn corrupt(path: &Path, reason: impl std::fmt::Display) -> InteropError {
+    InteropError::Corrupt {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
@@ -60,9 +59,9 @@ fn as_dict(obj: Object) -> Option<Vec<(Object, Object)>> {
 
 impl PthReader {
     /// Opens a `.pth` zip archive.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, ImportError> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, InteropError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|source| ImportError::Io {
+        let file = File::open(path).map_err(|source| InteropError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -104,7 +103,7 @@ impl PthReader {
     }
 
     /// The pickle's top-level dict entries and the folder its storages live in.
-    fn top_level(&mut self) -> Result<(Vec<(Object, Object)>, PathBuf), ImportError> {
+    fn top_level(&mut self) -> Result<(Vec<(Object, Object)>, PathBuf), InteropError> {
         let pkl = self
             .archive
             .file_names()
@@ -131,7 +130,7 @@ impl PthReader {
 
     /// The state dicts of the file: for a top-level dict, every value that is a dict of tensors
     /// under its key; tensors stored directly at the top level under the key `""`.
-    pub fn state_dicts(&mut self) -> Result<BTreeMap<String, StateDictInfo>, ImportError> {
+    pub fn state_dicts(&mut self) -> Result<BTreeMap<String, StateDictInfo>, InteropError> {
         let (top, dir) = self.top_level()?;
         let mut out = BTreeMap::new();
         let mut loose = Vec::new();
@@ -155,7 +154,7 @@ impl PthReader {
     }
 
     /// The top-level entries of the file whose key and value are both strings.
-    pub fn texts(&mut self) -> Result<BTreeMap<String, String>, ImportError> {
+    pub fn texts(&mut self) -> Result<BTreeMap<String, String>, InteropError> {
         let (top, _) = self.top_level()?;
         Ok(top
             .into_iter()
@@ -167,7 +166,7 @@ impl PthReader {
     }
 
     /// Reads one tensor on the CPU with its shape, honouring its strides and storage offset.
-    pub fn tensor(&mut self, info: &TensorInfo) -> Result<Tensor, ImportError> {
+    pub fn tensor(&mut self, info: &TensorInfo) -> Result<Tensor, InteropError> {
         let path = self.path.clone();
         let name = &info.name;
         let mut bytes = Vec::new();
@@ -278,7 +277,7 @@ pub fn strided_view(
 pub fn read_float_tensors(
     reader: &mut PthReader,
     dict: &StateDictInfo,
-) -> Result<BTreeMap<String, Tensor>, ImportError> {
+) -> Result<BTreeMap<String, Tensor>, InteropError> {
     let mut out = BTreeMap::new();
     for (name, info) in dict {
         if !info.dtype.is_float() {
@@ -397,12 +396,12 @@ impl Pickler {
 /// Writes `entries` as the top-level dict of a `.pth` file, in the layout `torch.save` writes
 /// (format version 3, little-endian storages, 64-byte aligned so `torch.load(mmap=True)` works),
 /// atomically. The archive's folder is the file's stem.
-pub fn write_pth(path: &Path, entries: &[(String, PthEntry)]) -> Result<(), ExportError> {
-    let io = |source: std::io::Error| ExportError::Io {
+pub fn write_pth(path: &Path, entries: &[(String, PthEntry)]) -> Result<(), InteropError> {
+    let io = |source: std::io::Error| InteropError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let candle = |source: candle_core::Error| ExportError::Candle {
+    let candle = |source: candle_core::Error| InteropError::Candle {
         path: path.to_path_buf(),
         source,
     };

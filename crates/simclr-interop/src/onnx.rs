@@ -1,7 +1,7 @@
 //! ONNX export of the eval-mode network (BN with its moving statistics), opset 17.
 //!
 //! The graph is built from the configuration and the variables by the same walk as
-//! [`crate::resnet`] and [`crate::heads`]: each conv keeps its symmetric `(k-1)/2` padding, the
+//! [`simclr_models::resnet`] and [`simclr_models::heads`]: each conv keeps its symmetric `(k-1)/2` padding, the
 //! stem's 3x3/s2 max-pool and the ResNet-D 2x2/s1 average pool are TF `SAME` (ONNX
 //! `SAME_UPPER`, the average excluding the padding), the ResNet-D stride-2 pool pads one zero
 //! row and column at the end and counts them, and the SK mixing softmax over two streams is
@@ -19,8 +19,8 @@ use std::path::Path;
 use candle_core::Tensor;
 use candle_nn::VarMap;
 
-use crate::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
-use crate::export::ExportError;
+use crate::error::InteropError;
+use simclr_models::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
 
 /// The opset the graph is written for.
 pub const OPSET: i64 = 17;
@@ -117,8 +117,8 @@ struct Graph<'a> {
 }
 
 impl Graph<'_> {
-    fn fail(&self, reason: String) -> ExportError {
-        ExportError::Unsupported {
+    fn fail(&self, reason: String) -> InteropError {
+        InteropError::Unsupported {
             path: self.path.to_path_buf(),
             reason,
         }
@@ -137,12 +137,12 @@ impl Graph<'_> {
     }
 
     /// The variable `name` as an initializer of the same name.
-    fn var(&mut self, name: &str) -> Result<String, ExportError> {
+    fn var(&mut self, name: &str) -> Result<String, InteropError> {
         let t = self
             .vars
             .get(name)
             .ok_or_else(|| self.fail(format!("the model has no variable `{name}`")))?;
-        let raw = crate::export::f32_le_bytes(t).map_err(|source| ExportError::Candle {
+        let raw = crate::export::f32_le_bytes(t).map_err(|source| InteropError::Candle {
             path: self.path.to_path_buf(),
             source,
         })?;
@@ -186,7 +186,7 @@ impl Graph<'_> {
         out
     }
 
-    fn conv(&mut self, x: &str, prefix: &str, stride: usize) -> Result<String, ExportError> {
+    fn conv(&mut self, x: &str, prefix: &str, stride: usize) -> Result<String, InteropError> {
         let w = self.var(&format!("{prefix}.weight"))?;
         let k = self.vars[&w].dim(2).unwrap_or(1) as i64;
         let p = (k - 1) / 2;
@@ -201,7 +201,7 @@ impl Graph<'_> {
         ))
     }
 
-    fn bn(&mut self, x: &str, prefix: &str, relu: bool) -> Result<String, ExportError> {
+    fn bn(&mut self, x: &str, prefix: &str, relu: bool) -> Result<String, InteropError> {
         let gamma = self.var(&format!("{prefix}.gamma"))?;
         let n = self.vars[&gamma].elem_count();
         let beta_name = format!("{prefix}.beta");
@@ -226,7 +226,7 @@ impl Graph<'_> {
         })
     }
 
-    fn dense(&mut self, x: &str, prefix: &str, bias: bool) -> Result<String, ExportError> {
+    fn dense(&mut self, x: &str, prefix: &str, bias: bool) -> Result<String, InteropError> {
         let w = self.var(&format!("{prefix}.weight"))?;
         let attrs = vec![Attr::Int("transB", 1)];
         Ok(if bias {
@@ -237,7 +237,7 @@ impl Graph<'_> {
         })
     }
 
-    fn sk(&mut self, x: &str, p: &str, f: usize, stride: usize) -> Result<String, ExportError> {
+    fn sk(&mut self, x: &str, p: &str, f: usize, stride: usize) -> Result<String, InteropError> {
         let y = self.conv(x, &format!("{p}.conv"), stride)?;
         let y = self.bn(&y, &format!("{p}.bn"), true)?;
         let halves = self.int64s(&format!("{p}.halves"), &[f as i64, f as i64]);
@@ -273,7 +273,7 @@ impl Graph<'_> {
         filters: usize,
         stride: usize,
         projection: bool,
-    ) -> Result<String, ExportError> {
+    ) -> Result<String, InteropError> {
         let shortcut = if projection {
             let pooled = match (config.sk_enabled(), stride) {
                 (false, _) => x.to_string(),
@@ -370,7 +370,7 @@ const PROTOBUF_LIMIT: usize = (1 << 31) - (1 << 20);
 
 /// Writes the eval-mode network of `config` held in `varmap` to `path` as an ONNX model,
 /// atomically.
-pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), ExportError> {
+pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), InteropError> {
     let vars = crate::export::variables(path, varmap)?;
     let mut g = Graph {
         path,
@@ -459,7 +459,7 @@ pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result
 
     let weights: usize = g.initializers.iter().map(|t| t.0.len()).sum();
     if weights > PROTOBUF_LIMIT {
-        return Err(ExportError::Unsupported {
+        return Err(InteropError::Unsupported {
             path: path.to_path_buf(),
             reason: format!(
                 "the weights take {:.1} GiB, over the 2 GiB an ONNX file can hold in one message (external data is not written)",
@@ -504,7 +504,7 @@ pub fn export_onnx(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result
     opset.str(1, "");
     opset.int(2, OPSET);
     model.msg(8, opset);
-    simclr_fs::write_atomic(path, &model.0).map_err(|source| ExportError::Io {
+    simclr_fs::write_atomic(path, &model.0).map_err(|source| InteropError::Io {
         path: path.to_path_buf(),
         source,
     })

@@ -12,13 +12,17 @@
 //! [`contrastive_ce_reference`], which follow the official code op for op (the masked column is
 //! pushed to `−1e9`, where the kernels skip it: `exp` of it is exactly 0 in f32 either way).
 
+use crate::conv::contiguous_f32;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
-use simclr_models::conv::contiguous_f32;
 
-use crate::objective::{one_hot, softmax_cross_entropy, L2_NORMALIZE_EPSILON, LARGE_NUM};
+/// The constant the official code subtracts from the self-similarity logits.
+pub const LARGE_NUM: f64 = 1e9;
+
+/// TF's `l2_normalize` epsilon, a lower bound on the squared norm.
+pub const L2_NORMALIZE_EPSILON: f64 = 1e-12;
 
 fn is_fast(x: &Tensor) -> bool {
     let kernel_device = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
@@ -106,6 +110,29 @@ pub fn contrastive_ce_reference(s: &Tensor, layout: ContrastLayout) -> Result<Te
     let targets = one_hot(&pos, w, s.dtype(), s.device())?;
     let logits = ((s * layout.inv_t)? - (mask * LARGE_NUM)?)?;
     softmax_cross_entropy(&logits, &targets)
+}
+
+/// `rows × width` one-hot matrix with a 1 at `(i, labels[i])`.
+pub fn one_hot(labels: &[usize], width: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut v = vec![0f32; labels.len() * width];
+    for (i, &l) in labels.iter().enumerate() {
+        if l >= width {
+            bail!("label {l} out of range for {width} columns")
+        }
+        v[i * width + l] = 1.0;
+    }
+    Tensor::from_vec(v, (labels.len(), width), device)?.to_dtype(dtype)
+}
+
+/// Per-row softmax cross-entropy `logsumexp(x_i) − Σ_j t_ij x_ij` for one-hot targets `t`,
+/// with the row maximum subtracted before exponentiating.
+pub fn softmax_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_sum_exp = (log_sum_exp + max)?.squeeze(D::Minus1)?;
+    let picked = (logits * targets)?.sum(D::Minus1)?;
+    log_sum_exp - picked
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,7 +255,7 @@ impl CustomOp1 for L2Normalize {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, d) = layout.shape().dims2()?;
-        let x = simclr_models::cuda::view::<f32>(self.name(), storage, layout)?;
+        let x = crate::cuda::view::<f32>(self.name(), storage, layout)?;
         let y = gpu::l2_normalize(&storage.device, &x, rows, d)?;
         let y = candle_core::CudaStorage::wrap_cuda_slice(y, storage.device.clone());
         Ok((y, layout.shape().clone()))
@@ -284,7 +311,7 @@ impl CustomOp3 for L2NormalizeGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use simclr_models::cuda::view;
+        use crate::cuda::view;
         let name = self.name();
         let (rows, d) = xl.shape().dims2()?;
         if yl.dims() != xl.dims() || gl.dims() != xl.dims() {
@@ -322,7 +349,7 @@ impl CustomOp1 for ContrastiveCe {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, w) = self.0.check(self.name(), layout.dims())?;
-        let s = simclr_models::cuda::view::<f32>(self.name(), storage, layout)?;
+        let s = crate::cuda::view::<f32>(self.name(), storage, layout)?;
         let loss = gpu::contrastive_ce(&storage.device, &s, w, self.0)?;
         let loss = candle_core::CudaStorage::wrap_cuda_slice(loss, storage.device.clone());
         Ok((loss, Shape::from(rows)))
@@ -382,7 +409,7 @@ impl CustomOp3 for ContrastiveCeGrad {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use simclr_models::cuda::view;
+        use crate::cuda::view;
         let name = self.name();
         let (rows, w) = self.0.check(name, sl.dims())?;
         if ll.dims() != [rows] || gl.dims() != [rows] {
@@ -399,13 +426,13 @@ impl CustomOp3 for ContrastiveCeGrad {
     }
 }
 
-/// The launches of the CUDA twins (`simclr-models/src/cuda/kernels.cu`).
+/// The launches of the CUDA twins (`src/cuda/kernels.cu`).
 #[cfg(feature = "cuda")]
 mod gpu {
+    use crate::cuda::{output, per_row, u32_arg};
+    use crate::launch;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
     use candle_core::{CudaDevice, Result};
-    use simclr_models::cuda::{output, per_row, u32_arg};
-    use simclr_models::launch;
 
     use super::{ContrastLayout, L2_NORMALIZE_EPSILON};
 

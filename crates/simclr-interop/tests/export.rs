@@ -11,14 +11,12 @@ use std::process::Command;
 use candle_core::{Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::fixture;
+use simclr_interop::export::CONFIG_KEY;
+use simclr_interop::onnx::output_names;
+use simclr_interop::pth::{read_float_tensors, write_pth, PthEntry, PthReader};
+use simclr_interop::{export_hf, export_onnx, export_pth, import_pth, pth_file_name, InteropError};
 use simclr_models::checkpoint::{self, CheckpointMeta};
-use simclr_models::export::CONFIG_KEY;
-use simclr_models::onnx::output_names;
-use simclr_models::pth::{read_float_tensors, write_pth, PthEntry, PthReader};
-use simclr_models::{
-    export_hf, export_onnx, export_pth, import_pth, pth_file_name, ExportError, ImportError,
-    ModelConfig, ProjHeadMode, SimclrModel,
-};
+use simclr_models::{ModelConfig, ProjHeadMode, SimclrModel};
 
 const FIXTURES: [&str; 3] = ["r18_1x_sk0", "r50_1x_sk0", "r50_1x_sk1"];
 
@@ -287,7 +285,7 @@ fn a_pth_named_otherwise_is_refused_before_anything_is_written() {
         let path = dir.path().join(bad);
         let err = export_pth(&path, &config, &varmap).unwrap_err();
         assert!(
-            matches!(err, ExportError::Unsupported { .. }),
+            matches!(err, InteropError::Unsupported { .. }),
             "{bad}: {err}"
         );
         assert!(err.to_string().contains("r18_1x_sk0.pth"), "{err}");
@@ -331,7 +329,7 @@ fn a_stored_configuration_that_contradicts_the_tensors_is_refused() {
         assert!(
             matches!(
                 err,
-                ImportError::Unsupported { .. } | ImportError::Corrupt { .. }
+                InteropError::Unsupported { .. } | InteropError::Corrupt { .. }
             ),
             "{what}: {err}"
         );

@@ -20,45 +20,15 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 
-use crate::checkpoint::{self, CheckpointError, CheckpointMeta};
-use crate::config::{ModelConfig, ProjHeadMode};
-use crate::import_pth::{key_map, SourceName};
+use crate::error::InteropError;
+use crate::import_pth::key_map;
 use crate::pth::{write_pth, PthEntry};
+use crate::source::SourceName;
+use simclr_models::checkpoint::{self, CheckpointMeta};
+use simclr_models::config::{ModelConfig, ProjHeadMode};
 
 /// Top-level key of an exported `.pth` holding the [`ModelConfig`] as JSON.
 pub const CONFIG_KEY: &str = "simclr_rs_config";
-
-/// Why an export failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ExportError {
-    /// A file could not be written.
-    #[error("{}: {source}", .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A tensor operation failed.
-    #[error("{}: {source}", .path.display())]
-    Candle {
-        /// The file being written.
-        path: PathBuf,
-        /// The candle error.
-        source: candle_core::Error,
-    },
-    /// The model cannot be written in this format.
-    #[error("{}: {reason}", .path.display())]
-    Unsupported {
-        /// The file being written.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// The weights-only checkpoint could not be written.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-}
 
 /// The converter's file name for `config`, `r{depth}_{w}x_sk{0|1}.pth`: [`crate::import_pth`]
 /// reads the architecture from it.
@@ -80,8 +50,8 @@ fn pth_source_name(config: &ModelConfig) -> SourceName {
 /// The file name must be the one [`pth_file_name`] gives (possibly with `_ema`), since the
 /// importer reads depth, width and SK from it; another name is refused before anything is
 /// written.
-pub fn export_pth(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), ExportError> {
-    let unsupported = |reason: String| ExportError::Unsupported {
+pub fn export_pth(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), InteropError> {
+    let unsupported = |reason: String| InteropError::Unsupported {
         path: path.to_path_buf(),
         reason,
     };
@@ -121,7 +91,7 @@ pub fn export_pth(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<
                     .find(|(k, _): &&(String, Tensor)| *k == gamma)
                     .map(|(_, t)| t.clone())
                     .ok_or_else(|| unsupported(format!("no `{gamma}` before `{key}`")))?;
-                like.zeros_like().map_err(|source| ExportError::Candle {
+                like.zeros_like().map_err(|source| InteropError::Candle {
                     path: path.to_path_buf(),
                     source,
                 })?
@@ -148,8 +118,8 @@ pub fn export_pth(path: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<
 pub(crate) fn variables(
     path: &Path,
     varmap: &VarMap,
-) -> Result<BTreeMap<String, Tensor>, ExportError> {
-    let data = varmap.data().lock().map_err(|_| ExportError::Candle {
+) -> Result<BTreeMap<String, Tensor>, InteropError> {
+    let data = varmap.data().lock().map_err(|_| InteropError::Candle {
         path: path.to_path_buf(),
         source: candle_core::Error::Msg("variable store lock poisoned".into()),
     })?;
@@ -158,7 +128,7 @@ pub(crate) fn variables(
             let t = v
                 .as_tensor()
                 .to_dtype(DType::F32)
-                .map_err(|source| ExportError::Candle {
+                .map_err(|source| InteropError::Candle {
                     path: path.to_path_buf(),
                     source,
                 })?;
@@ -187,8 +157,8 @@ pub fn export_hf(
     meta: &CheckpointMeta,
     varmap: &VarMap,
     figures: &[(String, String)],
-) -> Result<(), ExportError> {
-    let io = |path: PathBuf| move |source: std::io::Error| ExportError::Io { path, source };
+) -> Result<(), InteropError> {
+    let io = |path: PathBuf| move |source: std::io::Error| InteropError::Io { path, source };
     std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
     let config = &meta.config;
     let hf_config = serde_json::json!({
@@ -201,7 +171,7 @@ pub fn export_hf(
         "producer": meta.producer,
     });
     let config_path = dir.join(HF_FILES[0]);
-    let text = serde_json::to_string_pretty(&hf_config).map_err(|e| ExportError::Unsupported {
+    let text = serde_json::to_string_pretty(&hf_config).map_err(|e| InteropError::Unsupported {
         path: config_path.clone(),
         reason: e.to_string(),
     })?;

@@ -7,7 +7,7 @@
 //! depth, width multiplier and SK; the shapes give the stem kind, the block kind, the blocks
 //! per stage, the stem and stage widths (so reduced base widths load), the input channels,
 //! the class count and the projection head. Whatever both tell must agree, otherwise the
-//! import fails with [`ImportError::Contradiction`].
+//! import fails with [`InteropError::Contradiction`].
 //!
 //! Key mapping (converter name -> this crate's name), BN leaves `weight, bias, running_mean,
 //! running_var` -> `gamma, beta, moving_mean, moving_variance`:
@@ -28,312 +28,47 @@
 //! `num_batches_tracked` counters are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::checkpoint::CheckpointMeta;
-use crate::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind, SK1_RATIO, SUPPORTED_DEPTHS};
-use crate::error::ModelError;
+use crate::error::InteropError;
 use crate::export::CONFIG_KEY;
-use crate::model::SimclrModel;
-use crate::params::parameter_shapes;
 use crate::pth::{read_float_tensors, PthReader, StateDictInfo};
-use crate::tf_bundle::TfBundleError;
-
-/// Why an import failed (of a converter `.pth` file, or of a TF1 checkpoint with
-/// [`crate::import_tf`]).
-#[derive(Debug, thiserror::Error)]
-pub enum ImportError {
-    /// The file could not be opened or read.
-    #[error("{}: {source}", .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// Not a readable PyTorch file (truncated zip, bad pickle, short storage).
-    #[error("{}: not a readable PyTorch file (truncated or corrupt): {reason}", .path.display())]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What failed.
-        reason: String,
-    },
-    /// The file name does not follow `r{depth}_{w}x_sk{0|1}[_ema].pth`.
-    #[error("file name `{name}` does not match r{{depth}}_{{w}}x_sk{{0|1}}[_ema].pth: {reason}")]
-    FileName {
-        /// The file name.
-        name: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A top-level key (`resnet` or `head`) is absent.
-    #[error("{}: no `{key}` state dict in the file", .path.display())]
-    MissingKey {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-    },
-    /// A tensor the architecture needs is absent.
-    #[error("{}: tensor `{name}` is missing", .path.display())]
-    MissingTensor {
-        /// The file.
-        path: PathBuf,
-        /// The converter's name (`resnet/...` or `head/...`).
-        name: String,
-    },
-    /// A tensor's shape does not fit the architecture.
-    #[error("{}: tensor `{name}` has shape {found:?}, expected {expected:?}", .path.display())]
-    ShapeMismatch {
-        /// The file.
-        path: PathBuf,
-        /// The converter's name.
-        name: String,
-        /// Expected shape.
-        expected: Vec<usize>,
-        /// Shape found.
-        found: Vec<usize>,
-    },
-    /// A tensor that the architecture does not have.
-    #[error("{}: unexpected tensor `{name}`", .path.display())]
-    UnexpectedTensor {
-        /// The file.
-        path: PathBuf,
-        /// The converter's name.
-        name: String,
-    },
-    /// The file name and the tensor shapes disagree.
-    #[error("{}: the file name says {from_name} but the tensors say {from_shapes} ({what})", .path.display())]
-    Contradiction {
-        /// The file.
-        path: PathBuf,
-        /// What disagrees (depth, SK, width, ...).
-        what: String,
-        /// What the name says.
-        from_name: String,
-        /// What the shapes say.
-        from_shapes: String,
-    },
-    /// The tensors do not form a SimCLRv2 network this crate can build.
-    #[error("{}: {reason}", .path.display())]
-    Unsupported {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// The inferred configuration is invalid.
-    #[error("{}: {source}", .path.display())]
-    Config {
-        /// The file.
-        path: PathBuf,
-        /// The validation error.
-        source: ModelError,
-    },
-    /// A tensor operation failed.
-    #[error("{}: {source}", .path.display())]
-    Candle {
-        /// The file.
-        path: PathBuf,
-        /// The candle error.
-        source: candle_core::Error,
-    },
-    /// A TF tensor bundle could not be read (truncated or corrupt index or data shard, bad
-    /// magic, checksum mismatch, unsupported dtype).
-    #[error(transparent)]
-    Bundle(#[from] TfBundleError),
-    /// The `ema_model/` copy was asked for, but the TF1 checkpoint has none.
-    #[error("{}: the checkpoint has no `ema_model/` copy of the weights; import the online weights instead (ema = false)", .path.display())]
-    NoEmaCopy {
-        /// The index file.
-        path: PathBuf,
-    },
-}
-
-/// What a converter file name says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SourceName {
-    /// ResNet depth.
-    pub depth: usize,
-    /// Width multiplier.
-    pub width_multiplier: usize,
-    /// `sk1`.
-    pub sk: bool,
-    /// `_ema` suffix: the `ema_model/` copy of the weights.
-    pub ema: bool,
-}
-
-impl SourceName {
-    /// Parses `r{depth}_{w}x_sk{0|1}[_ema]` with an optional `.pth` extension (a directory part
-    /// is ignored).
-    pub fn parse(file_name: &str) -> Result<Self, ImportError> {
-        let base = Path::new(file_name)
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| file_name.to_string());
-        let err = |reason: &str| ImportError::FileName {
-            name: base.clone(),
-            reason: reason.to_string(),
-        };
-        let stem = base.strip_suffix(".pth").unwrap_or(&base);
-        let (stem, ema) = match stem.strip_suffix("_ema") {
-            Some(s) => (s, true),
-            None => (stem, false),
-        };
-        let parts: Vec<&str> = stem.split('_').collect();
-        if parts.len() != 3 {
-            return Err(err("expected three `_`-separated parts"));
-        }
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        let depth = parts[0]
-            .strip_prefix('r')
-            .filter(|d| digits(d))
-            .and_then(|d| d.parse::<usize>().ok())
-            .ok_or_else(|| err("the first part must be r{depth}"))?;
-        if !SUPPORTED_DEPTHS.contains(&depth) {
-            return Err(err(&format!("unsupported depth {depth}")));
-        }
-        let width_multiplier = parts[1]
-            .strip_suffix('x')
-            .filter(|w| digits(w))
-            .and_then(|w| w.parse::<usize>().ok())
-            .filter(|&w| w > 0)
-            .ok_or_else(|| err("the second part must be {w}x with w >= 1"))?;
-        let sk = match parts[2] {
-            "sk0" => false,
-            "sk1" => true,
-            _ => return Err(err("the third part must be sk0 or sk1")),
-        };
-        Ok(Self {
-            depth,
-            width_multiplier,
-            sk,
-            ema,
-        })
-    }
-
-    /// `r{depth}_{w}x_sk{0|1}[_ema]`.
-    pub fn to_name(&self) -> String {
-        format!(
-            "r{}_{}x_sk{}{}",
-            self.depth,
-            self.width_multiplier,
-            u8::from(self.sk),
-            if self.ema { "_ema" } else { "" }
-        )
-    }
-}
-
-/// The format an [`ImportedModel`] was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourceFormat {
-    /// A `.pth` file of the TF1 -> PyTorch converter ([`import_pth`]).
-    ConverterPth,
-    /// An official TF1 checkpoint, TF's tensor-bundle format ([`crate::import_tf1`]).
-    Tf1Bundle,
-}
-
-impl SourceFormat {
-    /// The value recorded as `source_format` in checkpoint metadata.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceFormat::ConverterPth => "simclrv2-pytorch-converter",
-            SourceFormat::Tf1Bundle => "tf1-tensor-bundle",
-        }
-    }
-}
-
-/// The result of an import.
-pub struct ImportedModel {
-    /// The inferred configuration.
-    pub config: ModelConfig,
-    /// The variables, in this crate's names (f32, trainable `Var`s).
-    pub varmap: VarMap,
-    /// The model built on `varmap`.
-    pub model: SimclrModel,
-    /// What the file name said (for a TF1 checkpoint: its folder name, or what the shapes
-    /// say when the folder is not named `r{depth}_{w}x_sk{0|1}`); `ema` tells whether the
-    /// EMA copy of the weights was imported.
-    pub source: SourceName,
-    /// The file imported (the `.index` file of a TF1 checkpoint).
-    pub path: PathBuf,
-    /// The format it was read from.
-    pub format: SourceFormat,
-    /// The training step the source records (`global_step` of a TF1 checkpoint).
-    pub global_step: Option<u64>,
-}
-
-impl ImportedModel {
-    /// Checkpoint metadata for the imported weights (stage `import`, step 0, the source
-    /// file, format, EMA choice and, when known, the source's `global_step` recorded as extra
-    /// fields).
-    pub fn checkpoint_meta(&self) -> CheckpointMeta {
-        let file = self
-            .path
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let meta = CheckpointMeta::new(self.config.clone(), "import", 0)
-            .with_extra("source_file", file)
-            .with_extra("source_format", self.format.as_str())
-            .with_extra("source_ema", self.source.ema.to_string());
-        match self.global_step {
-            Some(step) => meta.with_extra("source_global_step", step.to_string()),
-            None => meta,
-        }
-    }
-}
+use crate::source::{resolve_config, ImportedModel, Inferred, SourceFormat, SourceName};
+use simclr_models::config::{BlockKind, ModelConfig, StemKind};
+use simclr_models::parameter_shapes;
+use simclr_models::SimclrModel;
 
 type Shapes = BTreeMap<String, Vec<usize>>;
-
-/// What the tensor shapes say about the architecture (shared with the TF1 importer).
-pub(crate) struct Inferred {
-    pub(crate) stem: StemKind,
-    pub(crate) block: BlockKind,
-    pub(crate) blocks: [usize; 4],
-    pub(crate) sk: bool,
-    pub(crate) in_channels: usize,
-    pub(crate) stem_width: usize,
-    pub(crate) num_classes: Option<usize>,
-    pub(crate) num_proj_layers: usize,
-    pub(crate) proj_out_dim: usize,
-}
-
-fn unsupported(path: &Path, reason: impl Into<String>) -> ImportError {
-    ImportError::Unsupported {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
 
 fn shape_of<'a>(
     path: &Path,
     shapes: &'a Shapes,
     dict: &str,
     key: &str,
-) -> Result<&'a Vec<usize>, ImportError> {
-    shapes.get(key).ok_or_else(|| ImportError::MissingTensor {
+) -> Result<&'a Vec<usize>, InteropError> {
+    shapes.get(key).ok_or_else(|| InteropError::MissingTensor {
         path: path.to_path_buf(),
         name: format!("{dict}/{key}"),
     })
 }
 
 /// The first dimension of tensor `key` (its output channels or features).
-fn dim0_of(path: &Path, shapes: &Shapes, dict: &str, key: &str) -> Result<usize, ImportError> {
+fn dim0_of(path: &Path, shapes: &Shapes, dict: &str, key: &str) -> Result<usize, InteropError> {
     shape_of(path, shapes, dict, key)?
         .first()
         .copied()
-        .ok_or_else(|| unsupported(path, format!("{dict}/{key} is a scalar, expected a weight")))
+        .ok_or_else(|| {
+            InteropError::unsupported(path, format!("{dict}/{key} is a scalar, expected a weight"))
+        })
 }
 
-fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, ImportError> {
+fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, InteropError> {
     let stem0 = shape_of(path, resnet, "resnet", "net.0.0.weight")?;
     if stem0.len() != 4 {
-        return Err(unsupported(
+        return Err(InteropError::unsupported(
             path,
             format!("net.0.0.weight has rank {}, expected 4", stem0.len()),
         ));
@@ -349,7 +84,7 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
             7 => (StemKind::Standard, stem0[0]),
             3 => (StemKind::Cifar, stem0[0]),
             k => {
-                return Err(unsupported(
+                return Err(InteropError::unsupported(
                     path,
                     format!("stem conv net.0.0 is {k}x{k}; expected 7x7, 3x3 or a deep stem"),
                 ))
@@ -368,7 +103,7 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
             .max()
             .unwrap_or(0);
         if n == 0 {
-            return Err(ImportError::MissingTensor {
+            return Err(InteropError::MissingTensor {
                 path: path.to_path_buf(),
                 name: format!("resnet/net.{}.blocks.0.*", s + 1),
             });
@@ -380,7 +115,7 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
         Some(3) => BlockKind::Basic,
         Some(1) => BlockKind::Bottleneck,
         _ => {
-            return Err(unsupported(
+            return Err(InteropError::unsupported(
                 path,
                 format!("net.1.blocks.0.net.0.weight has shape {first:?}; expected a 3x3 (basic) or 1x1 (bottleneck) conv"),
             ))
@@ -415,99 +150,6 @@ fn infer(path: &Path, resnet: &Shapes, head: &Shapes) -> Result<Inferred, Import
     })
 }
 
-pub(crate) fn depth_for(block: BlockKind, blocks: [usize; 4]) -> Option<usize> {
-    SUPPORTED_DEPTHS.into_iter().find(|&d| {
-        let c = ModelConfig {
-            resnet_depth: d,
-            ..ModelConfig::default()
-        };
-        c.block_kind() == block && c.blocks_per_stage() == blocks
-    })
-}
-
-/// Builds the configuration from the name and the shapes, checking that they agree.
-pub(crate) fn resolve_config(
-    path: &Path,
-    name: &SourceName,
-    inf: &Inferred,
-) -> Result<ModelConfig, ImportError> {
-    let contradiction =
-        |what: &str, from_name: String, from_shapes: String| ImportError::Contradiction {
-            path: path.to_path_buf(),
-            what: what.to_string(),
-            from_name,
-            from_shapes,
-        };
-    let depth = depth_for(inf.block, inf.blocks).ok_or_else(|| {
-        unsupported(
-            path,
-            format!(
-                "{:?} blocks with {:?} per stage is not a known ResNet depth",
-                inf.block, inf.blocks
-            ),
-        )
-    })?;
-    if depth != name.depth {
-        return Err(contradiction(
-            "depth",
-            format!("ResNet-{}", name.depth),
-            format!("ResNet-{depth} ({:?} blocks per stage)", inf.blocks),
-        ));
-    }
-    if name.sk != inf.sk {
-        return Err(contradiction(
-            "selective kernels",
-            format!("sk{}", u8::from(name.sk)),
-            format!(
-                "sk{} (SK conv tensors {})",
-                u8::from(inf.sk),
-                if inf.sk { "present" } else { "absent" }
-            ),
-        ));
-    }
-    if inf.stem == StemKind::Deep && !name.sk {
-        return Err(contradiction(
-            "stem",
-            "sk0 (standard stem)".into(),
-            "a ResNet-D deep stem (SK1 only)".into(),
-        ));
-    }
-    if !inf.stem_width.is_multiple_of(name.width_multiplier) {
-        return Err(contradiction(
-            "width",
-            format!("{}x", name.width_multiplier),
-            format!(
-                "a stem width of {}, not a multiple of {}",
-                inf.stem_width, name.width_multiplier
-            ),
-        ));
-    }
-    let base_width = inf.stem_width / name.width_multiplier;
-    Ok(ModelConfig {
-        resnet_depth: depth,
-        width_multiplier: name.width_multiplier,
-        sk_ratio: if name.sk { SK1_RATIO } else { 0.0 },
-        base_width,
-        cifar_stem: inf.stem == StemKind::Cifar,
-        in_channels: inf.in_channels,
-        proj_head_mode: if inf.num_proj_layers == 0 {
-            ProjHeadMode::None
-        } else {
-            ProjHeadMode::Nonlinear
-        },
-        num_proj_layers: inf.num_proj_layers.max(1),
-        proj_out_dim: if inf.num_proj_layers == 0 {
-            128
-        } else {
-            inf.proj_out_dim
-        },
-        num_classes: inf.num_classes,
-        ft_proj_selector: 0,
-        fine_tune_after_block: -1,
-        ..ModelConfig::default()
-    })
-}
-
 /// The configuration an exported file stores under [`CONFIG_KEY`], which must describe the
 /// same tensors as `inferred` (what the name and shapes say); it adds what they cannot say
 /// (`ft_proj_selector`, `fine_tune_after_block`, BN decay and epsilon).
@@ -515,9 +157,9 @@ fn stored_config(
     path: &Path,
     json: &str,
     inferred: &ModelConfig,
-) -> Result<ModelConfig, ImportError> {
+) -> Result<ModelConfig, InteropError> {
     let stored: ModelConfig = serde_json::from_str(json).map_err(|e| {
-        corrupt_entry(
+        InteropError::corrupt(
             path,
             format!("`{CONFIG_KEY}` is not a model configuration: {e}"),
         )
@@ -528,7 +170,7 @@ fn stored_config(
         || shapes(&stored).is_none()
         || shapes(&stored) != shapes(inferred)
     {
-        return Err(unsupported(
+        return Err(InteropError::unsupported(
             path,
             format!(
                 "the configuration stored under `{CONFIG_KEY}` ({}, base width {}) does not describe the tensors ({}, base width {})",
@@ -540,13 +182,6 @@ fn stored_config(
         ));
     }
     Ok(stored)
-}
-
-fn corrupt_entry(path: &Path, reason: String) -> ImportError {
-    ImportError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    }
 }
 
 const BN_LEAVES: [(&str, &str); 4] = [
@@ -705,7 +340,7 @@ fn ignorable(key: &str) -> bool {
 }
 
 /// Imports a converter `.pth` file onto `device`.
-pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedModel, ImportError> {
+pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedModel, InteropError> {
     let path = path.as_ref();
     let file_name = path
         .file_name()
@@ -714,8 +349,8 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
     let name = SourceName::parse(&file_name)?;
     let mut reader = PthReader::open(path)?;
     let dicts = reader.state_dicts()?;
-    let get = |key: &str| -> Result<&StateDictInfo, ImportError> {
-        dicts.get(key).ok_or_else(|| ImportError::MissingKey {
+    let get = |key: &str| -> Result<&StateDictInfo, InteropError> {
+        dicts.get(key).ok_or_else(|| InteropError::MissingKey {
             path: path.to_path_buf(),
             key: key.to_string(),
         })
@@ -733,13 +368,13 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
     if let Some(json) = reader.texts()?.remove(CONFIG_KEY) {
         config = stored_config(path, &json, &config)?;
     }
-    config.validate().map_err(|source| ImportError::Config {
+    config.validate().map_err(|source| InteropError::Config {
         path: path.to_path_buf(),
         source,
     })?;
 
     let expected: BTreeMap<String, Vec<usize>> = parameter_shapes(&config)
-        .map_err(|source| ImportError::Config {
+        .map_err(|source| InteropError::Config {
             path: path.to_path_buf(),
             source,
         })?
@@ -755,19 +390,19 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
         } else {
             &head_shapes
         };
-        let found = shapes.get(key).ok_or_else(|| ImportError::MissingTensor {
+        let found = shapes.get(key).ok_or_else(|| InteropError::MissingTensor {
             path: path.to_path_buf(),
             name: format!("{dict}/{key}"),
         })?;
         if let Some(ours) = ours {
             let want = expected.get(ours).ok_or_else(|| {
-                unsupported(
+                InteropError::unsupported(
                     path,
                     format!("internal: {ours} is not a variable of the inferred model"),
                 )
             })?;
             if found != want {
-                return Err(ImportError::ShapeMismatch {
+                return Err(InteropError::ShapeMismatch {
                     path: path.to_path_buf(),
                     name: format!("{dict}/{key}"),
                     expected: want.clone(),
@@ -780,7 +415,7 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
     for (dict, shapes) in [("resnet", &resnet_shapes), ("head", &head_shapes)] {
         for key in shapes.keys() {
             if !ignorable(key) && !used.contains(&(dict, key.clone())) {
-                return Err(ImportError::UnexpectedTensor {
+                return Err(InteropError::UnexpectedTensor {
                     path: path.to_path_buf(),
                     name: format!("{dict}/{key}"),
                 });
@@ -788,7 +423,7 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
         }
     }
     if map.iter().filter(|(_, _, o)| o.is_some()).count() != expected.len() {
-        return Err(unsupported(
+        return Err(InteropError::unsupported(
             path,
             "internal: the key map does not cover the model",
         ));
@@ -796,7 +431,7 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
 
     let resnet_t = read_float_tensors(&mut reader, resnet_info)?;
     let head_t = read_float_tensors(&mut reader, head_info)?;
-    let candle_err = |source: candle_core::Error| ImportError::Candle {
+    let candle_err = |source: candle_core::Error| InteropError::Candle {
         path: path.to_path_buf(),
         source,
     };
@@ -813,10 +448,12 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
             } else {
                 &head_t
             };
-            let t: &Tensor = tensors.get(key).ok_or_else(|| ImportError::MissingTensor {
-                path: path.to_path_buf(),
-                name: format!("{dict}/{key}"),
-            })?;
+            let t: &Tensor = tensors
+                .get(key)
+                .ok_or_else(|| InteropError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: format!("{dict}/{key}"),
+                })?;
             match ours {
                 Some(ours) => {
                     let t = t.to_device(device).map_err(candle_err)?;
@@ -829,7 +466,7 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
                         .and_then(|m| m.to_scalar::<f32>())
                         .map_err(candle_err)?;
                     if max != 0.0 {
-                        return Err(unsupported(
+                        return Err(InteropError::unsupported(
                             path,
                             format!("{dict}/{key} (beta of the last head BN, absent in TF) is not zero (max |x| = {max})"),
                         ));
@@ -842,7 +479,7 @@ pub fn import_pth(path: impl AsRef<Path>, device: &Device) -> Result<ImportedMod
         &config,
         VarBuilder::from_varmap(&varmap, DType::F32, device),
     )
-    .map_err(|source| ImportError::Config {
+    .map_err(|source| InteropError::Config {
         path: path.to_path_buf(),
         source,
     })?;

@@ -13,7 +13,7 @@
 //!   their numeric suffix (bare `conv2d` = 0) go to this crate's conv kernels in creation
 //!   order (per block: shortcut, then main path; in an SK unit: main conv, its BN, the mixing
 //!   convs), and `batch_normalization[_N]` to its BNs likewise (see
-//!   [`crate::parameter_shapes`]);
+//!   [`simclr_models::parameter_shapes`]);
 //! * conv kernels are transposed HWIO -> OIHW, dense kernels `[in, out]` -> `[out, in]`;
 //!   BN `gamma, beta, moving_mean, moving_variance` keep their names;
 //! * the projection head is `head_contrastive/nl_{i}/dense/kernel` plus
@@ -38,13 +38,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind, SUPPORTED_DEPTHS};
-use crate::import_pth::{
-    resolve_config, ImportError, ImportedModel, Inferred, SourceFormat, SourceName,
-};
-use crate::model::SimclrModel;
-use crate::params::parameter_shapes;
+use crate::error::InteropError;
+use crate::source::{resolve_config, ImportedModel, Inferred, SourceFormat, SourceName};
 use crate::tf_bundle::{TfBundle, TfBundleError, TfDtype};
+use simclr_models::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind, SUPPORTED_DEPTHS};
+use simclr_models::parameter_shapes;
+use simclr_models::SimclrModel;
 
 /// Prefix of the EMA copy of the weights.
 pub const EMA_PREFIX: &str = "ema_model/";
@@ -70,7 +69,7 @@ pub fn import_tf1(
     path: impl AsRef<Path>,
     ema: bool,
     device: &Device,
-) -> Result<ImportedModel, ImportError> {
+) -> Result<ImportedModel, InteropError> {
     let bundle = TfBundle::open(path)?;
     let name = name_from_folder(bundle.prefix());
     import_bundle(&bundle, name, ema, device)
@@ -82,7 +81,7 @@ pub fn import_tf1_named(
     path: impl AsRef<Path>,
     name: &SourceName,
     device: &Device,
-) -> Result<ImportedModel, ImportError> {
+) -> Result<ImportedModel, InteropError> {
     let bundle = TfBundle::open(path)?;
     import_bundle(&bundle, Some(*name), name.ema, device)
 }
@@ -158,8 +157,8 @@ impl Selection {
         }
     }
 
-    fn missing(&self, path: &Path, logical: &str) -> ImportError {
-        ImportError::MissingTensor {
+    fn missing(&self, path: &Path, logical: &str) -> InteropError {
+        InteropError::MissingTensor {
             path: path.to_path_buf(),
             name: self.full_name(logical),
         }
@@ -183,12 +182,12 @@ fn is_slot(logical: &str) -> bool {
     matches!((last, parent), (Some(l), Some(p)) if !VAR_LEAVES.contains(&l) && VAR_LEAVES.contains(&p))
 }
 
-fn select(bundle: &TfBundle, ema: bool) -> Result<Selection, ImportError> {
+fn select(bundle: &TfBundle, ema: bool) -> Result<Selection, InteropError> {
     let path = bundle.index_path();
     let entries = bundle.entries();
     let (prefix, sup_prefix) = if ema {
         if !entries.keys().any(|k| k.starts_with(EMA_PREFIX)) {
-            return Err(ImportError::NoEmaCopy {
+            return Err(InteropError::NoEmaCopy {
                 path: path.to_path_buf(),
             });
         }
@@ -228,7 +227,7 @@ fn select(bundle: &TfBundle, ema: bool) -> Result<Selection, ImportError> {
         );
     }
     if !vars.keys().any(|k| k.starts_with("base_model/")) {
-        return Err(ImportError::MissingTensor {
+        return Err(InteropError::MissingTensor {
             path: path.to_path_buf(),
             name: format!("{prefix}base_model/conv2d/kernel"),
         });
@@ -278,7 +277,7 @@ struct Grouped {
     sup_bias: Option<Vec<usize>>,
 }
 
-fn group(path: &Path, sel: &Selection) -> Result<Grouped, ImportError> {
+fn group(path: &Path, sel: &Selection) -> Result<Grouped, InteropError> {
     let mut g = Grouped {
         convs: BTreeMap::new(),
         bns: BTreeMap::new(),
@@ -290,11 +289,11 @@ fn group(path: &Path, sel: &Selection) -> Result<Grouped, ImportError> {
     };
     for (logical, v) in &sel.vars {
         let parts: Vec<&str> = logical.split('/').collect();
-        let unexpected = || ImportError::UnexpectedTensor {
+        let unexpected = || InteropError::UnexpectedTensor {
             path: path.to_path_buf(),
             name: v.full.clone(),
         };
-        let duplicate = |what: String| ImportError::Unsupported {
+        let duplicate = |what: String| InteropError::Unsupported {
             path: path.to_path_buf(),
             reason: format!("two variables claim {what} (`{}`)", v.full),
         };
@@ -378,7 +377,7 @@ fn group(path: &Path, sel: &Selection) -> Result<Grouped, ImportError> {
     let n_sup = 2 * usize::from(g.sup_kernel.is_some());
     let expected = g.convs.len() + 4 * g.bns.len() + n_sup + g.head_vars;
     if sel.vars.len() != expected {
-        return Err(ImportError::Unsupported {
+        return Err(InteropError::Unsupported {
             path: path.to_path_buf(),
             reason: format!(
                 "{} variables, but {} convs + 4 x {} batch norms + {n_sup} supervised-head + {} projection-head variables make {expected}",
@@ -392,21 +391,21 @@ fn group(path: &Path, sel: &Selection) -> Result<Grouped, ImportError> {
     Ok(g)
 }
 
-fn rank_error(path: &Path, name: String, shape: &[usize], rank: usize) -> ImportError {
-    ImportError::Unsupported {
+fn rank_error(path: &Path, name: String, shape: &[usize], rank: usize) -> InteropError {
+    InteropError::Unsupported {
         path: path.to_path_buf(),
         reason: format!("`{name}` has shape {shape:?}; expected rank {rank}"),
     }
 }
 
 /// Reads the architecture off the grouped shapes.
-fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), ImportError> {
+fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), InteropError> {
     let conv_name =
         |i: usize| sel.full_name(&format!("base_model/{}/kernel", tf_numbered("conv2d", i)));
     let convs: Vec<&Vec<usize>> = g.convs.values().collect();
     for (i, s) in convs.iter().enumerate() {
         if s.len() != 4 || s[0] != s[1] {
-            return Err(ImportError::Unsupported {
+            return Err(InteropError::Unsupported {
                 path: path.to_path_buf(),
                 reason: format!(
                     "`{}` has shape {s:?}; expected a square HWIO conv kernel",
@@ -416,7 +415,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
         }
     }
     let (nc, nb) = (convs.len(), g.bns.len());
-    let too_few = || ImportError::Unsupported {
+    let too_few = || InteropError::Unsupported {
         path: path.to_path_buf(),
         reason: format!("{nc} conv kernels and {nb} batch norms are too few for a ResNet"),
     };
@@ -429,7 +428,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
         }
         3 => (StemKind::Cifar, 1, c0[3]),
         k => {
-            return Err(ImportError::Unsupported {
+            return Err(InteropError::Unsupported {
                 path: path.to_path_buf(),
                 reason: format!(
                     "the stem conv `{}` is {k}x{k}; expected 7x7, 3x3 or a deep stem",
@@ -444,7 +443,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
         3 => BlockKind::Basic,
         1 => BlockKind::Bottleneck,
         k => {
-            return Err(ImportError::Unsupported {
+            return Err(InteropError::Unsupported {
                 path: path.to_path_buf(),
                 reason: format!(
                     "`{}` (the first block's first conv) is {k}x{k}; expected 3x3 (basic) or 1x1 (bottleneck)",
@@ -462,7 +461,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
     }
     let fixed = n_stem + 4; // stem convs + one projection shortcut per stage
     let bad_counts = || {
-        ImportError::Unsupported {
+        InteropError::Unsupported {
         path: path.to_path_buf(),
         reason: format!(
             "{nc} conv kernels and {nb} batch norms do not form a {block:?}-block ResNet with a {stem:?} stem (is a variable missing?)"
@@ -501,7 +500,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
             };
             c.block_kind() == block && c.blocks_per_stage().iter().sum::<usize>() == total_blocks
         })
-        .ok_or_else(|| ImportError::Unsupported {
+        .ok_or_else(|| InteropError::Unsupported {
             path: path.to_path_buf(),
             reason: format!(
                 "{total_blocks} {block:?} blocks ({nc} conv kernels, {nb} batch norms) is not a known ResNet depth"
@@ -527,7 +526,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
     let (linear_head, num_proj_layers, last_kernel) = match &g.linear_head_kernel {
         Some(k) if g.head_kernels.is_empty() => (true, 1, Some(("l_0".to_string(), k))),
         Some(_) => {
-            return Err(ImportError::Unsupported {
+            return Err(InteropError::Unsupported {
                 path: path.to_path_buf(),
                 reason: "the projection head has both `l_0` (linear) and `nl_i` layers".into(),
             })
@@ -573,7 +572,7 @@ fn infer(path: &Path, sel: &Selection, g: &Grouped) -> Result<(Inferred, bool), 
 type PlanItem = (String, Vec<usize>, String, Layout);
 
 /// Our variable name -> (logical TF name, layout), in creation order.
-fn tf_names(path: &Path, shapes: &[(String, Vec<usize>)]) -> Result<Vec<PlanItem>, ImportError> {
+fn tf_names(path: &Path, shapes: &[(String, Vec<usize>)]) -> Result<Vec<PlanItem>, InteropError> {
     let mut out = Vec::with_capacity(shapes.len());
     let mut n_conv = 0usize;
     let mut bn_index: BTreeMap<String, usize> = BTreeMap::new();
@@ -627,8 +626,8 @@ fn tf_names(path: &Path, shapes: &[(String, Vec<usize>)]) -> Result<Vec<PlanItem
     Ok(out)
 }
 
-fn internal(path: &Path, ours: &str) -> ImportError {
-    ImportError::Unsupported {
+fn internal(path: &Path, ours: &str) -> InteropError {
+    InteropError::Unsupported {
         path: path.to_path_buf(),
         reason: format!("internal: no TF1 name for this crate's variable `{ours}`"),
     }
@@ -639,7 +638,7 @@ fn import_bundle(
     name: Option<SourceName>,
     ema: bool,
     device: &Device,
-) -> Result<ImportedModel, ImportError> {
+) -> Result<ImportedModel, InteropError> {
     let path: PathBuf = bundle.index_path().to_path_buf();
     let sel = select(bundle, ema)?;
     let grouped = group(&path, &sel)?;
@@ -651,7 +650,7 @@ fn import_bundle(
             1
         };
         // The depth is only a placeholder here: resolve_config computes it from the shapes.
-        let depth = crate::import_pth::depth_for(inferred.block, inferred.blocks).unwrap_or(50);
+        let depth = crate::source::depth_for(inferred.block, inferred.blocks).unwrap_or(50);
         SourceName {
             depth,
             width_multiplier: w,
@@ -674,7 +673,7 @@ fn import_bundle(
             config.ft_proj_selector = -1;
         }
     }
-    let config_err = |source| ImportError::Config {
+    let config_err = |source| InteropError::Config {
         path: path.clone(),
         source,
     };
@@ -692,7 +691,7 @@ fn import_bundle(
             .ok_or_else(|| sel.missing(&path, &logical))?;
         let expected = layout.tf_shape(&our_shape);
         if v.shape != expected {
-            return Err(ImportError::ShapeMismatch {
+            return Err(InteropError::ShapeMismatch {
                 path: path.clone(),
                 name: v.full.clone(),
                 expected,
@@ -720,14 +719,14 @@ fn import_bundle(
             .find(|v| !wanted.contains(v.full.as_str()))
             .map(|v| v.full.clone())
             .unwrap_or_default();
-        return Err(ImportError::UnexpectedTensor {
+        return Err(InteropError::UnexpectedTensor {
             path: path.clone(),
             name: extra,
         });
     }
 
     bundle.check_data_files()?;
-    let candle_err = |source: candle_core::Error| ImportError::Candle {
+    let candle_err = |source: candle_core::Error| InteropError::Candle {
         path: path.clone(),
         source,
     };
@@ -811,7 +810,7 @@ mod tests {
         let c = ModelConfig {
             resnet_depth: 50,
             base_width: 4,
-            sk_ratio: crate::config::SK1_RATIO,
+            sk_ratio: simclr_models::config::SK1_RATIO,
             num_classes: Some(10),
             ..ModelConfig::default()
         };

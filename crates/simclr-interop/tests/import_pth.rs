@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::Device;
 use common::{fixture, rel_err};
-use simclr_models::{import_pth, ForwardOptions, ImportError, SourceName, StemKind};
+use simclr_interop::{import_pth, InteropError, SourceName};
+use simclr_models::{ForwardOptions, StemKind};
 
 const OUTPUTS: [(&str, &str); 5] = [
     ("final_avg_pool", "final_avg_pool"),
@@ -100,7 +101,7 @@ fn file_names_parse() {
         "r50_1x_sk0_ema_ema.pth",
     ] {
         match SourceName::parse(bad) {
-            Err(ImportError::FileName { name, .. }) => {
+            Err(InteropError::FileName { name, .. }) => {
                 assert!(bad.ends_with(&name), "{bad}: {name}")
             }
             other => panic!(
@@ -122,7 +123,7 @@ fn copy_fixture_as(src: &str, dst_name: &str) -> (tempfile::TempDir, std::path::
 fn wrong_file_name_pattern_is_an_error() {
     let (_d, p) = copy_fixture_as("r50_1x_sk0.pth", "my_model.pth");
     let err = import_pth(&p, &Device::Cpu).err().expect("must fail");
-    assert!(matches!(err, ImportError::FileName { .. }), "{err}");
+    assert!(matches!(err, InteropError::FileName { .. }), "{err}");
 }
 
 #[test]
@@ -137,7 +138,7 @@ fn name_contradicting_shapes_is_an_error() {
     for (src, name, what_expected) in cases {
         let (_d, p) = copy_fixture_as(src, name);
         match import_pth(&p, &Device::Cpu) {
-            Err(ImportError::Contradiction { what, .. }) => {
+            Err(InteropError::Contradiction { what, .. }) => {
                 assert_eq!(what, what_expected, "{src} as {name}")
             }
             Err(other) => panic!("{src} as {name}: expected a contradiction, got {other}"),
@@ -163,7 +164,7 @@ fn truncated_pth_is_an_error() {
         std::fs::write(&p, &bytes[..keep]).unwrap();
         let err = import_pth(&p, &Device::Cpu).err().expect("must fail");
         assert!(
-            matches!(err, ImportError::Corrupt { .. }),
+            matches!(err, InteropError::Corrupt { .. }),
             "keep {keep}: {err}"
         );
         assert!(err.to_string().contains("r50_1x_sk0.pth"), "{err}");
@@ -176,7 +177,7 @@ fn missing_file_is_an_io_error() {
     let err = import_pth(dir.path().join("r50_1x_sk0.pth"), &Device::Cpu)
         .err()
         .unwrap();
-    assert!(matches!(err, ImportError::Io { .. }), "{err}");
+    assert!(matches!(err, InteropError::Io { .. }), "{err}");
 }
 
 #[test]
@@ -203,11 +204,11 @@ fn strides_or_shapes_that_overflow_are_errors_not_panics() {
     let storage =
         candle_core::Tensor::zeros(16, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     let huge = usize::MAX / 2 + 1;
-    let e = simclr_models::pth::strided_view(&storage, 0, &[huge, 3], &[3, 1]).unwrap_err();
+    let e = simclr_interop::pth::strided_view(&storage, 0, &[huge, 3], &[3, 1]).unwrap_err();
     assert!(e.to_string().contains("overflows"), "{e}");
-    let e = simclr_models::pth::strided_view(&storage, 0, &[2, 3], &[huge, 1]).unwrap_err();
+    let e = simclr_interop::pth::strided_view(&storage, 0, &[2, 3], &[huge, 1]).unwrap_err();
     assert!(e.to_string().contains("storage of 16"), "{e}");
-    let e = simclr_models::pth::strided_view(&storage, usize::MAX, &[2, 2], &[2, 1]).unwrap_err();
+    let e = simclr_interop::pth::strided_view(&storage, usize::MAX, &[2, 2], &[2, 1]).unwrap_err();
     assert!(e.to_string().contains("storage of 16"), "{e}");
 }
 
@@ -243,7 +244,7 @@ fn a_big_endian_pth_is_refused_naming_the_record() {
     let (_d, big) = with_byteorder("big");
     let err = import_pth(&big, &Device::Cpu).err().expect("must fail");
     let text = err.to_string();
-    assert!(matches!(err, ImportError::Corrupt { .. }), "{text}");
+    assert!(matches!(err, InteropError::Corrupt { .. }), "{text}");
     assert!(
         text.contains("r18_1x_sk0.pth") && text.contains("byteorder") && text.contains("\"big\""),
         "{text}"

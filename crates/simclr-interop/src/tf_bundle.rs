@@ -22,8 +22,8 @@
 //!   `offset..offset + size`. `crc32c` is the masked CRC32C of those bytes, checked on every
 //!   read.
 //!
-//! [`TfBundle`] reads a bundle; [`write_bundle`] writes a single-shard one (used by the tests
-//! to build variants of the fixtures, and usable as a documented writer of the format).
+//! [`TfBundle`] reads a bundle; `write_bundle` (feature `bundle-writer`) writes a single-shard one,
+//! which the tests use to build variants of the fixtures.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -1116,162 +1116,171 @@ impl TfBundle {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Writing.
+// Writing: only the tests build bundles (feature `bundle-writer`).
 
-const BLOCK_SIZE: usize = 4096;
-const RESTART_INTERVAL: usize = 16;
+#[cfg(any(test, feature = "bundle-writer"))]
+pub use writer::write_bundle;
 
-struct BlockBuilder {
-    buf: Vec<u8>,
-    restarts: Vec<u32>,
-    counter: usize,
-    last_key: Vec<u8>,
-}
+#[cfg(any(test, feature = "bundle-writer"))]
+mod writer {
+    use super::*;
 
-impl BlockBuilder {
-    fn new() -> Self {
-        Self {
-            buf: Vec::new(),
-            restarts: vec![0],
-            counter: 0,
-            last_key: Vec::new(),
+    pub(super) const BLOCK_SIZE: usize = 4096;
+    pub(super) const RESTART_INTERVAL: usize = 16;
+
+    pub(super) struct BlockBuilder {
+        buf: Vec<u8>,
+        restarts: Vec<u32>,
+        counter: usize,
+        last_key: Vec<u8>,
+    }
+
+    impl BlockBuilder {
+        pub(super) fn new() -> Self {
+            Self {
+                buf: Vec::new(),
+                restarts: vec![0],
+                counter: 0,
+                last_key: Vec::new(),
+            }
+        }
+
+        fn is_empty(&self) -> bool {
+            self.buf.is_empty()
+        }
+
+        fn size_estimate(&self) -> usize {
+            self.buf.len() + 4 * self.restarts.len() + 4
+        }
+
+        pub(super) fn add(&mut self, key: &[u8], value: &[u8]) {
+            let shared = if self.counter < RESTART_INTERVAL {
+                self.last_key
+                    .iter()
+                    .zip(key)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            } else {
+                self.restarts.push(self.buf.len() as u32);
+                self.counter = 0;
+                0
+            };
+            put_varint(&mut self.buf, shared as u64);
+            put_varint(&mut self.buf, (key.len() - shared) as u64);
+            put_varint(&mut self.buf, value.len() as u64);
+            self.buf.extend_from_slice(&key[shared..]);
+            self.buf.extend_from_slice(value);
+            self.last_key = key.to_vec();
+            self.counter += 1;
+        }
+
+        pub(super) fn finish(mut self) -> Vec<u8> {
+            for r in &self.restarts {
+                self.buf.extend_from_slice(&r.to_le_bytes());
+            }
+            self.buf
+                .extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
+            self.buf
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+    pub(super) fn write_block(out: &mut Vec<u8>, contents: &[u8]) -> BlockHandle {
+        write_block_typed(out, contents, 0)
     }
 
-    fn size_estimate(&self) -> usize {
-        self.buf.len() + 4 * self.restarts.len() + 4
-    }
-
-    fn add(&mut self, key: &[u8], value: &[u8]) {
-        let shared = if self.counter < RESTART_INTERVAL {
-            self.last_key
-                .iter()
-                .zip(key)
-                .take_while(|(a, b)| a == b)
-                .count()
-        } else {
-            self.restarts.push(self.buf.len() as u32);
-            self.counter = 0;
-            0
+    /// Appends a block and its trailer (compression byte `kind`, masked CRC32C).
+    pub(super) fn write_block_typed(out: &mut Vec<u8>, contents: &[u8], kind: u8) -> BlockHandle {
+        let h = BlockHandle {
+            offset: out.len() as u64,
+            size: contents.len() as u64,
         };
-        put_varint(&mut self.buf, shared as u64);
-        put_varint(&mut self.buf, (key.len() - shared) as u64);
-        put_varint(&mut self.buf, value.len() as u64);
-        self.buf.extend_from_slice(&key[shared..]);
-        self.buf.extend_from_slice(value);
-        self.last_key = key.to_vec();
-        self.counter += 1;
+        out.extend_from_slice(contents);
+        let crc = crc32c_extend(crc32c(contents), &[kind]);
+        out.push(kind);
+        out.extend_from_slice(&mask_crc(crc).to_le_bytes());
+        h
     }
 
-    fn finish(mut self) -> Vec<u8> {
-        for r in &self.restarts {
-            self.buf.extend_from_slice(&r.to_le_bytes());
-        }
-        self.buf
-            .extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
-        self.buf
-    }
-}
-
-fn write_block(out: &mut Vec<u8>, contents: &[u8]) -> BlockHandle {
-    write_block_typed(out, contents, 0)
-}
-
-/// Appends a block and its trailer (compression byte `kind`, masked CRC32C).
-fn write_block_typed(out: &mut Vec<u8>, contents: &[u8], kind: u8) -> BlockHandle {
-    let h = BlockHandle {
-        offset: out.len() as u64,
-        size: contents.len() as u64,
-    };
-    out.extend_from_slice(contents);
-    let crc = crc32c_extend(crc32c(contents), &[kind]);
-    out.push(kind);
-    out.extend_from_slice(&mask_crc(crc).to_le_bytes());
-    h
-}
-
-/// Encodes sorted `(key, value)` pairs as an uncompressed table file.
-fn build_table(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut index = BlockBuilder::new();
-    let mut block = BlockBuilder::new();
-    let flush = |block: BlockBuilder, out: &mut Vec<u8>, index: &mut BlockBuilder| {
-        let last = block.last_key.clone();
-        let h = write_block(out, &block.finish());
-        let mut v = Vec::new();
-        h.encode(&mut v);
-        index.add(&last, &v);
-    };
-    for (k, v) in entries {
-        block.add(k, v);
-        if block.size_estimate() >= BLOCK_SIZE {
-            flush(
-                std::mem::replace(&mut block, BlockBuilder::new()),
-                &mut out,
-                &mut index,
-            );
-        }
-    }
-    if !block.is_empty() {
-        flush(block, &mut out, &mut index);
-    }
-    let metaindex = write_block(&mut out, &BlockBuilder::new().finish());
-    let index = write_block(&mut out, &index.finish());
-    let mut footer = Vec::with_capacity(FOOTER_SIZE);
-    metaindex.encode(&mut footer);
-    index.encode(&mut footer);
-    footer.resize(40, 0);
-    footer.extend_from_slice(&TABLE_MAGIC.to_le_bytes());
-    out.extend_from_slice(&footer);
-    out
-}
-
-/// Writes a single-shard, little-endian bundle: `{prefix}.index` and
-/// `{prefix}.data-00000-of-00001`, the tensors in name order, as TF's `SaveV2` lays them out.
-/// Tensor names must not be empty (the empty key is the header).
-pub fn write_bundle(
-    prefix: impl AsRef<Path>,
-    tensors: &BTreeMap<String, RawTensor>,
-) -> Result<(), TfBundleError> {
-    let prefix = prefix.as_ref();
-    let index_path = index_path_of(prefix);
-    let data_path = data_path_of(prefix, 0, 1);
-    let header = BundleHeader {
-        num_shards: 1,
-        big_endian: false,
-        version_producer: 1,
-    };
-    let mut data = Vec::new();
-    let mut table = vec![(Vec::new(), header.encode())];
-    for (name, t) in tensors {
-        if name.is_empty() {
-            return Err(corrupt(&index_path, "a tensor name is empty"));
-        }
-        let entry = BundleEntry {
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            shard_id: 0,
-            offset: data.len() as u64,
-            size: t.data.len() as u64,
-            crc32c_masked: mask_crc(crc32c(&t.data)),
-            num_slices: 0,
+    /// Encodes sorted `(key, value)` pairs as an uncompressed table file.
+    pub(super) fn build_table(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut index = BlockBuilder::new();
+        let mut block = BlockBuilder::new();
+        let flush = |block: BlockBuilder, out: &mut Vec<u8>, index: &mut BlockBuilder| {
+            let last = block.last_key.clone();
+            let h = write_block(out, &block.finish());
+            let mut v = Vec::new();
+            h.encode(&mut v);
+            index.add(&last, &v);
         };
-        data.extend_from_slice(&t.data);
-        table.push((name.as_bytes().to_vec(), entry.encode()));
+        for (k, v) in entries {
+            block.add(k, v);
+            if block.size_estimate() >= BLOCK_SIZE {
+                flush(
+                    std::mem::replace(&mut block, BlockBuilder::new()),
+                    &mut out,
+                    &mut index,
+                );
+            }
+        }
+        if !block.is_empty() {
+            flush(block, &mut out, &mut index);
+        }
+        let metaindex = write_block(&mut out, &BlockBuilder::new().finish());
+        let index = write_block(&mut out, &index.finish());
+        let mut footer = Vec::with_capacity(FOOTER_SIZE);
+        metaindex.encode(&mut footer);
+        index.encode(&mut footer);
+        footer.resize(40, 0);
+        footer.extend_from_slice(&TABLE_MAGIC.to_le_bytes());
+        out.extend_from_slice(&footer);
+        out
     }
-    let write = |path: &Path, bytes: &[u8]| -> Result<(), TfBundleError> {
-        simclr_fs::write_atomic(path, bytes).map_err(io_err(path))
-    };
-    write(&data_path, &data)?;
-    write(&index_path, &build_table(&table))
+
+    /// Writes a single-shard, little-endian bundle: `{prefix}.index` and
+    /// `{prefix}.data-00000-of-00001`, the tensors in name order, as TF's `SaveV2` lays them out.
+    /// Tensor names must not be empty (the empty key is the header).
+    pub fn write_bundle(
+        prefix: impl AsRef<Path>,
+        tensors: &BTreeMap<String, RawTensor>,
+    ) -> Result<(), TfBundleError> {
+        let prefix = prefix.as_ref();
+        let index_path = index_path_of(prefix);
+        let data_path = data_path_of(prefix, 0, 1);
+        let header = BundleHeader {
+            num_shards: 1,
+            big_endian: false,
+            version_producer: 1,
+        };
+        let mut data = Vec::new();
+        let mut table = vec![(Vec::new(), header.encode())];
+        for (name, t) in tensors {
+            if name.is_empty() {
+                return Err(corrupt(&index_path, "a tensor name is empty"));
+            }
+            let entry = BundleEntry {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                shard_id: 0,
+                offset: data.len() as u64,
+                size: t.data.len() as u64,
+                crc32c_masked: mask_crc(crc32c(&t.data)),
+                num_slices: 0,
+            };
+            data.extend_from_slice(&t.data);
+            table.push((name.as_bytes().to_vec(), entry.encode()));
+        }
+        let write = |path: &Path, bytes: &[u8]| -> Result<(), TfBundleError> {
+            simclr_fs::write_atomic(path, bytes).map_err(io_err(path))
+        };
+        write(&data_path, &data)?;
+        write(&index_path, &build_table(&table))
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::writer::*;
     use super::*;
 
     #[test]
