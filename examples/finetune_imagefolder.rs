@@ -56,7 +56,7 @@ fn main() -> Result<()> {
     let (summary, task) = run_finetune(
         &cfg,
         &FinetuneInit::Pretrained(PathBuf::from(checkpoint)),
-        "finetune",
+        simclr_models::Stage::Finetune,
         train,
         labelled,
         StageEnv {

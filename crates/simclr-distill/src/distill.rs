@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_models::checkpoint::{self, assign_variables};
-use simclr_models::{ModelConfig, Precision, SimclrModel};
+use simclr_models::{ModelConfig, Precision, SimclrModel, Stage};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
@@ -53,9 +53,6 @@ impl std::str::FromStr for TeacherTargets {
 
 /// The largest table of clean teacher logits kept in memory (`TeacherTargets::Clean`).
 pub const MAX_CLEAN_TARGET_BYTES: usize = 2 << 30;
-
-/// Stages whose checkpoints can teach.
-pub const TEACHER_STAGES: [&str; 2] = ["finetune", "supervised"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DistillConfig {
@@ -151,11 +148,9 @@ pub struct DistillTask {
 }
 
 fn no_head() -> TrainError {
-    TrainError::InvalidConfig("a model without a supervised head".into())
-}
-
-fn terr(e: impl std::fmt::Display) -> TrainError {
-    TrainError::InvalidConfig(e.to_string())
+    TrainError::NoSupervisedHead {
+        what: "the teacher or the student".into(),
+    }
 }
 
 impl DistillTask {
@@ -170,20 +165,22 @@ impl DistillTask {
     ) -> simclr_train::Result<Self> {
         let mut teacher = checkpoint::load(teacher_path, device)?;
         teacher.model = teacher.model.with_precision(cfg.precision);
-        if !TEACHER_STAGES.contains(&teacher.meta.stage.as_str()) {
-            return Err(TrainError::InvalidConfig(format!(
-                "{}: a checkpoint of stage {:?} cannot teach; use a fine-tuned one ({TEACHER_STAGES:?})",
-                teacher_path.display(),
-                teacher.meta.stage
-            )));
+        if !Stage::name_in(&teacher.meta.stage, &Stage::TEACHERS) {
+            return Err(TrainError::WrongStage {
+                path: teacher_path.to_path_buf(),
+                found: teacher.meta.stage,
+                stage: Stage::Distill,
+                expected: &Stage::TEACHERS,
+            });
         }
         match teacher.meta.config.num_classes {
             Some(c) if c == num_classes => {}
-            other => {
-                return Err(TrainError::InvalidConfig(format!(
-                    "{}: the teacher predicts {other:?} classes, the dataset has {num_classes}",
-                    teacher_path.display()
-                )))
+            found => {
+                return Err(TrainError::ClassCount {
+                    path: teacher_path.to_path_buf(),
+                    found,
+                    expected: num_classes,
+                })
             }
         }
         let (base, init) = match student {
@@ -201,9 +198,8 @@ impl DistillTask {
             ..base
         };
         let varmap = VarMap::new();
-        let model = SimclrModel::init(&config, &varmap, cfg.seed, device)
-            .map_err(terr)?
-            .with_precision(cfg.precision);
+        let model =
+            SimclrModel::init(&config, &varmap, cfg.seed, device)?.with_precision(cfg.precision);
         if let Some(t) = init {
             // The checkpoint's supervised head is kept when it predicts the same classes from
             // the same input (a teacher's own weights); otherwise the student's head is new.
@@ -245,8 +241,7 @@ impl DistillTask {
         let loader = Loader::new(train.clone(), None, lc)?;
         // The evaluation loader serves every image once, in dataset order: row i is image i.
         let (logits, _) =
-            simclr_eval::features(&self.teacher, &loader, "logits_sup", &self.device, false)
-                .map_err(terr)?;
+            simclr_eval::features(&self.teacher, &loader, "logits_sup", &self.device, false)?;
         if logits.dims() != [n, c] {
             return Err(TrainError::InvalidConfig(format!(
                 "the teacher's pass over {n} images gave logits of shape {:?}",
@@ -363,7 +358,7 @@ pub fn run_distill(
     let train_classes = train.class_names().to_vec();
     let loader = Loader::new(train, None, lc)?;
     let run = StageRun {
-        stage: "distill",
+        stage: Stage::Distill,
         env,
         options: &cfg.run,
         extra_meta: simclr_train::stage_meta("distill_config", &cfg, Some(&train_classes))?,

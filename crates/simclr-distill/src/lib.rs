@@ -15,6 +15,5 @@ mod loss;
 
 pub use distill::{
     run_distill, DistillConfig, DistillTask, StudentInit, TeacherTargets, MAX_CLEAN_TARGET_BYTES,
-    TEACHER_STAGES,
 };
 pub use loss::distillation_loss;

@@ -242,7 +242,12 @@ fn wrong_teacher_stage_or_class_count_fails_before_training() {
     )
     .err()
     .unwrap();
-    assert!(e.to_string().contains("\"pretrain\" cannot teach"), "{e}");
+    assert!(
+        e.to_string().contains(
+            "stage \"pretrain\" cannot start distill; it needs one of finetune, supervised"
+        ),
+        "{e}"
+    );
     let five = teacher(dir.path(), "finetune", 5);
     let e = run_distill(
         &settings(),

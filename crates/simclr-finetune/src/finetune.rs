@@ -11,13 +11,10 @@ use simclr_data::augment::AugmentConfig;
 use simclr_data::split::check_all_classes_labelled;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_models::checkpoint::{self, assign_variables};
-use simclr_models::{ModelConfig, Precision, SimclrModel};
+use simclr_models::{ModelConfig, Precision, SimclrModel, Stage};
 use simclr_train::optim::{OptimizerKind, OptimizerSettings};
 use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
-
-/// Stages whose checkpoints can be fine-tuned.
-pub const PRETRAINED_STAGES: [&str; 2] = ["pretrain", "import"];
 
 /// Settings with the official names; defaults are the SimCLRv2 1 % recipe (the official README's fine-tuning commands):
 /// LARS, `learning_rate` 0.005 with sqrt scaling (0.16 at batch 1024), no weight decay, no
@@ -146,10 +143,6 @@ pub struct FinetuneTask {
     device: Device,
 }
 
-fn terr(e: impl std::fmt::Display) -> TrainError {
-    TrainError::InvalidConfig(e.to_string())
-}
-
 impl FinetuneTask {
     /// Builds the network for `num_classes`; checks the checkpoint's stage before any work.
     pub fn new(
@@ -161,12 +154,13 @@ impl FinetuneTask {
         let (base, pretrained) = match init {
             FinetuneInit::Pretrained(path) => {
                 let meta = checkpoint::read_meta(path)?;
-                if !PRETRAINED_STAGES.contains(&meta.stage.as_str()) {
-                    return Err(TrainError::InvalidConfig(format!(
-                        "{}: a checkpoint of stage {:?}; fine-tuning starts from one of {PRETRAINED_STAGES:?}",
-                        path.display(),
-                        meta.stage
-                    )));
+                if !Stage::name_in(&meta.stage, &Stage::PRETRAINED) {
+                    return Err(TrainError::WrongStage {
+                        path: path.clone(),
+                        found: meta.stage,
+                        stage: Stage::Finetune,
+                        expected: &Stage::PRETRAINED,
+                    });
                 }
                 let (_, tensors) = checkpoint::load_tensors(path, device)?;
                 (meta.config, Some(tensors))
@@ -179,11 +173,10 @@ impl FinetuneTask {
             fine_tune_after_block: cfg.fine_tune_after_block,
             ..base
         };
-        config.validate().map_err(terr)?;
+        config.validate()?;
         let varmap = VarMap::new();
-        let model = SimclrModel::init(&config, &varmap, cfg.seed, device)
-            .map_err(terr)?
-            .with_precision(cfg.precision);
+        let model =
+            SimclrModel::init(&config, &varmap, cfg.seed, device)?.with_precision(cfg.precision);
         if let Some(tensors) = pretrained {
             // The supervised head is new (its input or class count may differ); the official
             // code zeroes it (`zero_init_logits_layer`).
@@ -215,9 +208,9 @@ impl TrainTask for FinetuneTask {
     fn forward(&mut self, batch: &Batch, _step: u64) -> simclr_train::Result<StepOutput> {
         let x = batch.views[0].to_device(&self.device)?;
         let out = self.model.forward(&x, true)?;
-        let logits = out
-            .logits_sup
-            .ok_or_else(|| TrainError::InvalidConfig("the model has no supervised head".into()))?;
+        let logits = out.logits_sup.ok_or_else(|| TrainError::NoSupervisedHead {
+            what: "the fine-tuned model".into(),
+        })?;
         let labels = batch.labels.to_device(&self.device)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         let acc = logits
@@ -242,11 +235,11 @@ impl TrainTask for FinetuneTask {
 }
 
 /// Trains on the images `labelled` of `train` into `out_dir`, as stage `stage`
-/// (`finetune`, `linear_eval` or `supervised`).
+/// ([`Stage::Finetune`], [`Stage::LinearEval`] or [`Stage::Supervised`]).
 pub fn run_finetune(
     cfg: &FinetuneConfig,
     init: &FinetuneInit,
-    stage: &str,
+    stage: Stage,
     train: Arc<dyn Dataset>,
     labelled: Vec<usize>,
     env: StageEnv,

@@ -14,5 +14,5 @@ mod finetune;
 
 pub use finetune::{
     baseline_batch_size, baseline_train_steps, epochs_for_fraction, run_finetune, FinetuneConfig,
-    FinetuneInit, FinetuneTask, PRETRAINED_STAGES,
+    FinetuneInit, FinetuneTask,
 };

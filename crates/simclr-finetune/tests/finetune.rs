@@ -128,7 +128,7 @@ fn linear_evaluation_trains_only_the_head() {
     let (summary, task) = run_finetune(
         &c,
         &FinetuneInit::Pretrained(path),
-        "linear_eval",
+        simclr_models::Stage::LinearEval,
         ds.clone(),
         (0..30).collect(),
         StageEnv {
@@ -165,7 +165,7 @@ fn bad_inputs_fail_before_training() {
     let e = run_finetune(
         &cfg(),
         &FinetuneInit::Pretrained(wrong),
-        "finetune",
+        simclr_models::Stage::Finetune,
         ds.clone(),
         (0..30).collect(),
         StageEnv {
@@ -183,7 +183,7 @@ fn bad_inputs_fail_before_training() {
     let e = run_finetune(
         &cfg(),
         &FinetuneInit::Pretrained(good),
-        "finetune",
+        simclr_models::Stage::Finetune,
         ds,
         vec![0, 1, 3, 4],
         StageEnv {

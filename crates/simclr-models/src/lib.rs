@@ -13,7 +13,8 @@
 //! * the configuration with its official flag names ([`config`]);
 //! * the table of parameter groups an optimizer needs and the parameter counts ([`params`]);
 //! * mixed precision ([`precision`]);
-//! * self-describing safetensors checkpoints ([`checkpoint`]).
+//! * self-describing safetensors checkpoints ([`checkpoint`]) and the names of the stages that
+//!   write them ([`stage`]).
 //!
 //! Other formats (the official TF1 checkpoints, the converter's `.pth`, ONNX, Hugging Face
 //! folders) are `simclr-interop`'s; the kernels are `simclr-kernels`'.
@@ -52,6 +53,7 @@ pub mod pool;
 pub mod precision;
 pub mod resnet;
 pub mod sk;
+pub mod stage;
 
 pub use batch_norm::BnMode;
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
@@ -60,3 +62,4 @@ pub use error::ModelError;
 pub use model::{ForwardOptions, ModelOutput, SimclrModel};
 pub use params::{num_parameters, param_group, parameter_shapes, ParamGroup, ParameterCount};
 pub use precision::Precision;
+pub use stage::Stage;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
 use simclr_data::{Batch, Dataset, Loader, LoaderConfig};
 use simclr_eval::{knn_top1, KnnConfig, KnnData};
-use simclr_models::{ForwardOptions, ModelConfig, Precision, SimclrModel};
+use simclr_models::{ForwardOptions, ModelConfig, Precision, SimclrModel, Stage};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
 use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
@@ -97,10 +97,6 @@ pub struct PretrainTask {
     device: Device,
 }
 
-fn terr(e: impl std::fmt::Display) -> TrainError {
-    TrainError::InvalidConfig(e.to_string())
-}
-
 impl PretrainTask {
     pub fn new(
         config: PretrainConfig,
@@ -109,14 +105,12 @@ impl PretrainTask {
         knn: Option<KnnData>,
     ) -> simclr_train::Result<Self> {
         let varmap = VarMap::new();
-        let model = SimclrModel::init(&config.model, &varmap, config.seed, device)
-            .map_err(terr)?
+        let model = SimclrModel::init(&config.model, &varmap, config.seed, device)?
             .with_precision(config.precision);
         let momentum = match &config.memory {
             Some(mem) => {
                 let mvarmap = VarMap::new();
-                let mmodel = SimclrModel::init(&config.model, &mvarmap, config.seed, device)
-                    .map_err(terr)?
+                let mmodel = SimclrModel::init(&config.model, &mvarmap, config.seed, device)?
                     .with_precision(config.precision);
                 copy_variables(&mvarmap, &varmap)?;
                 let queue = MemoryQueue::new(
@@ -160,9 +154,10 @@ impl TrainTask for PretrainTask {
             }
             let n = t.dim(0)?;
             if n % world != 0 {
-                return Err(terr(format!(
-                    "the global batch of {n} does not split evenly over {world} replicas"
-                )));
+                return Err(TrainError::UnevenBatch {
+                    batch: n,
+                    replicas: world,
+                });
             }
             Ok(t.narrow(0, rank * n / world, n / world)?)
         };
@@ -258,8 +253,7 @@ impl TrainTask for PretrainTask {
             return Ok(Vec::new());
         }
         // Under the stage's own progress bar: no second one.
-        let top1 =
-            knn_top1(&self.model, knn, &self.config.knn, &self.device, false).map_err(terr)?;
+        let top1 = knn_top1(&self.model, knn, &self.config.knn, &self.device, false)?;
         Ok(vec![("knn_top1".into(), top1)])
     }
 
@@ -371,7 +365,7 @@ pub fn run_pretrain_replica(
     let primary = replicas.rank() == 0;
     let mut task = PretrainTask::new(config.clone(), env.device, replicas, knn)?;
     let run = StageRun {
-        stage: "pretrain",
+        stage: Stage::Pretrain,
         // Only rank 0 draws a bar.
         env: StageEnv {
             progress: env.progress && primary,

@@ -109,6 +109,46 @@ pub enum TrainError {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// The network could not be built (an invalid architecture).
+    #[error(transparent)]
+    Model(#[from] simclr_models::ModelError),
+
+    /// An evaluation inside a stage (the kNN monitor, the teacher's labelling pass) failed.
+    #[error(transparent)]
+    Eval(#[from] simclr_eval::EvalError),
+
+    /// A checkpoint written by a stage that cannot start this one.
+    #[error(
+        "{}: a checkpoint of stage {found:?} cannot start {stage}; it needs one of {}",
+        .path.display(),
+        stage_list(.expected)
+    )]
+    WrongStage {
+        path: std::path::PathBuf,
+        /// The stage the checkpoint records.
+        found: String,
+        /// The stage being started.
+        stage: simclr_models::Stage,
+        /// The stages it can start from.
+        expected: &'static [simclr_models::Stage],
+    },
+
+    /// A model without a supervised head where the stage needs its logits.
+    #[error("{what} has no supervised head")]
+    NoSupervisedHead { what: String },
+
+    /// A teacher that predicts another number of classes than the data has.
+    #[error("{}: the teacher predicts {found:?} classes, the dataset has {expected}", .path.display())]
+    ClassCount {
+        path: std::path::PathBuf,
+        found: Option<usize>,
+        expected: usize,
+    },
+
+    /// A global batch that does not split evenly over the replicas.
+    #[error("the global batch of {batch} does not split evenly over {replicas} replicas")]
+    UnevenBatch { batch: usize, replicas: usize },
+
     /// A fresh run was started in a folder that holds another run's checkpoint.
     #[error(
         "{}: the folder already holds a run ({}); pass --resume to continue it, or choose \
@@ -120,6 +160,12 @@ pub enum TrainError {
         dir: std::path::PathBuf,
         checkpoint: std::path::PathBuf,
     },
+}
+
+/// `pretrain, import`.
+fn stage_list(stages: &[simclr_models::Stage]) -> String {
+    let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
+    names.join(", ")
 }
 
 /// The advice that ends a stopped run's message.

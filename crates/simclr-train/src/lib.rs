@@ -56,7 +56,7 @@ pub use optim::{
 pub use schedule::{
     scaled_lr, train_steps, warmup_steps, LearningRateScaling, LrScheduleConfig, WarmupCosine,
 };
-pub use simclr_models::{param_group, ParamGroup};
+pub use simclr_models::{param_group, ParamGroup, Stage};
 pub use trainer::{
     run_stage, stage_meta, train, RunOptions, StageEnv, StageRun, StepOutput, TrainSummary,
     TrainTask, TrainerConfig, CHECKPOINT_FILE, KEEP_CHECKPOINT_MAX,

@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 use simclr_collective::Collective;
 use simclr_data::{Batch, Loader};
 use simclr_models::checkpoint::{self, CheckpointMeta};
-use simclr_models::ModelConfig;
+use simclr_models::{ModelConfig, Stage};
 
 use crate::error::{Result, TrainError};
 use crate::optim::{all_reduce_gradients, named_vars, Optimizer};
@@ -81,8 +81,8 @@ pub trait TrainTask {
 pub struct TrainerConfig {
     /// The stage's output folder (checkpoints, metrics).
     pub out_dir: PathBuf,
-    /// `pretrain`, `finetune`, `distill`, … (written in checkpoints).
-    pub stage: String,
+    /// Written in checkpoints, logs and error messages.
+    pub stage: Stage,
     pub total_steps: u64,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
@@ -339,7 +339,7 @@ fn save_checkpoint(
     let all = variables.iter().chain(&state).map(|(k, t)| (k.as_str(), t));
     if let Some(tensor) = checkpoint::first_non_finite(all)? {
         return Err(TrainError::NonFiniteState {
-            stage: cfg.stage.clone(),
+            stage: cfg.stage.to_string(),
             step,
             tensor,
             last_checkpoint: saved.newest.clone(),
@@ -351,7 +351,7 @@ fn save_checkpoint(
     if task.replicas().is_some_and(|r| r.rank() != 0) {
         return Ok(cfg.checkpoint_path());
     }
-    let mut meta = CheckpointMeta::new(task.model_config().clone(), cfg.stage.clone(), step)
+    let mut meta = CheckpointMeta::new(task.model_config().clone(), cfg.stage, step)
         .with_extra("complete", if done { "true" } else { "false" })
         .with_extra("total_steps", cfg.total_steps.to_string())
         // Training time and images over every invocation, so a resumed run reports the whole.
@@ -688,7 +688,7 @@ fn progress_bar(cfg: &TrainerConfig, start: u64) -> ProgressBar {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    pb.set_prefix(cfg.stage.clone());
+    pb.set_prefix(cfg.stage.as_str());
     pb.set_position(start);
     pb
 }
@@ -811,14 +811,14 @@ pub fn train(
             if !healthy {
                 return Err(match median.filter(|_| loss.is_finite()) {
                     Some(median) => TrainError::Diverged {
-                        stage: cfg.stage.clone(),
+                        stage: cfg.stage.to_string(),
                         step,
                         value: loss,
                         median,
                         last_checkpoint: saved.newest.clone(),
                     },
                     None => TrainError::NonFiniteLoss {
-                        stage: cfg.stage.clone(),
+                        stage: cfg.stage.to_string(),
                         step,
                         epoch,
                         batch: batch.index,
@@ -937,7 +937,7 @@ pub struct StageEnv<'a> {
 
 /// What a stage adds to [`train`]: its name, folder and options.
 pub struct StageRun<'a> {
-    pub stage: &'a str,
+    pub stage: Stage,
     /// Its folder, resume policy and progress bar (the device is the task's business).
     pub env: StageEnv<'a>,
     pub options: &'a RunOptions,
@@ -980,7 +980,7 @@ pub fn run_stage(
         crate::optim::build_optimizer(crate::optim::named_vars(task.varmap()), optimizer)?;
     let cfg = TrainerConfig {
         out_dir: run.env.out_dir.to_path_buf(),
-        stage: run.stage.to_string(),
+        stage: run.stage,
         total_steps: schedule.total_steps,
         checkpoint_every: run.options.checkpoint_every,
         keep_checkpoint_max: run.options.keep_checkpoint_max.max(1),

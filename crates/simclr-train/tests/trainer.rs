@@ -119,7 +119,7 @@ fn loader() -> Loader {
 fn trainer(dir: &std::path::Path, total: u64, every: u64, resume: bool) -> TrainerConfig {
     TrainerConfig {
         out_dir: dir.to_path_buf(),
-        stage: "test".into(),
+        stage: simclr_models::Stage::Pretrain,
         total_steps: total,
         checkpoint_every: every,
         keep_checkpoint_max: simclr_train::KEEP_CHECKPOINT_MAX,

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use simclr::args::{device, DataArgs, ModelArgs, RunArgs, TrainArgs};
 use simclr_data::{Loader, LoaderConfig, Split};
-use simclr_models::checkpoint;
+use simclr_models::{checkpoint, Stage};
 use simclr_pretrain::{PretrainConfig, PretrainData};
 
 #[derive(Parser)]
@@ -533,7 +533,7 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
     let (init, stage) = match (&a.checkpoint, a.from_scratch) {
         (_, true) => (
             FinetuneInit::Scratch(a.model.config(image_size, None)?),
-            "supervised",
+            Stage::Supervised,
         ),
         (Some(p), false) => (
             {
@@ -542,9 +542,9 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
                 FinetuneInit::Pretrained(p.clone())
             },
             if cfg.fine_tune_after_block >= 4 {
-                "linear_eval"
+                Stage::LinearEval
             } else {
-                "finetune"
+                Stage::Finetune
             },
         ),
         (None, false) => bail!("--checkpoint is required unless --from-scratch"),

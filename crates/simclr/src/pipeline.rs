@@ -29,7 +29,7 @@ use simclr_eval::EvalReport;
 use simclr_eval::{knn_top1, KnnData};
 use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
 use simclr_models::checkpoint::crash_point;
-use simclr_models::{ModelConfig, Precision};
+use simclr_models::{ModelConfig, Precision, Stage};
 use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
 use simclr_train::schedule::LearningRateScaling;
 use simclr_train::TrainSummary;
@@ -836,7 +836,7 @@ pub fn run(
         let (ft, ft_task) = run_finetune(
             &cfg.finetune[k],
             &FinetuneInit::Pretrained(pre_ckpt.clone()),
-            "finetune",
+            Stage::Finetune,
             train.clone(),
             labelled.clone(),
             StageEnv {
@@ -861,7 +861,7 @@ pub fn run(
         let (bl, bl_task) = run_finetune(
             &cfg.baseline[k],
             &FinetuneInit::Scratch(cfg.pretrain.model.clone()),
-            "supervised",
+            Stage::Supervised,
             train.clone(),
             labelled.clone(),
             StageEnv {

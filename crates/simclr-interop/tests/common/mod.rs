@@ -11,7 +11,11 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         t.to_vec1::<f64>().unwrap()
     };
     let (a, b) = (flat(a), flat(b));
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
     diff / scale.max(1e-30)
 }
