@@ -770,7 +770,7 @@ impl CustomOp3 for BnApplyGrad {
         let params = cuda_view!(name, ps, pl);
         let dev = &xs.device;
         let with_dres = self.residual && self.relu;
-        let out = gpu::apply_grad(dev, &x, &y, &dy, &params, dims, self.relu, with_dres)?;
+        let out = gpu::apply_grad(dev, (&x, &y, &dy), &params, dims, self.relu, with_dres)?;
         let total = dims.0 * dims.1 * dims.2;
         let len = total * (1 + with_dres as usize) + 4 * dims.1;
         Ok((

@@ -451,17 +451,14 @@ fn last_index(rows: usize, cols: usize, s: Strides) -> usize {
     (rows - 1) * s.rs + (cols - 1) * s.cs
 }
 
-/// `dst (m×n) = [dst +] a (m×k) · b (k×n)` with the `gemm` crate.
-#[allow(clippy::too_many_arguments)]
+/// `dst (m×n) = [dst +] a (m×k) · b (k×n)` with the `gemm` crate; each matrix comes with its
+/// strides.
 fn gemm_f32(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    ds: Strides,
+    (dst, ds): (&mut [f32], Strides),
     accumulate: bool,
-    a: &[f32],
-    as_: Strides,
-    b: &[f32],
-    bs: Strides,
+    (a, as_): (&[f32], Strides),
+    (b, bs): (&[f32], Strides),
     parallelism: Parallelism,
 ) {
     if m == 0 || n == 0 {
@@ -686,13 +683,10 @@ impl CustomOp2 for Conv2dGemm {
             let cs = Strides { rs: 1, cs: ld };
             gemm_f32(
                 (ld, o, k),
-                dst,
-                ds,
+                (dst, ds),
                 false,
-                cols,
-                cs,
-                w,
-                Strides { rs: 1, cs: k },
+                (cols, cs),
+                (w, Strides { rs: 1, cs: k }),
                 par,
             );
             if count > 1 {
@@ -786,7 +780,14 @@ impl CustomOp2 for ConvInputGrad {
                 let ds = Strides { rs: 1, cs: ld };
                 let gs = Strides { rs: 1, cs: ld };
                 let ws = Strides { rs: k, cs: 1 };
-                gemm_f32((ld, k, o), &mut scratch.cols, ds, false, g, gs, w, ws, par);
+                gemm_f32(
+                    (ld, k, o),
+                    (&mut scratch.cols, ds),
+                    false,
+                    (g, gs),
+                    (w, ws),
+                    par,
+                );
                 for (b, img) in out.chunks_exact_mut(d.image_in()).enumerate() {
                     col2im_image(&d, &mut scratch.cols, ld, b * p, img);
                 }
@@ -838,7 +839,7 @@ impl CustomOp2 for ConvKernelGrad {
             let ds = Strides { rs: o, cs: 1 };
             let cs = Strides { rs: ld, cs: 1 };
             let gs = Strides { rs: 1, cs: gld };
-            gemm_f32((k, o, ld), acc, ds, true, cols, cs, g, gs, par);
+            gemm_f32((k, o, ld), (acc, ds), true, (cols, cs), (g, gs), par);
         };
         let gw = if parallel {
             // Partial kernels over fixed ranges of chunks, summed in order: the result does not

@@ -86,13 +86,11 @@ pub(super) fn apply(
 }
 
 /// The backward of the apply ops, in the CPU kernel's flat layout:
-/// `[dx_direct | dresidual (if with_dres) | dmean | dinvstd | dγ | dβ]`.
-#[allow(clippy::too_many_arguments)]
+/// `[dx_direct | dresidual (if with_dres) | dmean | dinvstd | dγ | dβ]`, from the input, the
+/// output and the output's gradient.
 pub(super) fn apply_grad(
     dev: &CudaDevice,
-    x: &CudaView<f32>,
-    y: &CudaView<f32>,
-    dy: &CudaView<f32>,
+    (x, y, dy): (&CudaView<f32>, &CudaView<f32>, &CudaView<f32>),
     params: &CudaView<f32>,
     (n, c, p): (usize, usize, usize),
     relu: bool,
