@@ -187,7 +187,12 @@ fn target(name: &str) -> Result<Target> {
                     revision: None,
                     ..Default::default()
                 };
-                let _ = simclr_data::hub::read_hub_dataset("fuzz/fashion", "test", &opts);
+                // Opening reads the labels; the images are read (and decoded) when asked for.
+                if let Ok(ds) = simclr_data::hub::read_hub_dataset("fuzz/fashion", "test", &opts) {
+                    for i in 0..simclr_data::Dataset::len(&ds).min(64) {
+                        let _ = simclr_data::Dataset::image(&ds, i);
+                    }
+                }
             },
         },
         other => bail!("unknown fuzz target {other:?}: expected all or one of {TARGETS:?}"),
@@ -759,6 +764,7 @@ mod tests {
         };
         let ds = simclr_data::hub::read_hub_dataset("fuzz/fashion", "test", &opts).unwrap();
         assert_eq!(simclr_data::Dataset::len(&ds), 2);
+        simclr_data::Dataset::image(&ds, 1).unwrap();
         let t = target("tf-bundle").unwrap();
         let tf = (t.seeds)(&scratch).unwrap();
         std::fs::write(scratch.join(t.input), &tf[0]).unwrap();

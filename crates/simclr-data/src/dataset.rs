@@ -26,6 +26,17 @@ pub trait Dataset: Send + Sync {
     /// Where the data came from, for logs and reports.
     fn describe(&self) -> String;
 
+    /// The read block image `index` lies in (a parquet row group): the images of one block are
+    /// cheap to read together and costly apart. `None`, the default: every order costs the same.
+    /// The loader's shuffle keeps [`Dataset::read_window`] blocks in play at a time.
+    fn read_block(&self, _index: usize) -> Option<usize> {
+        None
+    }
+    /// How many read blocks the dataset holds at once (what its cache fits).
+    fn read_window(&self) -> usize {
+        1
+    }
+
     fn num_classes(&self) -> usize {
         self.class_names().len()
     }
@@ -147,6 +158,12 @@ impl Dataset for SubsetDataset {
     }
     fn describe(&self) -> String {
         format!("{} images of {}", self.indices.len(), self.inner.describe())
+    }
+    fn read_block(&self, index: usize) -> Option<usize> {
+        self.inner.read_block(self.indices[index])
+    }
+    fn read_window(&self) -> usize {
+        self.inner.read_window()
     }
 }
 

@@ -4,14 +4,22 @@
 //! Files are looked up in the local Hub cache first (`HF_HUB_CACHE`, `HF_HOME/hub`, or
 //! `~/.cache/huggingface/hub`, in the standard `datasets--owner--name/{refs,snapshots}` layout);
 //! the network is used only when the cache lacks them and `HF_HUB_OFFLINE` is not set.
+//!
+//! The images are read lazily: opening a split reads the files' metadata and the label column
+//! only; an image's row group is read (its encoded bytes, not decoded) when one of its images is
+//! asked for, and kept in a cache bounded by [`HubOptions::max_cache_bytes`], least recently
+//! used out first. Each image is decoded when asked for, as an ImageFolder's are. The loader's
+//! shuffle visits a few row groups at a time ([`crate::Dataset::read_block`]), so that a
+//! dataset larger than memory is read about once per epoch.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 
-use crate::{DataError, Image, InMemoryDataset, Result};
+use crate::{DataError, Dataset, Image, Result};
 
 /// Revisions tried in the cache: the repository's own files, then the Hub's parquet conversion.
 const REVISIONS: [&str; 2] = ["main", "refs/convert/parquet"];
@@ -30,7 +38,14 @@ pub struct HubOptions {
     /// The integer label column; `None`: a column whose name contains `label`, else the first
     /// integer column.
     pub label_column: Option<String>,
+    /// The most encoded image bytes kept in memory at once; `None`: [`DEFAULT_CACHE_BYTES`].
+    /// Row groups are read when an image of theirs is asked for and dropped, least recently
+    /// used first, beyond this.
+    pub max_cache_bytes: Option<usize>,
 }
+
+/// The default of [`HubOptions::max_cache_bytes`]: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
 
 pub fn default_cache_dir() -> PathBuf {
     if let Ok(p) = std::env::var("HF_HUB_CACHE") {
@@ -163,7 +178,7 @@ fn download_files(
 }
 
 /// Reads split `split` ("train", "test", …) of Hub dataset `repo_id` ("owner/name").
-pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result<InMemoryDataset> {
+pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result<HubDataset> {
     let (owner, name) = split_repo(repo_id)?;
     let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let revisions: Vec<&str> = match &opts.revision {
@@ -194,20 +209,19 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
             });
         }
     }
-    let mut ds: Option<ParquetParts> = None;
-    for f in &files {
-        read_parquet_file(f, ds.get_or_insert_with(ParquetParts::default), opts)?;
+    let mut index = HubIndex::default();
+    for (k, f) in files.iter().enumerate() {
+        guarded(f, || index_file(k, f, &mut index, opts))?;
     }
-    let parts = ds.unwrap_or_default();
-    if parts.images.is_empty() {
+    if index.labels.is_empty() {
         return Err(DataError::format(&files[0], "no rows in the parquet files"));
     }
-    let class_names = match parts.class_names.clone() {
+    let class_names = match index.class_names.clone() {
         Some(names) => names,
         None => {
             // Without names the classes are 0..=max label; a label from a damaged file must not
             // size that list (one such label asked for 2^60 names).
-            let (row, max) = parts
+            let (row, max) = index
                 .labels
                 .iter()
                 .enumerate()
@@ -225,7 +239,7 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
             (0..=max).map(|i| i.to_string()).collect()
         }
     };
-    if let Some((i, &l)) = parts
+    if let Some((i, &l)) = index
         .labels
         .iter()
         .enumerate()
@@ -239,23 +253,167 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
             ),
         ));
     }
-    Ok(InMemoryDataset::new(
-        parts.images,
-        parts.labels,
+    let budget = opts.max_cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES).max(1);
+    let largest = index
+        .groups
+        .iter()
+        .map(|g| g.bytes)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let window = (budget / largest).clamp(1, index.groups.len().max(1));
+    let slots = (0..index.groups.len()).map(|_| Mutex::new(())).collect();
+    Ok(HubDataset {
+        source: format!("hf:{repo_id} ({split}, {} parquet files)", files.len()),
+        files,
+        groups: index.groups,
+        labels: index.labels,
         class_names,
-        format!("hf:{repo_id} ({split}, {} parquet files)", files.len()),
-    ))
+        image_column: opts.image_column.clone(),
+        budget,
+        window,
+        cache: Mutex::new(GroupCache::default()),
+        slots,
+    })
 }
 
 /// The most classes a dataset without class names in its metadata may have (ImageNet-21k has
 /// 21,841).
 const MAX_UNNAMED_CLASSES: usize = 1 << 20;
 
+/// One row group of one file: the rows `first..first + rows` of the dataset.
+#[derive(Debug, Clone, Copy)]
+struct RowGroup {
+    file: usize,
+    group: usize,
+    first: usize,
+    rows: usize,
+    /// The row group's uncompressed size as its metadata gives it (what sizes the window).
+    bytes: usize,
+}
+
 #[derive(Default)]
-struct ParquetParts {
-    images: Vec<Image>,
+struct HubIndex {
+    groups: Vec<RowGroup>,
     labels: Vec<usize>,
     class_names: Option<Vec<String>>,
+}
+
+/// The encoded images of one row group, in row order.
+type GroupImages = Arc<Vec<Vec<u8>>>;
+
+/// The row groups read lately as `(group, images, bytes)`, least recently used first.
+#[derive(Default)]
+struct GroupCache {
+    entries: Vec<(usize, GroupImages, usize)>,
+    bytes: usize,
+}
+
+impl GroupCache {
+    fn get(&mut self, group: usize) -> Option<GroupImages> {
+        let at = self.entries.iter().position(|(g, _, _)| *g == group)?;
+        let entry = self.entries.remove(at);
+        let images = entry.1.clone();
+        self.entries.push(entry);
+        Some(images)
+    }
+
+    /// Adds `images`, then drops the least recently used groups while over `budget` (the new
+    /// one stays, whatever its size).
+    fn insert(&mut self, group: usize, images: GroupImages, budget: usize) {
+        let size: usize = images.iter().map(Vec::len).sum();
+        self.entries.push((group, images, size));
+        self.bytes += size;
+        while self.bytes > budget && self.entries.len() > 1 {
+            let (_, _, dropped) = self.entries.remove(0);
+            self.bytes -= dropped;
+        }
+    }
+}
+
+/// A Hub dataset split read lazily from its parquet files (see the module documentation).
+pub struct HubDataset {
+    files: Vec<PathBuf>,
+    groups: Vec<RowGroup>,
+    labels: Vec<usize>,
+    class_names: Vec<String>,
+    image_column: Option<String>,
+    source: String,
+    budget: usize,
+    window: usize,
+    cache: Mutex<GroupCache>,
+    /// One lock per row group, held while it is read, so that threads asking for images of the
+    /// same group read it once.
+    slots: Vec<Mutex<()>>,
+}
+
+impl HubDataset {
+    /// The row group holding row `index`.
+    fn group_of(&self, index: usize) -> usize {
+        self.groups.partition_point(|g| g.first + g.rows <= index)
+    }
+
+    /// The encoded images of row group `g`, from the cache or the file.
+    fn group_images(&self, g: usize) -> Result<GroupImages> {
+        if let Some(images) = self.cache().get(g) {
+            return Ok(images);
+        }
+        let _reading = self.slots[g].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(images) = self.cache().get(g) {
+            return Ok(images);
+        }
+        let group = self.groups[g];
+        let path = &self.files[group.file];
+        let images = Arc::new(guarded(path, || {
+            read_group_images(path, group, self.image_column.as_deref())
+        })?);
+        self.cache().insert(g, images.clone(), self.budget);
+        Ok(images)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, GroupCache> {
+        // A panic elsewhere cannot leave the cache inconsistent: each method restores it.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Encoded image bytes held in the cache now.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache().bytes
+    }
+}
+
+impl Dataset for HubDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.labels[index]
+    }
+    fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+    fn image(&self, index: usize) -> Result<Image> {
+        let g = self.group_of(index);
+        let images = self.group_images(g)?;
+        let group = self.groups[g];
+        let row = index - group.first;
+        decode_image(&images[row]).map_err(|reason| DataError::Decode {
+            path: self.files[group.file].clone(),
+            reason: format!("row {row} of row group {}: {reason}", group.group),
+        })
+    }
+    fn sample_name(&self, index: usize) -> String {
+        format!("{}_{index:06}", self.labels[index])
+    }
+    fn describe(&self) -> String {
+        self.source.clone()
+    }
+    fn read_block(&self, index: usize) -> Option<usize> {
+        Some(self.group_of(index))
+    }
+    fn read_window(&self) -> usize {
+        self.window
+    }
 }
 
 /// Class names from the `huggingface` key-value metadata the `datasets` library writes
@@ -283,25 +441,12 @@ fn class_names_from_metadata(
         })
 }
 
-/// [`read_rows`] of one parquet file. The parquet crate panics on some malformed files
-/// (slice indices taken from the file without a check, found by `cargo xtask fuzz parquet`):
-/// such a panic becomes this file's error instead of taking the process down.
-fn read_parquet_file(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -> Result<()> {
-    let mut local = ParquetParts {
-        class_names: parts.class_names.take(),
-        ..Default::default()
-    };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_rows(path, &mut local, opts)
-    }));
-    parts.class_names = local.class_names.take();
-    match result {
-        Ok(Ok(())) => {
-            parts.images.append(&mut local.images);
-            parts.labels.append(&mut local.labels);
-            Ok(())
-        }
-        Ok(Err(e)) => Err(e),
+/// Runs `read` on parquet file `path`. The parquet crate panics on some malformed files (slice
+/// indices taken from the file without a check, found by `cargo xtask fuzz parquet`): such a
+/// panic becomes this file's error instead of taking the process down.
+fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(result) => result,
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -316,22 +461,130 @@ fn read_parquet_file(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -
     }
 }
 
-fn read_rows(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -> Result<()> {
-    let bad = |reason: String| DataError::format(path, reason);
+fn open_reader(path: &Path) -> Result<SerializedFileReader<File>> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
-    if parts.class_names.is_none() {
-        parts.class_names = class_names_from_metadata(&reader, opts.label_column.as_deref());
+    SerializedFileReader::new(file)
+        .map_err(|e| DataError::format(path, format!("not a readable parquet file: {e}")))
+}
+
+/// The label column: the one named, else the last top-level integer column whose name contains
+/// `label`, else the first integer column.
+fn label_column(schema: &parquet::schema::types::Type, named: Option<&str>) -> Option<String> {
+    use parquet::basic::Type as Physical;
+    let integers: Vec<&str> = schema
+        .get_fields()
+        .iter()
+        .filter(|f| {
+            f.is_primitive() && matches!(f.get_physical_type(), Physical::INT32 | Physical::INT64)
+        })
+        .map(|f| f.name())
+        .collect();
+    match named {
+        Some(c) => integers.iter().find(|&&n| n == c).map(|n| n.to_string()),
+        None => integers
+            .iter()
+            .rev()
+            .find(|n| n.contains("label"))
+            .or(integers.first())
+            .map(|n| n.to_string()),
     }
-    let rows = reader
-        .get_row_iter(None)
-        .map_err(|e| bad(format!("cannot read rows: {e}")))?;
-    let (image_col, label_col) = (opts.image_column.as_deref(), opts.label_column.as_deref());
+}
+
+/// Adds the row groups and labels of file number `file` to `index` (the label column alone is
+/// read).
+fn index_file(file: usize, path: &Path, index: &mut HubIndex, opts: &HubOptions) -> Result<()> {
+    let bad = |reason: String| DataError::format(path, reason);
+    let reader = open_reader(path)?;
+    if index.class_names.is_none() {
+        index.class_names = class_names_from_metadata(&reader, opts.label_column.as_deref());
+    }
+    let schema = reader.metadata().file_metadata().schema();
+    let column = label_column(schema, opts.label_column.as_deref()).ok_or_else(|| {
+        bad(match &opts.label_column {
+            Some(c) => format!("no integer column {c:?}"),
+            None => "no integer label column".into(),
+        })
+    })?;
+    // The image column is checked here too, so that a wrong name fails before training.
+    let image_here = |f: &parquet::schema::types::TypePtr| match opts.image_column.as_deref() {
+        Some(c) => f.name() == c,
+        None => {
+            matches!(f.name(), "image" | "img")
+                || (!f.is_primitive() && f.get_fields().iter().any(|c| c.name() == "bytes"))
+        }
+    };
+    if !schema.get_fields().iter().any(image_here) {
+        return Err(bad(match &opts.image_column {
+            Some(c) => format!("no column {c:?} with encoded image bytes"),
+            None => "no image column with encoded bytes".into(),
+        }));
+    }
+    let field = schema
+        .get_fields()
+        .iter()
+        .find(|f| f.name() == column)
+        .cloned()
+        .ok_or_else(|| bad(format!("no column {column:?}")))?;
+    let projection = parquet::schema::types::Type::group_type_builder(schema.name())
+        .with_fields(vec![field])
+        .build()
+        .map_err(|e| bad(format!("column {column:?}: {e}")))?;
+    let mut row_in_file = 0usize;
+    for g in 0..reader.num_row_groups() {
+        let meta = reader.metadata().row_group(g);
+        let first = index.labels.len();
+        let cannot =
+            |e: parquet::errors::ParquetError| bad(format!("row group {g}: cannot read rows: {e}"));
+        let group_reader = reader.get_row_group(g).map_err(cannot)?;
+        let rows = group_reader
+            .get_row_iter(Some(projection.clone()))
+            .map_err(cannot)?;
+        for row in rows {
+            let i = row_in_file;
+            row_in_file += 1;
+            let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+            let label = row.get_column_iter().find_map(|(_, f)| match f {
+                Field::Long(l) => Some(*l),
+                Field::Int(l) => Some(i64::from(*l)),
+                _ => None,
+            });
+            let label =
+                label.ok_or_else(|| bad(format!("row {i}: no label in column {column:?}")))?;
+            let label = usize::try_from(label)
+                .map_err(|_| bad(format!("row {i}: negative label {label}")))?;
+            index.labels.push(label);
+        }
+        let rows = index.labels.len() - first;
+        if rows > 0 {
+            index.groups.push(RowGroup {
+                file,
+                group: g,
+                first,
+                rows,
+                bytes: usize::try_from(meta.total_byte_size()).unwrap_or(0),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The encoded image bytes of every row of row group `group`.
+fn read_group_images(
+    path: &Path,
+    group: RowGroup,
+    image_col: Option<&str>,
+) -> Result<Vec<Vec<u8>>> {
+    let bad = |reason: String| DataError::format(path, reason);
+    let reader = open_reader(path)?;
+    let cannot = |e: parquet::errors::ParquetError| {
+        bad(format!("row group {}: cannot read rows: {e}", group.group))
+    };
+    let group_reader = reader.get_row_group(group.group).map_err(cannot)?;
+    let rows = group_reader.get_row_iter(None).map_err(cannot)?;
+    let mut out = Vec::with_capacity(group.rows);
     for (i, row) in rows.enumerate() {
-        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+        let row = row.map_err(|e| bad(format!("row {i} of row group {}: {e}", group.group)))?;
         let mut bytes = None;
-        let mut label = None;
         for (col, field) in row.get_column_iter() {
             let col = col.as_str();
             // A named column is the only one read; without a name, the usual guesses.
@@ -339,10 +592,6 @@ fn read_rows(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -> Result
             let raw_image_here = match image_col {
                 Some(c) => c == col,
                 None => col == "image" || col == "img",
-            };
-            let label_here = match label_col {
-                Some(c) => c == col,
-                None => label.is_none() || col.contains("label"),
             };
             match field {
                 Field::Group(g) if image_here => {
@@ -353,42 +602,45 @@ fn read_rows(path: &Path, parts: &mut ParquetParts, opts: &HubOptions) -> Result
                     }
                 }
                 Field::Bytes(b) if raw_image_here => bytes = Some(b.data().to_vec()),
-                Field::Long(l) if label_here => label = Some(*l),
-                Field::Int(l) if label_here => label = Some(*l as i64),
                 _ => {}
             }
         }
-        let bytes = bytes.ok_or_else(|| {
+        out.push(bytes.ok_or_else(|| {
             bad(match image_col {
-                Some(c) => format!("row {i}: no column {c:?} with encoded image bytes"),
-                None => format!("row {i}: no image column with encoded bytes"),
+                Some(c) => format!(
+                    "row {i} of row group {}: no column {c:?} with encoded image bytes",
+                    group.group
+                ),
+                None => format!(
+                    "row {i} of row group {}: no image column with encoded bytes",
+                    group.group
+                ),
             })
-        })?;
-        let label = label.ok_or_else(|| {
-            bad(match label_col {
-                Some(c) => format!("row {i}: no integer column {c:?}"),
-                None => format!("row {i}: no integer label column"),
-            })
-        })?;
-        let label =
-            usize::try_from(label).map_err(|_| bad(format!("row {i}: negative label {label}")))?;
-        let img = crate::folder::decode_encoded(&bytes).map_err(|e| DataError::Decode {
-            path: path.to_path_buf(),
-            reason: format!("row {i}: {e}"),
-        })?;
-        let img = if img.color().has_color() {
-            let rgb = img.to_rgb8();
-            let (w, h) = rgb.dimensions();
-            Image::new(h as usize, w as usize, 3, rgb.into_raw())
-        } else {
-            let l = img.to_luma8();
-            let (w, h) = l.dimensions();
-            Image::new(h as usize, w as usize, 1, l.into_raw())
-        };
-        parts.images.push(img);
-        parts.labels.push(label);
+        })?);
     }
-    Ok(())
+    if out.len() != group.rows {
+        return Err(bad(format!(
+            "row group {} has {} rows, its label column {}",
+            group.group,
+            out.len(),
+            group.rows
+        )));
+    }
+    Ok(out)
+}
+
+/// A decoded image, 1 channel for a grey one, else 3.
+fn decode_image(bytes: &[u8]) -> std::result::Result<Image, String> {
+    let img = crate::folder::decode_encoded(bytes).map_err(|e| e.to_string())?;
+    Ok(if img.color().has_color() {
+        let rgb = img.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        Image::new(h as usize, w as usize, 3, rgb.into_raw())
+    } else {
+        let l = img.to_luma8();
+        let (w, h) = l.dimensions();
+        Image::new(h as usize, w as usize, 1, l.into_raw())
+    })
 }
 
 #[cfg(test)]

@@ -95,6 +95,8 @@ pub struct Batch {
 pub struct Loader {
     dataset: Arc<dyn Dataset>,
     indices: Arc<Vec<usize>>,
+    /// The indices grouped by the dataset's read blocks (in block order), when it has them.
+    blocks: Option<Arc<Vec<Vec<usize>>>>,
     cfg: LoaderConfig,
     pool: Arc<rayon::ThreadPool>,
 }
@@ -113,6 +115,16 @@ fn stream_seed(parts: &[u64]) -> u64 {
         h = z ^ (z >> 31);
     }
     h
+}
+
+/// `indices` grouped by the read block each lies in, blocks in ascending order; `None` when the
+/// dataset has no blocks.
+fn read_blocks(dataset: &dyn Dataset, indices: &[usize]) -> Option<Vec<Vec<usize>>> {
+    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for &i in indices {
+        groups.entry(dataset.read_block(i)?).or_default().push(i);
+    }
+    Some(groups.into_values().collect())
 }
 
 const SHUFFLE: u64 = 1;
@@ -190,9 +202,11 @@ impl Loader {
         let pool = builder
             .build()
             .map_err(|e| bad("num_threads", cfg.num_threads.to_string(), &e.to_string()))?;
+        let blocks = read_blocks(dataset.as_ref(), &indices).map(Arc::new);
         Ok(Loader {
             dataset,
             indices: Arc::new(indices),
+            blocks,
             cfg,
             pool: Arc::new(pool),
         })
@@ -220,12 +234,31 @@ impl Loader {
     }
 
     /// The order of the dataset indices in `epoch`.
+    ///
+    /// A dataset read in blocks (a parquet row group, [`Dataset::read_block`]) is shuffled in two
+    /// levels, so that an epoch reads each block about once instead of once per image: the
+    /// blocks in a random order, then the images of each run of [`Dataset::read_window`] blocks
+    /// mixed together. Any other dataset is shuffled as a whole.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut order = self.indices.as_ref().clone();
-        if self.cfg.shuffle {
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(stream_seed(&[self.cfg.seed, SHUFFLE, epoch as u64]));
+        if !self.cfg.shuffle {
+            return self.indices.as_ref().clone();
+        }
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(stream_seed(&[self.cfg.seed, SHUFFLE, epoch as u64]));
+        let Some(blocks) = &self.blocks else {
+            let mut order = self.indices.as_ref().clone();
             order.shuffle(&mut rng);
+            return order;
+        };
+        let mut visit: Vec<usize> = (0..blocks.len()).collect();
+        visit.shuffle(&mut rng);
+        let mut order = Vec::with_capacity(self.indices.len());
+        for window in visit.chunks(self.dataset.read_window().max(1)) {
+            let start = order.len();
+            for &b in window {
+                order.extend_from_slice(&blocks[b]);
+            }
+            order[start..].shuffle(&mut rng);
         }
         order
     }

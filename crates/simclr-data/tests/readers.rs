@@ -288,7 +288,15 @@ fn write_hub_cache(
     split: &str,
     with_names: bool,
 ) {
-    write_hub_cache_columns(cache, rows, split, with_names, ("image", "label"), None);
+    write_hub_cache_columns(
+        cache,
+        rows,
+        split,
+        with_names,
+        ("image", "label"),
+        None,
+        None,
+    );
 }
 
 /// [`write_hub_cache`] with the image and label columns named `columns`, and optionally an
@@ -300,6 +308,7 @@ fn write_hub_cache_columns(
     with_names: bool,
     columns: (&str, &str),
     decoy: Option<&str>,
+    row_group_size: Option<usize>,
 ) {
     let repo = cache.join("datasets--zalando-datasets--fashion_mnist");
     let commit = "0123456789abcdef0123456789abcdef01234567";
@@ -322,6 +331,9 @@ fn write_hub_cache_columns(
     let labels = Int64Array::from_iter_values(rows.iter().map(|(_, l)| *l));
     // pyarrow, which the `datasets` library writes with, stores the features as file metadata.
     let mut props = parquet::file::properties::WriterProperties::builder();
+    if let Some(n) = row_group_size {
+        props = props.set_max_row_group_row_count(Some(n));
+    }
     if with_names {
         let names: Vec<String> = FASHION_MNIST_CLASSES
             .iter()
@@ -438,18 +450,91 @@ fn hub_parquet_bad_input_is_a_clear_error() {
         "{e}"
     );
 
+    // Images are decoded when asked for: the split opens, the image is the error.
     write_hub_cache(
         cache.path(),
         &[(b"not an image".to_vec(), 3)],
         "train",
         false,
     );
-    let e = err_text(read_hub_dataset(
-        "zalando-datasets/fashion_mnist",
+    let ds = read_hub_dataset("zalando-datasets/fashion_mnist", "train", &opts).unwrap();
+    let e = ds.image(0).unwrap_err().to_string();
+    assert!(
+        e.contains("row 0") && e.contains(&file.display().to_string()),
+        "{e}"
+    );
+}
+
+/// A split in row groups of 5 rows, read through a cache that holds about one group: every
+/// image comes back exact whatever the order, the cache stays within its budget, and the
+/// loader's shuffle visits the row groups one at a time.
+#[test]
+fn hub_row_groups_are_read_on_demand_within_the_cache_budget() {
+    let cache = tempfile::tempdir().unwrap();
+    let originals = fmnist_images(4, 5); // 20 images: 4 row groups of 5
+    let rows: Vec<(Vec<u8>, i64)> = originals
+        .iter()
+        .map(|(img, c)| (png_bytes(img), *c as i64))
+        .collect();
+    let group_bytes: usize = rows[..5].iter().map(|(b, _)| b.len()).sum();
+    write_hub_cache_columns(
+        cache.path(),
+        &rows,
         "train",
-        &opts,
-    ));
-    assert!(e.contains("row 0"), "{e}");
+        true,
+        ("image", "label"),
+        None,
+        Some(5),
+    );
+    let budget = group_bytes + group_bytes / 2;
+    let opts = HubOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        offline: true,
+        max_cache_bytes: Some(budget),
+        ..Default::default()
+    };
+    let ds = read_hub_dataset("zalando-datasets/fashion_mnist", "train", &opts).unwrap();
+    assert_eq!(ds.len(), 20);
+    let blocks: Vec<usize> = (0..20).map(|i| ds.read_block(i).unwrap()).collect();
+    assert_eq!(blocks, (0..20).map(|i| i / 5).collect::<Vec<_>>());
+    assert_eq!(ds.cached_bytes(), 0, "opening reads no image");
+    // Backwards and jumping between groups: every image exact, the cache within budget.
+    for i in (0..20).rev().chain([3, 17, 8, 12, 0]) {
+        assert_eq!(ds.image(i).unwrap(), originals[i].0, "image {i}");
+        assert_eq!(ds.label(i), originals[i].1);
+        assert!(
+            ds.cached_bytes() <= budget.max(group_bytes * 2),
+            "{}",
+            ds.cached_bytes()
+        );
+    }
+    assert!(
+        ds.cached_bytes() < 2 * group_bytes,
+        "one group fits the budget, not two"
+    );
+    // The shuffle: a permutation, visiting each row group's 5 images together (window 1).
+    let ds: Arc<dyn Dataset> = Arc::new(ds);
+    assert_eq!(ds.read_window(), 1);
+    let loader =
+        simclr_data::Loader::new(ds.clone(), None, simclr_data::LoaderConfig::eval(4, 28)).unwrap();
+    assert_eq!(
+        loader.epoch_order(0),
+        (0..20).collect::<Vec<_>>(),
+        "no shuffle: in order"
+    );
+    let mut cfg = simclr_data::LoaderConfig::eval(4, 28);
+    cfg.shuffle = true;
+    let loader = simclr_data::Loader::new(ds.clone(), None, cfg).unwrap();
+    let (a, b) = (loader.epoch_order(0), loader.epoch_order(1));
+    assert_ne!(a, b, "each epoch its own order");
+    for order in [a, b] {
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
+        for run in order.chunks(5) {
+            assert!(run.iter().all(|&i| i / 5 == run[0] / 5), "{order:?}");
+        }
+    }
 }
 
 fn walk(dir: &std::path::Path) -> std::path::PathBuf {
@@ -483,6 +568,7 @@ fn hub_columns_can_be_named() {
         true,
         ("picture", "fine"),
         Some("coarse_label"),
+        None,
     );
     let mut opts = HubOptions {
         cache_dir: Some(cache.path().to_path_buf()),

@@ -43,6 +43,10 @@ pub struct DataArgs {
     /// first integer column]
     #[arg(long)]
     pub hf_label_column: Option<String>,
+    /// hf: datasets: the most MiB of encoded images kept in memory; row groups are read when
+    /// needed and dropped beyond this. [default: 1024]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
+    pub hf_cache_mib: Option<usize>,
     /// Decoding/augmentation threads (0: one per core; at most 256).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=256))]
     pub num_workers: usize,
@@ -62,6 +66,7 @@ impl DataArgs {
                 revision: self.hf_revision.clone(),
                 image_column: self.hf_image_column.clone(),
                 label_column: self.hf_label_column.clone(),
+                max_cache_bytes: self.hf_cache_mib.map(|m| m << 20),
                 ..Default::default()
             },
         };

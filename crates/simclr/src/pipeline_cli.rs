@@ -105,6 +105,7 @@ pub fn run_pipeline(a: PipelineArgs, device: Option<&str>) -> Result<()> {
         train_split: None,
         eval_split: None,
         hf_revision: None,
+        hf_cache_mib: None,
         hf_image_column: None,
         hf_label_column: None,
         num_workers: 0,
