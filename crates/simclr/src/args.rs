@@ -23,43 +23,61 @@ pub struct DataArgs {
     /// Network input side; defaults to 28 for (Fashion-)MNIST, 32 for CIFAR, 224 otherwise.
     #[arg(long)]
     pub image_size: Option<usize>,
-    /// The training split: an imagefolder's folder or a Hub dataset's split. [default: train]
-    #[arg(long)]
-    pub train_split: Option<String>,
-    /// The evaluation split: an imagefolder's folder (a flat folder of images takes its labels
-    /// from LOC_val_solution.csv or val_labels.txt) or a Hub dataset's split (`validation` for
-    /// ImageNet). [default: val for imagefolder, test for Hub datasets]
-    #[arg(long)]
-    pub eval_split: Option<String>,
-    /// hf: datasets: a branch, tag or commit of the dataset repository. [default: main, then
-    /// the Hub's parquet conversion]
-    #[arg(long)]
-    pub hf_revision: Option<String>,
-    /// hf: datasets: the column of encoded images. [default: image or img, or any column with
-    /// a bytes field]
-    #[arg(long)]
-    pub hf_image_column: Option<String>,
-    /// hf: datasets: the integer label column. [default: a column named *label*, else the
-    /// first integer column]
-    #[arg(long)]
-    pub hf_label_column: Option<String>,
-    /// hf: datasets: the most MiB of encoded images kept in memory; row groups are read when
-    /// needed and dropped beyond this. [default: 1024]
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
-    pub hf_cache_mib: Option<usize>,
+    #[command(flatten)]
+    pub source: DataSourceArgs,
     /// Decoding/augmentation threads (0: one per core; at most 256).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=256))]
     pub num_workers: usize,
 }
 
-impl DataArgs {
-    pub fn name(&self) -> Result<DatasetName> {
-        Ok(self.dataset.parse()?)
+/// Which splits and columns of a dataset a run reads, and how much of a Hub dataset it keeps in
+/// memory: flags of every command, and part of a pipeline's settings (they change what it
+/// trains on, or in which order).
+#[derive(Args, Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSourceArgs {
+    /// The training split: an imagefolder's folder or a Hub dataset's split. [default: train]
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_split: Option<String>,
+    /// The evaluation split: an imagefolder's folder (a flat folder of images takes its labels
+    /// from LOC_val_solution.csv or val_labels.txt) or a Hub dataset's split (`validation` for
+    /// ImageNet). [default: val for imagefolder, test for Hub datasets]
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_split: Option<String>,
+    /// hf: datasets: a branch, tag or commit of the dataset repository. [default: main, then
+    /// the Hub's parquet conversion]
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_revision: Option<String>,
+    /// hf: datasets: the column of encoded images. [default: image or img, or any column with
+    /// a bytes field]
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_image_column: Option<String>,
+    /// hf: datasets: the integer label column. [default: a column named *label*, else the
+    /// first integer column]
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_label_column: Option<String>,
+    /// hf: datasets: the most MiB of encoded images kept in memory; row groups are read when
+    /// needed and dropped beyond this. [default: 1024]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_cache_mib: Option<usize>,
+}
+
+impl DataSourceArgs {
+    /// Nothing set: the datasets' defaults.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 
-    pub fn load(&self, split: Split) -> Result<Arc<dyn Dataset>> {
-        let opts = DataOptions {
-            data_dir: self.data_dir.clone(),
+    /// The reader options for data in `data_dir`.
+    pub fn options(&self, data_dir: Option<PathBuf>) -> DataOptions {
+        DataOptions {
+            data_dir,
             train_split: self.train_split.clone(),
             eval_split: self.eval_split.clone(),
             hub: simclr_data::hub::HubOptions {
@@ -69,7 +87,17 @@ impl DataArgs {
                 max_cache_bytes: self.hf_cache_mib.map(|m| m << 20),
                 ..Default::default()
             },
-        };
+        }
+    }
+}
+
+impl DataArgs {
+    pub fn name(&self) -> Result<DatasetName> {
+        Ok(self.dataset.parse()?)
+    }
+
+    pub fn load(&self, split: Split) -> Result<Arc<dyn Dataset>> {
+        let opts = self.source.options(self.data_dir.clone());
         let name = self.name()?;
         load_dataset(&name, split, &opts).with_context(|| format!("loading {name} ({split:?})"))
     }

@@ -21,9 +21,7 @@ use simclr_collective::Rendezvous;
 use simclr_data::split::{
     class_balanced_subset, validate_fraction, validation_split, write_split_file,
 };
-use simclr_data::{
-    load_dataset, DataOptions, Dataset, DatasetName, Loader, LoaderConfig, Split, SubsetDataset,
-};
+use simclr_data::{load_dataset, Dataset, DatasetName, Loader, LoaderConfig, Split, SubsetDataset};
 use simclr_distill::{run_distill, DistillConfig, StudentInit, TeacherTargets};
 use simclr_eval::EvalReport;
 use simclr_eval::{knn_top1, KnnData};
@@ -34,6 +32,7 @@ use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
 use simclr_train::schedule::LearningRateScaling;
 use simclr_train::TrainSummary;
 
+use crate::args::DataSourceArgs;
 use crate::report;
 
 /// How big a run is.
@@ -78,6 +77,9 @@ pub struct PipelineConfig {
     /// fraction still names the recipe and must match the file's size. Empty: drawn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub split_files: Vec<PathBuf>,
+    /// The dataset's splits and columns, and the Hub reader's memory (empty: the defaults).
+    #[serde(default, skip_serializing_if = "DataSourceArgs::is_default")]
+    pub data: DataSourceArgs,
     /// The labelled stages' batch and step counts are final (a configuration read from a run
     /// file, `from_file`): the pipeline does not size them from the labelled set's size.
     #[serde(skip)]
@@ -261,6 +263,7 @@ impl PipelineConfig {
             validation_per_class: 0,
             student,
             split_files: Vec::new(),
+            data: DataSourceArgs::default(),
             sized: false,
         })
     }
@@ -384,10 +387,11 @@ impl PipelineConfig {
         Ok(())
     }
 
-    /// `<dataset>-<preset>-<model>-<hash>`, the hash covering the data and the pretraining: the
+    /// `<dataset>-<preset>-<model>-<hash>`, the hash covering the data (and the splits and
+    /// columns read) and the pretraining: the
     /// same pretraining always lands in the same folder, whatever the later stages do.
     pub fn run_name(&self) -> String {
-        let key = json!({
+        let mut key = json!({
             "dataset": self.dataset,
             "seed": self.seed,
             "train_subset": self.train_subset,
@@ -395,6 +399,10 @@ impl PipelineConfig {
             "validation_per_class": self.validation_per_class,
             "pretrain": self.pretrain,
         });
+        // Only when set, so that the runs from before these settings keep their folders.
+        if !self.data.is_default() {
+            key["data"] = serde_json::to_value(&self.data).unwrap_or_default();
+        }
         format!(
             "{}-{:?}-{}-{}",
             self.dataset.replace([':', '/'], "_"),
@@ -692,10 +700,7 @@ pub fn run(
     // Overrides first, so that a bad one fails before any data is read.
     cfg.apply_overrides(overrides)?;
     let name: DatasetName = cfg.dataset.parse()?;
-    let opts = DataOptions {
-        data_dir,
-        ..DataOptions::default()
-    };
+    let opts = cfg.data.options(data_dir);
     let full_train = class_balanced_cap(
         &load_dataset(&name, Split::Train, &opts)?,
         cfg.train_subset,
@@ -1253,6 +1258,33 @@ mod tests {
             before,
             "nothing half-applied"
         );
+    }
+
+    #[test]
+    fn data_settings_name_the_run_and_are_absent_by_default() {
+        let a = default_config();
+        let json = serde_json::to_value(&a).unwrap();
+        assert!(
+            json.get("data").is_none(),
+            "a default run's settings and name stay as before"
+        );
+        let mut b = a.clone();
+        b.data.train_split = Some("train_small".into());
+        assert_ne!(
+            a.run_name(),
+            b.run_name(),
+            "another training split is another run"
+        );
+        let mut c = a.clone();
+        c.data.hf_cache_mib = Some(64);
+        assert_ne!(
+            a.run_name(),
+            c.run_name(),
+            "the cache sets the shuffle's window"
+        );
+        let back: PipelineConfig =
+            serde_json::from_value(serde_json::to_value(&b).unwrap()).unwrap();
+        assert_eq!(back.data, b.data);
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct PipelineArgs {
     pub dataset: String,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: crate::args::DataSourceArgs,
     /// Network input side (default: the dataset's: 28 for Fashion-MNIST, 32 for CIFAR, 224 otherwise).
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -46,7 +48,8 @@ pub struct PipelineArgs {
     /// as the file gives them.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "fractions", "split_files", "dataset", "image_size", "preset", "model", "seed",
-        "validation_per_class", "pretrain_only", "precision",
+        "validation_per_class", "pretrain_only", "precision", "train_split", "eval_split",
+        "hf_revision", "hf_image_column", "hf_label_column", "hf_cache_mib",
     ])]
     pub config: Option<PathBuf>,
     /// Stop after pretraining and its kNN evaluation (tuning the pretraining settings on a
@@ -83,6 +86,7 @@ pub fn run_pipeline(a: PipelineArgs, device: Option<&str>) -> Result<()> {
         split_files,
         dataset,
         data_dir,
+        source,
         image_size,
         preset,
         model,
@@ -102,12 +106,7 @@ pub fn run_pipeline(a: PipelineArgs, device: Option<&str>) -> Result<()> {
         dataset: dataset.clone(),
         data_dir: data_dir.clone(),
         image_size,
-        train_split: None,
-        eval_split: None,
-        hf_revision: None,
-        hf_cache_mib: None,
-        hf_image_column: None,
-        hf_label_column: None,
+        source: source.clone(),
         num_workers: 0,
     };
     let fractions = if pretrain_only { Vec::new() } else { fractions };
@@ -129,6 +128,7 @@ pub fn run_pipeline(a: PipelineArgs, device: Option<&str>) -> Result<()> {
                 split_files
             })?;
             cfg.validation_per_class = validation_per_class;
+            cfg.data = source;
             cfg
         }
     };
