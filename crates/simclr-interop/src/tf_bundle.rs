@@ -287,6 +287,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
+#[cfg(any(test, feature = "bundle-writer"))]
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -431,6 +432,7 @@ impl BundleHeader {
         Ok(h)
     }
 
+    #[cfg(any(test, feature = "bundle-writer"))]
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         if self.num_shards != 0 {
@@ -509,6 +511,7 @@ impl BundleEntry {
         Ok(e)
     }
 
+    #[cfg(any(test, feature = "bundle-writer"))]
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         if self.dtype.0 != 0 {
@@ -590,6 +593,7 @@ impl BlockHandle {
         })
     }
 
+    #[cfg(any(test, feature = "bundle-writer"))]
     fn encode(&self, out: &mut Vec<u8>) {
         put_varint(out, self.offset);
         put_varint(out, self.size);

@@ -699,49 +699,8 @@ pub fn run(
     let mut cfg = cfg.clone();
     // Overrides first, so that a bad one fails before any data is read.
     cfg.apply_overrides(overrides)?;
-    let name: DatasetName = cfg.dataset.parse()?;
-    let opts = cfg.data.options(data_dir);
-    let full_train = class_balanced_cap(
-        &load_dataset(&name, Split::Train, &opts)?,
-        cfg.train_subset,
-        cfg.seed,
-    )?;
-    // With a validation split, the held-out training images replace the test set everywhere
-    // (kNN queries, every model's evaluation) and train nothing.
-    let (train, test, eval_split) = if cfg.validation_per_class > 0 {
-        let (rest, val) = validation_split(
-            &full_train.labels(),
-            full_train.num_classes(),
-            cfg.validation_per_class,
-            cfg.seed,
-        )?;
-        let train: Arc<dyn Dataset> = Arc::new(SubsetDataset::new(full_train.clone(), rest)?);
-        let val: Arc<dyn Dataset> = Arc::new(SubsetDataset::new(full_train.clone(), val)?);
-        (train, val, "validation")
-    } else {
-        let test = class_balanced_cap(
-            &load_dataset(&name, Split::Test, &opts)?,
-            cfg.test_subset,
-            cfg.seed,
-        )?;
-        (full_train.clone(), test, "test")
-    };
-    let image_size = cfg.pretrain.image_size;
-    // Every split is drawn and checked before the first step, so a bad fraction fails fast.
-    // A fraction counts images of the whole training set, so that tuning with a validation
-    // split trains on as many labels as the final run.
-    let mut splits = Vec::new();
-    for (k, &f) in cfg.fractions.iter().enumerate() {
-        let idx = match cfg.split_files.get(k) {
-            Some(file) => split_from_file(file, f, train.as_ref(), full_train.len())?,
-            None => {
-                let of_rest = (f * full_train.len() as f64 / train.len() as f64).min(1.0);
-                class_balanced_subset(&train.labels(), train.num_classes(), of_rest, cfg.seed)?
-            }
-        };
-        simclr_data::split::check_all_classes_labelled(train.as_ref(), &idx)?;
-        splits.push(idx);
-    }
+    let data = load_data(&cfg, data_dir)?;
+    let splits = draw_splits(&cfg, &data)?;
     let counts: Vec<usize> = splits.iter().map(Vec::len).collect();
     if !cfg.sized {
         cfg.size_labelled_stages(&counts);
@@ -753,221 +712,410 @@ pub fn run(
     let run_dir = out_root.join(cfg.run_name());
     let rank = replica.map_or(0, |r| r.rank);
     if rank == 0 {
-        simclr_fs::ensure_writable_dir(&run_dir)
-            .with_context(|| format!("output folder {} cannot be written", run_dir.display()))?;
-        // The same settings for hand editing; `--config` reads either file. TOML cannot hold
-        // every value JSON can (a seed above i64::MAX, a path that is not UTF-8): then the run
-        // goes on with the JSON file alone.
-        let toml = toml::to_string_pretty(cfg);
-        simclr_data::write_atomic(
-            &run_dir.join("pipeline.json"),
-            serde_json::to_string_pretty(cfg)?.as_bytes(),
+        write_run_files(&run_dir, cfg)?;
+    }
+    tracing::info!(run = %run_dir.display(), train = %data.train.describe(), eval = %data.test.describe(), eval_split = data.eval_split, "pipeline");
+    let ctx = StageContext {
+        cfg,
+        train: data.train.clone(),
+        test: data.test.clone(),
+        image_size: cfg.pretrain.image_size,
+        progress,
+        device,
+    };
+    let Some(pre) = pretrain_stage(&ctx, &run_dir, replica)? else {
+        return Ok(run_dir);
+    };
+    println!(
+        "pretraining: {:.0} s, kNN top-1 {:.2}% (random init {:.2}%)",
+        pre.summary.wall_seconds,
+        100.0 * pre.knn,
+        100.0 * pre.knn_random
+    );
+    let mut results = Vec::new();
+    for (k, &f) in cfg.fractions.iter().enumerate() {
+        results.extend(fraction_stages(&ctx, &run_dir, k, f, &splits[k], &pre)?);
+    }
+    let summary = summary_json(&ctx, &pre, data.eval_split, &results, t0);
+    report::write(&run_dir, &summary, &results)?;
+    let mut line = String::new();
+    let _ = write!(line, "report: {}", run_dir.join("report.md").display());
+    println!("{line}");
+    Ok(run_dir)
+}
+
+/// The datasets of a run.
+struct RunData {
+    /// The training set before a validation split is held out (what fractions count).
+    full_train: Arc<dyn Dataset>,
+    /// What the stages train on.
+    train: Arc<dyn Dataset>,
+    /// What every model is evaluated on: the test set, or the validation split.
+    test: Arc<dyn Dataset>,
+    eval_split: &'static str,
+}
+
+fn load_data(cfg: &PipelineConfig, data_dir: Option<PathBuf>) -> Result<RunData> {
+    let name: DatasetName = cfg.dataset.parse()?;
+    let opts = cfg.data.options(data_dir);
+    let full_train = class_balanced_cap(
+        &load_dataset(&name, Split::Train, &opts)?,
+        cfg.train_subset,
+        cfg.seed,
+    )?;
+    // With a validation split, the held-out training images replace the test set everywhere
+    // (kNN queries, every model's evaluation) and train nothing.
+    if cfg.validation_per_class > 0 {
+        let (rest, val) = validation_split(
+            &full_train.labels(),
+            full_train.num_classes(),
+            cfg.validation_per_class,
+            cfg.seed,
         )?;
-        match toml {
-            Ok(text) => simclr_data::write_atomic(&run_dir.join("pipeline.toml"), text.as_bytes())?,
-            Err(e) => {
-                tracing::warn!("pipeline.toml not written (pipeline.json holds the settings): {e}")
+        let train: Arc<dyn Dataset> = Arc::new(SubsetDataset::new(full_train.clone(), rest)?);
+        let test: Arc<dyn Dataset> = Arc::new(SubsetDataset::new(full_train.clone(), val)?);
+        return Ok(RunData {
+            full_train,
+            train,
+            test,
+            eval_split: "validation",
+        });
+    }
+    let test = class_balanced_cap(
+        &load_dataset(&name, Split::Test, &opts)?,
+        cfg.test_subset,
+        cfg.seed,
+    )?;
+    Ok(RunData {
+        train: full_train.clone(),
+        full_train,
+        test,
+        eval_split: "test",
+    })
+}
+
+/// The labelled images of each fraction, drawn and checked before the first step, so that a
+/// bad fraction fails fast. A fraction counts images of the whole training set, so that tuning
+/// with a validation split trains on as many labels as the final run.
+fn draw_splits(cfg: &PipelineConfig, data: &RunData) -> Result<Vec<Vec<usize>>> {
+    let (train, full) = (data.train.as_ref(), data.full_train.len());
+    let mut splits = Vec::new();
+    for (k, &f) in cfg.fractions.iter().enumerate() {
+        let idx = match cfg.split_files.get(k) {
+            Some(file) => split_from_file(file, f, train, full)?,
+            None => {
+                let of_rest = (f * full as f64 / train.len() as f64).min(1.0);
+                class_balanced_subset(&train.labels(), train.num_classes(), of_rest, cfg.seed)?
             }
+        };
+        simclr_data::split::check_all_classes_labelled(train, &idx)?;
+        splits.push(idx);
+    }
+    Ok(splits)
+}
+
+/// `pipeline.json` and `pipeline.toml`: the run's settings.
+fn write_run_files(run_dir: &Path, cfg: &PipelineConfig) -> Result<()> {
+    simclr_fs::ensure_writable_dir(run_dir)
+        .with_context(|| format!("output folder {} cannot be written", run_dir.display()))?;
+    // The same settings for hand editing; `--config` reads either file. TOML cannot hold
+    // every value JSON can (a seed above i64::MAX, a path that is not UTF-8): then the run
+    // goes on with the JSON file alone.
+    let toml = toml::to_string_pretty(cfg);
+    simclr_data::write_atomic(
+        &run_dir.join("pipeline.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+    match toml {
+        Ok(text) => simclr_data::write_atomic(&run_dir.join("pipeline.toml"), text.as_bytes())?,
+        Err(e) => {
+            tracing::warn!("pipeline.toml not written (pipeline.json holds the settings): {e}")
         }
     }
-    tracing::info!(run = %run_dir.display(), train = %train.describe(), eval = %test.describe(), eval_split, "pipeline");
+    Ok(())
+}
 
-    let mut results = Vec::new();
-    let pre_dir = run_dir.join("pretrain");
+/// What every stage of a run shares.
+struct StageContext<'a> {
+    cfg: &'a PipelineConfig,
+    train: Arc<dyn Dataset>,
+    test: Arc<dyn Dataset>,
+    image_size: usize,
+    progress: bool,
+    device: &'a Device,
+}
+
+impl StageContext<'_> {
+    /// Where a stage of the run writes, resuming what is there.
+    fn env<'d>(&'d self, out_dir: &'d Path) -> StageEnv<'d> {
+        StageEnv {
+            out_dir,
+            resume: true,
+            progress: self.progress,
+            device: self.device,
+        }
+    }
+
+    /// `model`'s report on the evaluation images, and how long it took.
+    fn evaluate(&self, model: &simclr_models::SimclrModel) -> Result<(EvalReport, f64)> {
+        let t = Instant::now();
+        let report = evaluate(
+            model,
+            &self.test,
+            self.image_size,
+            self.device,
+            self.progress,
+        )?;
+        Ok((report, t.elapsed().as_secs_f64()))
+    }
+}
+
+/// The pretraining and what the report says of it.
+struct Pretraining {
+    summary: TrainSummary,
+    /// kNN top-1 of the pretrained encoder, and of the same network at random initialisation.
+    knn: f64,
+    knn_random: f64,
+    knn_seconds: f64,
+}
+
+/// Pretrains (data-parallel with `replica`) and measures the encoder's kNN accuracy; `None` on
+/// a rank other than 0, whose work ends here.
+fn pretrain_stage(
+    ctx: &StageContext,
+    run_dir: &Path,
+    replica: Option<&Replica>,
+) -> Result<Option<Pretraining>> {
+    let (cfg, device) = (ctx.cfg, ctx.device);
+    let rank = replica.map_or(0, |r| r.rank);
     let collective = match replica {
         Some(r) => crate::args::replicas(r.world_size, r.rank, Some(&r.rendezvous), device)?,
         None => Arc::new(simclr_collective::SingleReplica),
     };
-    let pre = run_pretrain_replica(
+    let pre_dir = run_dir.join("pretrain");
+    let summary = run_pretrain_replica(
         &cfg.pretrain,
         &PretrainData {
-            train: train.clone(),
-            test: Some(test.clone()),
+            train: ctx.train.clone(),
+            test: Some(ctx.test.clone()),
         },
         StageEnv {
-            out_dir: &pre_dir,
-            resume: true,
-            progress: progress && rank == 0,
-            device,
+            progress: ctx.progress && rank == 0,
+            ..ctx.env(&pre_dir)
         },
         collective,
     )?;
     crash_point(|| "pipeline:after:pretrain".into());
     if rank != 0 {
-        return Ok(run_dir);
+        return Ok(None);
     }
-    let pre_ckpt = pre.checkpoint.clone();
-    // kNN of the pretrained encoder against the same network at random initialisation.
-    let knn = KnnData {
-        bank: Loader::new(train.clone(), None, LoaderConfig::eval(256, image_size))?,
-        queries: Loader::new(test.clone(), None, LoaderConfig::eval(256, image_size))?,
+    let knn_data = KnnData {
+        bank: Loader::new(
+            ctx.train.clone(),
+            None,
+            LoaderConfig::eval(256, ctx.image_size),
+        )?,
+        queries: Loader::new(
+            ctx.test.clone(),
+            None,
+            LoaderConfig::eval(256, ctx.image_size),
+        )?,
     };
     let t_knn = Instant::now();
-    let pretrained = simclr_models::checkpoint::load(&pre_ckpt, device)?;
-    let knn_pretrained = knn_top1(
+    let pretrained = simclr_models::checkpoint::load(&summary.checkpoint, device)?;
+    let knn = knn_top1(
         &pretrained.model,
-        &knn,
+        &knn_data,
         &Default::default(),
         device,
-        progress,
+        ctx.progress,
     )?;
     let random_vm = candle_nn::VarMap::new();
     let random =
         simclr_models::SimclrModel::init(&pretrained.meta.config, &random_vm, cfg.seed, device)?;
-    let knn_random = knn_top1(&random, &knn, &Default::default(), device, progress)?;
-    let knn_seconds = t_knn.elapsed().as_secs_f64();
+    let knn_random = knn_top1(
+        &random,
+        &knn_data,
+        &Default::default(),
+        device,
+        ctx.progress,
+    )?;
+    Ok(Some(Pretraining {
+        summary,
+        knn,
+        knn_random,
+        knn_seconds: t_knn.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Fraction `k` (`f`) of the run: fine-tuning, the baseline and distillation on `labelled`, each
+/// evaluated; their results, with the evaluation reports written beside them.
+fn fraction_stages(
+    ctx: &StageContext,
+    run_dir: &Path,
+    k: usize,
+    f: f64,
+    labelled: &[usize],
+    pre: &Pretraining,
+) -> Result<Vec<StageResult>> {
+    // A split file's run lives apart from the drawn split's, so that neither reuses the
+    // other's finished stages.
+    let dir = match ctx.cfg.split_files.get(k) {
+        Some(_) => run_dir.join(format!(
+            "fraction-{f}-split-{}",
+            short_hash(&sample_names(ctx.train.as_ref(), labelled))
+        )),
+        None => run_dir.join(format!("fraction-{f}")),
+    };
+    std::fs::create_dir_all(&dir)?;
+    write_split_file(
+        &dir.join("labelled_split.txt"),
+        ctx.train.as_ref(),
+        labelled,
+    )?;
+    let (ft, ft_dir, ft_result, ft_eval) = finetune_stage(ctx, &dir, k, f, labelled, pre)?;
+    let (bl_result, bl_eval) = baseline_stage(ctx, &dir, k, f, labelled)?;
+    let (di_result, di_eval) = distill_stage(ctx, &dir, f, labelled, pre, &ft, &ft_dir)?;
     println!(
-        "pretraining: {:.0} s, kNN top-1 {:.2}% (random init {:.2}%)",
-        pre.wall_seconds,
-        100.0 * knn_pretrained,
-        100.0 * knn_random
+        "fraction {f}: baseline {:.2}% / fine-tuned {:.2}% / distilled {:.2}% top-1",
+        100.0 * bl_eval.top1,
+        100.0 * ft_eval.top1,
+        100.0 * di_eval.top1
     );
-
-    for (k, &f) in cfg.fractions.iter().enumerate() {
-        // A split file's run lives apart from the drawn split's, so that neither reuses the
-        // other's finished stages.
-        let dir = match cfg.split_files.get(k) {
-            Some(_) => run_dir.join(format!(
-                "fraction-{f}-split-{}",
-                short_hash(&sample_names(train.as_ref(), &splits[k]))
-            )),
-            None => run_dir.join(format!("fraction-{f}")),
-        };
-        std::fs::create_dir_all(&dir)?;
-        let labelled = splits[k].clone();
-        write_split_file(&dir.join("labelled_split.txt"), train.as_ref(), &labelled)?;
-
-        let ft_dir = stage_dir(&dir, "finetune", &cfg.finetune[k], "");
-        let (ft, ft_task) = run_finetune(
-            &cfg.finetune[k],
-            &FinetuneInit::Pretrained(pre_ckpt.clone()),
-            Stage::Finetune,
-            train.clone(),
-            labelled.clone(),
-            StageEnv {
-                out_dir: &ft_dir,
-                resume: true,
-                progress,
-                device,
-            },
-        )?;
-        crash_point(|| "pipeline:after:finetune".into());
-        let t_eval = Instant::now();
-        let ft_eval = evaluate(ft_task.model(), &test, image_size, device, progress)?;
-        let mut r = result("finetune", Some(f), &ft, &ft_eval);
-        r.eval_seconds = t_eval.elapsed().as_secs_f64();
-        r.recipe = supervised_recipe(
-            &cfg.finetune[k],
-            labelled.len(),
-            "from the pretrained network",
-        );
-        results.push(r);
-
-        let (bl, bl_task) = run_finetune(
-            &cfg.baseline[k],
-            &FinetuneInit::Scratch(cfg.pretrain.model.clone()),
-            Stage::Supervised,
-            train.clone(),
-            labelled.clone(),
-            StageEnv {
-                out_dir: &stage_dir(&dir, "baseline", &cfg.baseline[k], ""),
-                resume: true,
-                progress,
-                device,
-            },
-        )?;
-        crash_point(|| "pipeline:after:supervised".into());
-        let t_eval = Instant::now();
-        let bl_eval = evaluate(bl_task.model(), &test, image_size, device, progress)?;
-        let mut r = result("baseline", Some(f), &bl, &bl_eval);
-        r.eval_seconds = t_eval.elapsed().as_secs_f64();
-        r.recipe = supervised_recipe(
-            &cfg.baseline[k],
-            labelled.len(),
-            "from random initialisation",
-        );
-        results.push(r);
-
-        // The paper trains the student afresh for 400 epochs; on a CPU budget of minutes a
-        // student starts from trained weights (the preset says which).
-        let student_tag = cfg.student.unwrap_or(match cfg.preset {
-            Preset::Paper => StudentStart::Scratch,
-            _ => StudentStart::Pretrained,
-        });
-        let student = match student_tag {
-            StudentStart::Scratch => StudentInit::Scratch(cfg.pretrain.model.clone()),
-            StudentStart::Pretrained => StudentInit::Checkpoint(pre_ckpt.clone()),
-            StudentStart::Teacher => StudentInit::Checkpoint(ft.checkpoint.clone()),
-        };
-        let student_tag = student_tag.as_str();
-        let (di, di_task) = run_distill(
-            &cfg.distill,
-            &ft.checkpoint,
-            &student,
-            train.clone(),
-            &labelled,
-            StageEnv {
-                out_dir: &stage_dir(
-                    &dir,
-                    "distill",
-                    &cfg.distill,
-                    // The teacher's folder by its name, not its path: a run folder that was moved
-                    // (or is compared with another copy) keeps its distillation folder.
-                    &format!(
-                        "{}|student={student_tag}",
-                        ft_dir.file_name().unwrap_or_default().to_string_lossy()
-                    ),
-                ),
-                resume: true,
-                progress,
-                device,
-            },
-        )?;
-        crash_point(|| "pipeline:after:distill".into());
-        let t_eval = Instant::now();
-        let di_eval = evaluate(di_task.student(), &test, image_size, device, progress)?;
-        let mut r = result("distill", Some(f), &di, &di_eval);
-        r.eval_seconds = t_eval.elapsed().as_secs_f64();
-        let d = &cfg.distill;
-        let batch = d.train_batch_size.min(train.len());
-        r.recipe = format!(
-            "student from the {student_tag} network, teacher: the fine-tuned model, labelling {}; τ {}{}, α {}; {}; on all {} training images, crop (min area {}) + flip",
-            match d.teacher_targets {
-                TeacherTargets::SameView => "the student's augmented view",
-                TeacherTargets::Clean => "each un-augmented image once",
-            },
-            d.temperature,
-            if d.tau_squared { " (loss × τ²)" } else { "" },
-            d.alpha,
-            describe_recipe(&d.optimizer, &d.schedule, batch, di.steps, train.len()),
-            train.len(),
-            d.augment.crop_min_area
-        );
-        results.push(r);
-        println!(
-            "fraction {f}: baseline {:.2}% / fine-tuned {:.2}% / distilled {:.2}% top-1",
-            100.0 * bl_eval.top1,
-            100.0 * ft_eval.top1,
-            100.0 * di_eval.top1
-        );
-        simclr_data::write_atomic(
-            &dir.join("eval_finetune.md"),
-            ft_eval.to_markdown().as_bytes(),
-        )?;
-        simclr_data::write_atomic(
-            &dir.join("eval_distill.md"),
-            di_eval.to_markdown().as_bytes(),
-        )?;
-        simclr_data::write_atomic(
-            &dir.join("eval_baseline.md"),
-            bl_eval.to_markdown().as_bytes(),
-        )?;
+    for (name, report) in [
+        ("eval_finetune.md", &ft_eval),
+        ("eval_distill.md", &di_eval),
+        ("eval_baseline.md", &bl_eval),
+    ] {
+        simclr_data::write_atomic(&dir.join(name), report.to_markdown().as_bytes())?;
     }
-    let summary = json!({
+    Ok(vec![ft_result, bl_result, di_result])
+}
+
+/// Fine-tunes the pretrained network on `labelled`: its summary, folder, result and report.
+fn finetune_stage(
+    ctx: &StageContext,
+    dir: &Path,
+    k: usize,
+    f: f64,
+    labelled: &[usize],
+    pre: &Pretraining,
+) -> Result<(TrainSummary, PathBuf, StageResult, EvalReport)> {
+    let settings = &ctx.cfg.finetune[k];
+    let ft_dir = stage_dir(dir, "finetune", settings, "");
+    let (ft, task) = run_finetune(
+        settings,
+        &FinetuneInit::Pretrained(pre.summary.checkpoint.clone()),
+        Stage::Finetune,
+        ctx.train.clone(),
+        labelled.to_vec(),
+        ctx.env(&ft_dir),
+    )?;
+    crash_point(|| "pipeline:after:finetune".into());
+    let (report, eval_seconds) = ctx.evaluate(task.model())?;
+    let mut r = result("finetune", Some(f), &ft, &report);
+    r.eval_seconds = eval_seconds;
+    r.recipe = supervised_recipe(settings, labelled.len(), "from the pretrained network");
+    Ok((ft, ft_dir, r, report))
+}
+
+/// Trains the supervised baseline on `labelled` with its own recipe.
+fn baseline_stage(
+    ctx: &StageContext,
+    dir: &Path,
+    k: usize,
+    f: f64,
+    labelled: &[usize],
+) -> Result<(StageResult, EvalReport)> {
+    let settings = &ctx.cfg.baseline[k];
+    let (bl, task) = run_finetune(
+        settings,
+        &FinetuneInit::Scratch(ctx.cfg.pretrain.model.clone()),
+        Stage::Supervised,
+        ctx.train.clone(),
+        labelled.to_vec(),
+        ctx.env(&stage_dir(dir, "baseline", settings, "")),
+    )?;
+    crash_point(|| "pipeline:after:supervised".into());
+    let (report, eval_seconds) = ctx.evaluate(task.model())?;
+    let mut r = result("baseline", Some(f), &bl, &report);
+    r.eval_seconds = eval_seconds;
+    r.recipe = supervised_recipe(settings, labelled.len(), "from random initialisation");
+    Ok((r, report))
+}
+
+/// Distils the fine-tuned teacher (`ft`, in `ft_dir`) into a student on every training image.
+fn distill_stage(
+    ctx: &StageContext,
+    dir: &Path,
+    f: f64,
+    labelled: &[usize],
+    pre: &Pretraining,
+    ft: &TrainSummary,
+    ft_dir: &Path,
+) -> Result<(StageResult, EvalReport)> {
+    let cfg = ctx.cfg;
+    // The paper trains the student afresh for 400 epochs; on a CPU budget of minutes a
+    // student starts from trained weights (the preset says which).
+    let student_tag = cfg.student.unwrap_or(match cfg.preset {
+        Preset::Paper => StudentStart::Scratch,
+        _ => StudentStart::Pretrained,
+    });
+    let student = match student_tag {
+        StudentStart::Scratch => StudentInit::Scratch(cfg.pretrain.model.clone()),
+        StudentStart::Pretrained => StudentInit::Checkpoint(pre.summary.checkpoint.clone()),
+        StudentStart::Teacher => StudentInit::Checkpoint(ft.checkpoint.clone()),
+    };
+    let student_tag = student_tag.as_str();
+    // The teacher's folder by its name, not its path: a run folder that was moved (or is
+    // compared with another copy) keeps its distillation folder.
+    let upstream = format!(
+        "{}|student={student_tag}",
+        ft_dir.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let (di, task) = run_distill(
+        &cfg.distill,
+        &ft.checkpoint,
+        &student,
+        ctx.train.clone(),
+        labelled,
+        ctx.env(&stage_dir(dir, "distill", &cfg.distill, &upstream)),
+    )?;
+    crash_point(|| "pipeline:after:distill".into());
+    let (report, eval_seconds) = ctx.evaluate(task.student())?;
+    let mut r = result("distill", Some(f), &di, &report);
+    r.eval_seconds = eval_seconds;
+    let d = &cfg.distill;
+    let n = ctx.train.len();
+    r.recipe = format!(
+        "student from the {student_tag} network, teacher: the fine-tuned model, labelling {}; τ {}{}, α {}; {}; on all {n} training images, crop (min area {}) + flip",
+        match d.teacher_targets {
+            TeacherTargets::SameView => "the student's augmented view",
+            TeacherTargets::Clean => "each un-augmented image once",
+        },
+        d.temperature,
+        if d.tau_squared { " (loss × τ²)" } else { "" },
+        d.alpha,
+        describe_recipe(&d.optimizer, &d.schedule, d.train_batch_size.min(n), di.steps, n),
+        d.augment.crop_min_area
+    );
+    Ok((r, report))
+}
+
+/// The run's `report.json`.
+fn summary_json(
+    ctx: &StageContext,
+    pre: &Pretraining,
+    eval_split: &str,
+    results: &[StageResult],
+    t0: Instant,
+) -> serde_json::Value {
+    let (cfg, n) = (ctx.cfg, ctx.train.len());
+    json!({
         "run": cfg.run_name(),
         "config": cfg,
-        "train": train.describe(),
-        "test": test.describe(),
+        "train": ctx.train.describe(),
+        "test": ctx.test.describe(),
         "pretrain": {
             "recipe": format!(
                 "NT-Xent τ {}, {}; colour jitter {}, crop min area {}",
@@ -975,30 +1123,25 @@ pub fn run(
                 describe_recipe(
                     &cfg.pretrain.optimizer,
                     &cfg.pretrain.schedule,
-                    cfg.pretrain.train_batch_size.min(train.len()),
-                    pre.steps,
-                    train.len()
+                    cfg.pretrain.train_batch_size.min(n),
+                    pre.summary.steps,
+                    n
                 ),
                 cfg.pretrain.augment.color_jitter_strength,
                 cfg.pretrain.augment.crop_min_area,
             ),
-            "wall_seconds": pre.wall_seconds,
-            "images_per_second": pre.images_per_second,
-            "steps": pre.steps,
-            "knn_top1": knn_pretrained,
-            "knn_top1_random_init": knn_random,
-            "checkpoint": pre_ckpt,
+            "wall_seconds": pre.summary.wall_seconds,
+            "images_per_second": pre.summary.images_per_second,
+            "steps": pre.summary.steps,
+            "knn_top1": pre.knn,
+            "knn_top1_random_init": pre.knn_random,
+            "checkpoint": pre.summary.checkpoint,
         },
-        "knn_seconds": knn_seconds,
+        "knn_seconds": pre.knn_seconds,
         "eval_split": eval_split,
         "results": results,
         "total_wall_seconds": t0.elapsed().as_secs_f64(),
-    });
-    report::write(&run_dir, &summary, &results)?;
-    let mut line = String::new();
-    let _ = write!(line, "report: {}", run_dir.join("report.md").display());
-    println!("{line}");
-    Ok(run_dir)
+    })
 }
 
 /// The other ranks of a multi-GPU pipeline, started by rank 0 (`cargo xtask pipeline --gpus`)
