@@ -318,36 +318,6 @@ pub fn device(spec: Option<&str>) -> Result<Device> {
     }
 }
 
-/// The collective of a data-parallel run: one replica, or rank `rank` of `n` over NCCL, meeting
-/// through `rendezvous` (`simclr pretrain --replicas`, `cargo xtask pipeline --gpus`).
-pub fn replicas(
-    n: usize,
-    rank: usize,
-    rendezvous: Option<&simclr_collective::Rendezvous>,
-    device: &Device,
-) -> Result<std::sync::Arc<dyn simclr_collective::Collective>> {
-    if n <= 1 {
-        return Ok(std::sync::Arc::new(simclr_collective::SingleReplica));
-    }
-    if rank >= n {
-        bail!("--rank {rank} is outside --replicas {n}")
-    }
-    let Some(rendezvous) = rendezvous else {
-        bail!("--replicas {n} needs --rendezvous <file or tcp://host:port>")
-    };
-    #[cfg(feature = "nccl")]
-    {
-        let timeout = std::time::Duration::from_secs(600);
-        let r = simclr_collective::NcclReplica::join(rendezvous, device, rank, n, timeout)?;
-        Ok(std::sync::Arc::new(r))
-    }
-    #[cfg(not(feature = "nccl"))]
-    {
-        let _ = (rendezvous, device);
-        bail!("--replicas {n}: this binary was built without NCCL (rebuild with --features nccl)")
-    }
-}
-
 /// The file a training subcommand writes its resolved settings to, in its output folder;
 /// `--config` reads it back.
 pub const STAGE_CONFIG_FILE: &str = "config.json";

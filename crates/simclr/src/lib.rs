@@ -8,6 +8,7 @@
 pub mod args;
 pub mod charts;
 pub mod device_check;
+pub mod launch;
 pub mod pipeline;
 pub mod pipeline_cli;
 pub mod report;

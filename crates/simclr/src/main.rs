@@ -466,7 +466,7 @@ fn pretrain(
         (None, Some(l)) => (l.world_size, l.rank, Some(l.rendezvous.clone())),
         (n, _) => (n.unwrap_or(1), a.rank, a.rendezvous.clone()),
     };
-    let replicas = simclr::args::replicas(n, rank, rendezvous.as_ref(), device)?;
+    let replicas = simclr::launch::replicas(n, rank, rendezvous.as_ref(), device)?;
     let summary = simclr_pretrain::run_pretrain_replica(
         &cfg,
         &PretrainData { train, test },

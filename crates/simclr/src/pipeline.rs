@@ -17,7 +17,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use simclr_collective::Rendezvous;
 use simclr_data::split::{
     class_balanced_subset, validate_fraction, validation_split, write_split_file,
 };
@@ -672,17 +671,6 @@ fn result(stage: &str, fraction: Option<f64>, s: &TrainSummary, r: &EvalReport) 
     }
 }
 
-/// This process's place in a pretraining over several GPUs (`cargo xtask pipeline --gpus`):
-/// rank `rank` of `world_size` NCCL replicas that meet through `rendezvous`. Every rank runs
-/// the pretraining on its share of each global batch; rank 0 alone writes, and alone goes on
-/// to the later stages (on its GPU) once the pretraining is done.
-#[derive(Debug, Clone)]
-pub struct Replica {
-    pub rank: usize,
-    pub world_size: usize,
-    pub rendezvous: Rendezvous,
-}
-
 /// Runs the pipeline into `out_root/<run>/` and writes the report there; returns the run folder.
 /// With `replica`, pretraining is data-parallel over the replicas; a rank other than 0 returns
 /// once it is done.
@@ -693,7 +681,7 @@ pub fn run(
     out_root: &Path,
     progress: bool,
     device: &Device,
-    replica: Option<&Replica>,
+    replica: Option<&crate::launch::Replica>,
 ) -> Result<PathBuf> {
     let t0 = Instant::now();
     let mut cfg = cfg.clone();
@@ -884,12 +872,12 @@ struct Pretraining {
 fn pretrain_stage(
     ctx: &StageContext,
     run_dir: &Path,
-    replica: Option<&Replica>,
+    replica: Option<&crate::launch::Replica>,
 ) -> Result<Option<Pretraining>> {
     let (cfg, device) = (ctx.cfg, ctx.device);
     let rank = replica.map_or(0, |r| r.rank);
     let collective = match replica {
-        Some(r) => crate::args::replicas(r.world_size, r.rank, Some(&r.rendezvous), device)?,
+        Some(r) => crate::launch::replicas(r.world_size, r.rank, Some(&r.rendezvous), device)?,
         None => Arc::new(simclr_collective::SingleReplica),
     };
     let pre_dir = run_dir.join("pretrain");
@@ -1144,124 +1132,6 @@ fn summary_json(
     })
 }
 
-/// The other ranks of a multi-GPU pipeline, started by rank 0 (`cargo xtask pipeline --gpus`)
-/// as copies of the running program with `--rank R --rendezvous ADDR` added to its own
-/// arguments. A watcher ends the whole run when one of them fails (rank 0 would otherwise wait
-/// in NCCL for ever); dropping the guard stops any that still run.
-pub struct ReplicaProcesses {
-    children: Arc<std::sync::Mutex<Vec<(usize, std::process::Child)>>>,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
-    watcher: Option<std::thread::JoinHandle<()>>,
-}
-
-/// This program's arguments for a child rank: all of them but the ones the launcher sets
-/// itself (`--rank`, `--rendezvous`, `--no-progress`), which clap refuses to see twice.
-fn child_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::new();
-    let mut skip_value = false;
-    for a in args {
-        if std::mem::take(&mut skip_value) {
-            continue;
-        }
-        let text = a.to_string_lossy();
-        match text.as_ref() {
-            "--rank" | "--rendezvous" => skip_value = true,
-            "--no-progress" => {}
-            t if t.starts_with("--rank=") || t.starts_with("--rendezvous=") => {}
-            _ => out.push(a),
-        }
-    }
-    out
-}
-
-impl ReplicaProcesses {
-    /// Starts ranks `1..world_size`.
-    pub fn spawn(world_size: usize, rendezvous: &Rendezvous) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the running program")?;
-        let own = child_args(std::env::args_os().skip(1));
-        let mut children: Vec<(usize, std::process::Child)> = Vec::new();
-        for rank in 1..world_size {
-            let started = std::process::Command::new(&exe)
-                .args(&own)
-                .args([
-                    "--rank",
-                    &rank.to_string(),
-                    "--rendezvous",
-                    &rendezvous.to_string(),
-                ])
-                .arg("--no-progress")
-                .spawn();
-            match started {
-                Ok(child) => children.push((rank, child)),
-                Err(e) => {
-                    for (_, mut child) in children {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                    bail!("cannot start rank {rank} ({}): {e}", exe.display())
-                }
-            }
-        }
-        let children = Arc::new(std::sync::Mutex::new(children));
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (watched, stop) = (children.clone(), stopping.clone());
-        let watcher = std::thread::spawn(move || loop {
-            let mut all = watched.lock().unwrap_or_else(|e| e.into_inner());
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return; // rank 0 is stopping them itself
-            }
-            let mut running = 0;
-            for (rank, child) in all.iter_mut() {
-                match child.try_wait() {
-                    Ok(Some(status)) if !status.success() => {
-                        eprintln!(
-                            "error: pretraining rank {rank} failed ({status}); stopping the run"
-                        );
-                        for (_, other) in all.iter_mut() {
-                            let _ = other.kill();
-                        }
-                        std::process::exit(1);
-                    }
-                    Ok(None) => running += 1,
-                    // Finished, or no longer ours to wait for.
-                    Ok(Some(_)) | Err(_) => {}
-                }
-            }
-            drop(all);
-            if running == 0 {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        });
-        Ok(Self {
-            children,
-            stopping,
-            watcher: Some(watcher),
-        })
-    }
-
-    /// Waits until every rank has finished (they finish with the pretraining).
-    pub fn wait(mut self) {
-        if let Some(w) = self.watcher.take() {
-            let _ = w.join();
-        }
-    }
-}
-
-impl Drop for ReplicaProcesses {
-    fn drop(&mut self) {
-        if self.watcher.is_some() {
-            let mut all = self.children.lock().unwrap_or_else(|e| e.into_inner());
-            // Under the lock: the watcher sees the flag before it could see the killed ranks.
-            self.stopping
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            for (_, child) in all.iter_mut() {
-                let _ = child.kill();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{PipelineConfig, Preset};
@@ -1464,36 +1334,5 @@ mod tests {
         ] {
             assert!(lines[line].contains(says), "{}", lines[line]);
         }
-    }
-
-    #[test]
-    fn child_ranks_get_the_arguments_without_the_launchers_own() {
-        let args = [
-            "pipeline",
-            "--gpus",
-            "0,1",
-            "--no-progress",
-            "--rank",
-            "3",
-            "--fraction",
-            "0.1",
-            "--rendezvous=tcp://h:1",
-            "--rendezvous",
-            "/tmp/x",
-            "--rank=2",
-            "--out",
-            "o",
-        ];
-        let got = super::child_args(args.iter().map(std::ffi::OsString::from));
-        let want = [
-            "pipeline",
-            "--gpus",
-            "0,1",
-            "--fraction",
-            "0.1",
-            "--out",
-            "o",
-        ];
-        assert_eq!(got, want.map(std::ffi::OsString::from));
     }
 }

@@ -146,31 +146,7 @@ pub fn run_pipeline(a: PipelineArgs, device: Option<&str>) -> Result<()> {
         )?;
         return Ok(());
     }
-    let Some(&gpu) = gpus.get(rank) else {
-        anyhow::bail!("--rank {rank} has no GPU in --gpus {gpus:?}")
-    };
-    let device = crate::args::device(Some(&format!("cuda:{gpu}")))?;
-    std::fs::create_dir_all(&out)?;
-    let rendezvous = rendezvous.unwrap_or_else(|| {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let file = out.join(format!(".rendezvous-{}-{stamp}", std::process::id()));
-        simclr_collective::Rendezvous::File(file)
-    });
-    let others = if rank == 0 {
-        Some(crate::pipeline::ReplicaProcesses::spawn(
-            gpus.len(),
-            &rendezvous,
-        )?)
-    } else {
-        None
-    };
-    let replica = crate::pipeline::Replica {
-        rank,
-        world_size: gpus.len(),
-        rendezvous,
-    };
+    let (device, replica, others) = crate::launch::gpu_ranks(&gpus, rank, rendezvous, &out)?;
     let progress = !no_progress && rank == 0;
     crate::pipeline::run(
         &cfg,
