@@ -87,12 +87,11 @@ pub enum KnnVote {
     Majority,
 }
 
-/// Scales each row of a `[N, D]` tensor to unit L2 norm (rows of norm below 1e-12 are divided
-/// by 1e-12 instead), as f32 on the tensor's device.
-pub fn l2_normalize(features: &Tensor) -> Result<Tensor> {
+/// Each row of a `[N, D]` tensor at unit L2 norm, as f32 on the tensor's device: the project's
+/// one normalisation (TF's `l2_normalize`, the fused kernel of `simclr-kernels`).
+fn l2_normalize(features: &Tensor) -> Result<Tensor> {
     let x = features.to_dtype(DType::F32)?;
-    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-    Ok(x.broadcast_div(&norm)?)
+    Ok(simclr_kernels::ntxent::l2_normalize(&x)?)
 }
 
 /// The labelled features that vote: normalised once, kept (transposed) on their device.

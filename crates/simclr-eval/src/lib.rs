@@ -55,7 +55,7 @@ mod table;
 pub use confusion::ConfusionMatrix;
 pub use error::{EvalError, Result};
 pub use extract::{evaluate_classifier, features, knn_top1, KnnData};
-pub use knn::{knn_evaluate, l2_normalize, KnnBank, KnnConfig, KnnResult, KnnVote};
+pub use knn::{knn_evaluate, KnnBank, KnnConfig, KnnResult, KnnVote};
 pub use labels::LabelSource;
 pub use metrics::{ClassificationMetrics, DEFAULT_TOP_K};
 pub use report::{ClassAccuracy, EvalReport, MAX_RENDERED_CONFUSION_CLASSES};

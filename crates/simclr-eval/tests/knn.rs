@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use simclr_eval::{knn_evaluate, l2_normalize, ClassificationMetrics, KnnBank, KnnConfig, KnnVote};
+use simclr_eval::{knn_evaluate, ClassificationMetrics, KnnBank, KnnConfig, KnnVote};
 
 /// A small deterministic generator (splitmix64) so the tests need no extra dependency.
 struct Rng(u64);
@@ -160,13 +160,6 @@ fn k_is_capped_at_the_bank_size() {
         bank.votes(&q, &huge, KnnVote::Majority).unwrap(),
         vec![1.0, 2.0, 2.0]
     );
-}
-
-#[test]
-fn l2_normalize_gives_unit_rows() {
-    let x = Tensor::new(&[[3.0f32, 4.0], [0.0, 0.0]], &Device::Cpu).unwrap();
-    let y = l2_normalize(&x).unwrap().to_vec2::<f32>().unwrap();
-    assert_eq!(y, vec![vec![0.6, 0.8], vec![0.0, 0.0]]);
 }
 
 /// The f64 reference: votes of one query, and whether its outcome is too close to a tie for
