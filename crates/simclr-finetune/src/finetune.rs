@@ -39,9 +39,14 @@ pub struct FinetuneConfig {
     pub run: simclr_train::RunOptions,
 }
 
+/// Whether `fraction` is the paper's "few labels" regime (1 % or less), which fine-tunes longer.
+pub fn few_labels(fraction: f64) -> bool {
+    fraction <= 0.01 + 1e-9
+}
+
 /// The paper's fine-tuning epochs: 60 for 1 % labels, 30 for 10 % and 100 %.
 pub fn epochs_for_fraction(fraction: f64) -> u64 {
-    if fraction <= 0.01 + 1e-9 {
+    if few_labels(fraction) {
         60
     } else {
         30

@@ -13,6 +13,6 @@
 mod finetune;
 
 pub use finetune::{
-    baseline_batch_size, baseline_train_steps, epochs_for_fraction, run_finetune, FinetuneConfig,
-    FinetuneInit, FinetuneTask,
+    baseline_batch_size, baseline_train_steps, epochs_for_fraction, few_labels, run_finetune,
+    FinetuneConfig, FinetuneInit, FinetuneTask,
 };

@@ -28,7 +28,6 @@ use simclr_finetune::{run_finetune, FinetuneConfig, FinetuneInit};
 use simclr_models::checkpoint::crash_point;
 use simclr_models::{ModelConfig, Precision, Stage};
 use simclr_pretrain::{run_pretrain_replica, PretrainConfig, PretrainData};
-use simclr_train::schedule::LearningRateScaling;
 use simclr_train::TrainSummary;
 
 use crate::args::DataSourceArgs;
@@ -119,6 +118,87 @@ impl PipelineConfig {
     }
 }
 
+/// A preset's settings as data: `crates/simclr/presets/<name>.toml` (smoke.toml describes the
+/// format), compiled into the binary and applied as `--set` overrides are, so that a misspelt
+/// name in a preset fails as it would on the command line.
+struct PresetData {
+    file: &'static str,
+    /// The network, unless `--model` names another.
+    model: String,
+    table: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PresetData {
+    fn of(preset: Preset) -> Result<Self> {
+        let (file, text) = match preset {
+            Preset::Smoke => ("smoke", include_str!("../presets/smoke.toml")),
+            Preset::Default => ("default", include_str!("../presets/default.toml")),
+            Preset::Paper => ("paper", include_str!("../presets/paper.toml")),
+        };
+        let mut table: serde_json::Map<String, serde_json::Value> =
+            toml::from_str(text).with_context(|| format!("presets/{file}.toml"))?;
+        let Some(serde_json::Value::String(model)) = table.remove("model") else {
+            bail!("presets/{file}.toml: no `model`")
+        };
+        Ok(Self { file, model, table })
+    }
+
+    /// The preset's settings for `fractions` at `image_size`, as `--set` spells them.
+    fn settings(&self, fractions: &[f64], image_size: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        section_settings(&self.table, fractions, image_size, &mut out);
+        out
+    }
+}
+
+/// The settings of one level of a preset file (the top, or `[small_images]`).
+fn section_settings(
+    table: &serde_json::Map<String, serde_json::Value>,
+    fractions: &[f64],
+    image_size: usize,
+    out: &mut Vec<String>,
+) {
+    for (key, value) in table {
+        let few = match key.as_str() {
+            "finetune_few_labels" => Some(true),
+            "finetune_many_labels" => Some(false),
+            _ => None,
+        };
+        match key.as_str() {
+            "finetune" | "baseline" => {
+                for i in 0..fractions.len() {
+                    leaves(&format!("{key}.{i}"), value, out);
+                }
+            }
+            _ if few.is_some() => {
+                for (i, &f) in fractions.iter().enumerate() {
+                    if Some(simclr_finetune::few_labels(f)) == few {
+                        leaves(&format!("finetune.{i}"), value, out);
+                    }
+                }
+            }
+            "small_images" => {
+                if let (true, Some(t)) = (image_size <= 32, value.as_object()) {
+                    section_settings(t, fractions, image_size, out);
+                }
+            }
+            _ => leaves(key, value, out),
+        }
+    }
+}
+
+/// `PATH=VALUE` for every leaf of `value` under `path` (tables become dotted paths).
+fn leaves(path: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                leaves(&format!("{path}.{k}"), v, out);
+            }
+        }
+        v => out.push(format!("{path}={v}")),
+    }
+}
+
 /// The model named `name` (`r18`, `r50`, `r50_2x_sk1`, `r18_w16`, …) at `image_size` (the CIFAR
 /// stem at ≤ 32 px).
 pub fn model_for(name: &str, image_size: usize) -> Result<ModelConfig> {
@@ -142,18 +222,13 @@ impl PipelineConfig {
         for &f in fractions {
             validate_fraction(f)?;
         }
-        let default_model = match preset {
-            Preset::Smoke => "r18_w4",
-            Preset::Default => "r18_w16",
-            Preset::Paper => "r50",
-        };
-        let mut m = model_for(model.unwrap_or(default_model), image_size)?;
-        let small = image_size <= 32;
-        let mut pretrain = PretrainConfig::new(m.clone(), image_size);
+        let data = PresetData::of(preset)?;
+        let m = model_for(model.unwrap_or(&data.model), image_size)?;
+        let mut pretrain = PretrainConfig::new(m, image_size);
         pretrain.seed = seed;
         let mut distill = DistillConfig::new(image_size, true);
         distill.seed = seed;
-        let mut finetune: Vec<FinetuneConfig> = fractions
+        let finetune: Vec<FinetuneConfig> = fractions
             .iter()
             .map(|&f| FinetuneConfig {
                 seed,
@@ -162,109 +237,33 @@ impl PipelineConfig {
             .collect();
         // The supervised baseline's own recipe; its batch and step count follow the labelled
         // set's size, known once the data is loaded (`size_labelled_stages`).
-        let mut baseline: Vec<FinetuneConfig> = fractions
+        let baseline: Vec<FinetuneConfig> = fractions
             .iter()
             .map(|_| FinetuneConfig {
                 seed,
                 ..FinetuneConfig::supervised_baseline(image_size, 0)
             })
             .collect();
-        let (mut train_subset, mut test_subset) = (None, None);
-        let mut student = None;
-        match preset {
-            Preset::Paper => {
-                m.proj_out_dim = 128;
-                pretrain.train_batch_size = 4096;
-                pretrain.schedule.train_epochs = 800;
-                pretrain.schedule.learning_rate = 0.1;
-                pretrain.schedule.learning_rate_scaling = LearningRateScaling::Sqrt;
-                pretrain.schedule.warmup_epochs = 40.0;
-                pretrain.optimizer.weight_decay = 1e-4;
-                if small {
-                    pretrain.objective.temperature = 0.5;
-                }
-            }
-            Preset::Default => {
-                pretrain.train_batch_size = 256;
-                // With the fused kernels a step of this model takes about 1.2 s on 2 cores, so
-                // six epochs fit in about 5 minutes of the 20-minute budget.
-                pretrain.schedule.train_epochs = 6;
-                pretrain.schedule.learning_rate = 0.2;
-                pretrain.schedule.learning_rate_scaling = LearningRateScaling::Sqrt;
-                pretrain.schedule.warmup_epochs = 0.3;
-                pretrain.optimizer.weight_decay = 1e-4;
-                pretrain.objective.temperature = 0.2;
-                pretrain.knn_every_epochs = 0;
-                // Fine-tuning with the baseline's optimizer (Nesterov momentum, weight decay
-                // 5e-4) from projection-head layer 1: on the validation split LARS without weight
-                // decay left the network under-fitted (training accuracy 0.71 at 10 %), and the
-                // classifier on the encoder output lost 8 points (docs/results.md). Batch and
-                // steps: `size_labelled_stages`.
-                for (c, &f) in finetune.iter_mut().zip(fractions) {
-                    c.optimizer.optimizer = simclr_train::OptimizerKind::Momentum;
-                    c.optimizer.weight_decay = 5e-4;
-                    c.schedule.learning_rate_scaling = LearningRateScaling::Linear;
-                    c.schedule.learning_rate = if f <= FEW_LABELS { 0.2 } else { FT_LR_MANY };
-                }
-                distill.train_batch_size = 256;
-                // 0.002·√B: the student starts from its teacher and should not wander far (0.005
-                // left it 0.7 points below its teacher at 10 % on the validation split).
-                distill.schedule.learning_rate = 0.002;
-                distill.schedule.learning_rate_scaling = LearningRateScaling::Sqrt;
-                distill.schedule.warmup_epochs = 0.0;
-                distill.optimizer.weight_decay = 0.0;
-                // τ = 1 rather than the paper's 0.1 for self-distillation: the student learns
-                // from the teacher's full distribution, not its near one-hot at τ = 0.1 (with
-                // τ = 0.1 the student tied or trailed its teacher, docs/results.md). τ² keeps the
-                // cross-entropy scale should the temperature be lowered again (at τ = 0.1 without
-                // it, LARS left BN and the head 10× larger steps and a student diverged).
-                distill.tau_squared = true;
-                distill.temperature = 1.0;
-                distill.schedule.train_epochs = 3;
-                // Chosen on the validation split (docs/results.md): the student starts from its
-                // teacher (`student` below), half the loss is cross-entropy on the labelled
-                // images of each batch, and the crops keep at least half the image, so the
-                // teacher labels views that still show the object (with the Inception crop's
-                // 0.08 the student fell 1.2 points below its teacher at 1 %).
-                distill.alpha = 0.5;
-                distill.augment.crop_min_area = 0.5;
-                student = Some(StudentStart::Teacher);
-            }
-            Preset::Smoke => {
-                train_subset = Some(256);
-                test_subset = Some(100);
-                pretrain.train_batch_size = 32;
-                pretrain.schedule.train_steps = Some(3);
-                pretrain.schedule.warmup_epochs = 0.0;
-                pretrain.knn_every_epochs = 0;
-                pretrain.memory = None;
-                for c in finetune.iter_mut().chain(baseline.iter_mut()) {
-                    c.train_batch_size = 32;
-                    c.schedule.train_steps = Some(3);
-                }
-                distill.train_batch_size = 32;
-                distill.schedule.train_steps = Some(3);
-                distill.schedule.warmup_epochs = 0.0;
-            }
-        }
-        pretrain.model = m;
-        Ok(PipelineConfig {
+        let mut cfg = PipelineConfig {
             preset,
             dataset: dataset.to_string(),
             fractions: fractions.to_vec(),
             seed,
-            train_subset,
-            test_subset,
+            train_subset: None,
+            test_subset: None,
             pretrain,
             finetune,
             baseline,
             distill,
             validation_per_class: 0,
-            student,
+            student: None,
             split_files: Vec::new(),
             data: DataSourceArgs::default(),
             sized: false,
-        })
+        };
+        cfg.apply_overrides(&data.settings(fractions, image_size))
+            .with_context(|| format!("the {preset:?} preset (presets/{}.toml)", data.file))?;
+        Ok(cfg)
     }
 
     /// A configuration from a run file: the `pipeline.json` or `pipeline.toml` a run writes
@@ -413,19 +412,11 @@ impl PipelineConfig {
     }
 }
 
-/// Label fractions up to this one count as "few labels" in the default preset's fine-tuning.
-const FEW_LABELS: f64 = 0.01 + 1e-9;
-
-/// The default preset's fine-tuning peak learning rate (× B/256) above [`FEW_LABELS`]: half the
-/// baseline's rate, for as many steps (session 7 on the validation split, `docs/results.md`:
-/// 84.0 % at 10 % against 82.4 % for the earlier 300 steps at 0.1·B/256; at the baseline's own
-/// rate the pretrained features were lost, 79.2 %).
-const FT_LR_MANY: f64 = 0.05;
-
 /// The default preset's fine-tuning length: as long as the supervised baseline at every
 /// fraction ([`simclr_finetune::baseline_train_steps`]: 100 epochs, at least 600 steps), chosen
 /// on the validation split (`docs/results.md`): at 1 % 600 steps gave 75.1 % against 73.9 % for
-/// 300; at 10 % 782 steps at [`FT_LR_MANY`] gave 84.0 % against 82.4 % for 300 steps.
+/// 300; at 10 % 782 steps at 0.05·B/256 (`presets/default.toml`) gave 84.0 % against 82.4 % for
+/// 300 steps.
 pub fn finetune_train_steps(labelled: usize, batch: usize) -> u64 {
     simclr_finetune::baseline_train_steps(labelled, batch)
 }
@@ -1298,6 +1289,41 @@ mod tests {
         let back: PipelineConfig =
             serde_json::from_value(serde_json::to_value(&b).unwrap()).unwrap();
         assert_eq!(back.data, b.data);
+    }
+
+    #[test]
+    fn preset_files_apply_per_fraction_and_size_and_refuse_unknown_names() {
+        let c = PipelineConfig::new(
+            Preset::Default,
+            "fashion-mnist-subset",
+            28,
+            &[0.01, 0.1],
+            None,
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.finetune[0].schedule.learning_rate, 0.2, "few labels");
+        assert_eq!(c.finetune[1].schedule.learning_rate, 0.05, "many labels");
+        assert_eq!(c.student, Some(super::StudentStart::Teacher));
+        let small = PipelineConfig::new(Preset::Paper, "cifar10", 32, &[0.1], None, 0).unwrap();
+        let large =
+            PipelineConfig::new(Preset::Paper, "imagefolder", 224, &[0.1], None, 0).unwrap();
+        assert_eq!(small.pretrain.objective.temperature, 0.5, "[small_images]");
+        assert_ne!(large.pretrain.objective.temperature, 0.5);
+        assert_eq!(large.pretrain.train_batch_size, 4096);
+        let bad = super::PresetData {
+            file: "bad",
+            model: "r18".into(),
+            table: toml::from_str("[pretrain]\ntrain_batchsize = 3\n").unwrap(),
+        };
+        let mut cfg = c.clone();
+        let e = cfg
+            .apply_overrides(&bad.settings(&[0.01, 0.1], 28))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("pretrain.train_batchsize"),
+            "{e:#}"
+        );
     }
 
     #[test]
