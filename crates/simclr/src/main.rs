@@ -111,34 +111,40 @@ struct PretrainArgs {
     data: DataArgs,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value_t = 0.1)]
-    temperature: f64,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    hidden_norm: bool,
+    /// NT-Xent's τ. [default: 0.1]
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Normalise the projections before the similarities. [default: true]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    hidden_norm: Option<bool>,
     /// Colour distortion strength (default: 1.0, or 0.5 at ≤ 32 px).
     #[arg(long)]
     color_jitter_strength: Option<f32>,
     /// Gaussian blur (default: on above 32 px).
     #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     use_blur: Option<bool>,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    lineareval_while_pretraining: bool,
+    /// Train a linear classifier on stop-gradient features alongside (the official online
+    /// probe). [default: true]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    lineareval_while_pretraining: Option<bool>,
     /// BN statistics over every replica's batch (the official `global_bn`); false normalises
-    /// with each replica's own.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    global_bn: bool,
+    /// with each replica's own. [default: true]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    global_bn: Option<bool>,
     /// SimCLRv2's momentum encoder + memory buffer of negatives.
     #[arg(long)]
     use_memory: bool,
-    #[arg(long, default_value_t = 65536)]
-    memory_size: usize,
-    #[arg(long, default_value_t = 0.999)]
-    momentum_ema: f64,
+    /// Negatives in the memory buffer. [default: 65536]
+    #[arg(long)]
+    memory_size: Option<usize>,
+    /// Decay of the momentum encoder's moving average. [default: 0.999]
+    #[arg(long)]
+    momentum_ema: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// kNN top-1 on the test split every this many epochs (0: never).
-    #[arg(long, default_value_t = 1)]
-    knn_every_epochs: usize,
+    /// kNN top-1 on the test split every this many epochs (0: never). [default: 1]
+    #[arg(long)]
+    knn_every_epochs: Option<usize>,
     /// Data-parallel replicas, one process per GPU (NCCL; a binary built with --features
     /// nccl). Start one process per rank with the same flags and its own --rank and --device,
     /// or leave these flags out under torchrun or srun: rank, world size, rendezvous and GPU
@@ -220,11 +226,12 @@ struct FinetuneArgs {
     model: ModelArgs,
     #[command(flatten)]
     labels: LabelArgs,
-    /// -1 trains everything; 4 freezes the encoder (linear evaluation).
-    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
-    fine_tune_after_block: i32,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    zero_init_logits_layer: bool,
+    /// -1 trains everything; 4 freezes the encoder (linear evaluation). [default: -1]
+    #[arg(long, allow_hyphen_values = true)]
+    fine_tune_after_block: Option<i32>,
+    /// Start the supervised head at zero. [default: true]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    zero_init_logits_layer: Option<bool>,
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -265,12 +272,14 @@ struct DistillArgs {
     #[arg(long)]
     tau_squared: bool,
     /// Weight of the distillation term; 1 − α weighs cross-entropy on labelled images.
-    #[arg(long, default_value_t = 1.0)]
-    alpha: f64,
+    /// [default: 1]
+    #[arg(long)]
+    alpha: Option<f64>,
     /// What the teacher labels: same_view (the augmented view the student sees, as the
     /// official colab does) or clean (each whole image once, before training).
-    #[arg(long, default_value = "same_view")]
-    teacher_targets: simclr_distill::TeacherTargets,
+    /// [default: same_view]
+    #[arg(long)]
+    teacher_targets: Option<simclr_distill::TeacherTargets>,
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -412,37 +421,52 @@ fn pretrain(
 ) -> Result<()> {
     let image_size = a.data.image_size()?;
     let train = a.data.load(Split::Train)?;
-    let classes = a.lineareval_while_pretraining.then(|| train.num_classes());
     // The settings: from a run file, or built from the flags.
     let mut cfg: PretrainConfig = match &a.config {
         Some(file) => simclr::args::stage_config(file)?,
         None => {
-            let mut cfg = PretrainConfig::new(a.model.config(image_size, classes)?, image_size);
+            let probe = Some(train.num_classes());
+            let mut cfg = PretrainConfig::new(a.model.config(image_size, probe)?, image_size);
             a.train.apply(
                 &mut cfg.train_batch_size,
                 &mut cfg.schedule,
                 &mut cfg.optimizer,
                 &mut cfg.precision,
             );
-            cfg.objective.temperature = a.temperature;
-            cfg.objective.hidden_norm = a.hidden_norm;
+            // Flags left out keep the libraries' defaults (the official values).
+            if let Some(t) = a.temperature {
+                cfg.objective.temperature = t;
+            }
+            if let Some(h) = a.hidden_norm {
+                cfg.objective.hidden_norm = h;
+            }
             if let Some(s) = a.color_jitter_strength {
                 cfg.augment.color_jitter_strength = s;
             }
             if let Some(b) = a.use_blur {
                 cfg.augment.use_blur = b;
             }
-            cfg.lineareval_while_pretraining = a.lineareval_while_pretraining;
-            cfg.global_bn = a.global_bn;
+            if let Some(l) = a.lineareval_while_pretraining {
+                cfg.lineareval_while_pretraining = l;
+            }
+            if !cfg.lineareval_while_pretraining {
+                cfg.model.num_classes = None; // no probe, no supervised head
+            }
+            if let Some(g) = a.global_bn {
+                cfg.global_bn = g;
+            }
             if a.use_memory {
+                let d = simclr_pretrain::memory::MemoryConfig::default();
                 cfg.memory = Some(simclr_pretrain::memory::MemoryConfig {
-                    queue_size: a.memory_size,
-                    ema_decay: a.momentum_ema,
-                    ..Default::default()
+                    queue_size: a.memory_size.unwrap_or(d.queue_size),
+                    ema_decay: a.momentum_ema.unwrap_or(d.ema_decay),
+                    ..d
                 });
             }
             cfg.seed = a.seed;
-            cfg.knn_every_epochs = a.knn_every_epochs;
+            if let Some(k) = a.knn_every_epochs {
+                cfg.knn_every_epochs = k;
+            }
             cfg
         }
     };
@@ -513,18 +537,22 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
                 &mut cfg.optimizer,
                 &mut cfg.precision,
             );
+            if let Some(b) = a.fine_tune_after_block {
+                cfg.fine_tune_after_block = b;
+            }
+            if let Some(z) = a.zero_init_logits_layer {
+                cfg.zero_init_logits_layer = z;
+            }
             cfg.ft_proj_selector = a
                 .model
                 .ft_proj_selector
                 // SimCLRv2 fine-tunes from the first head layer; linear evaluation and the supervised
                 // baseline keep the official default, the encoder output.
-                .unwrap_or(if a.from_scratch || a.fine_tune_after_block >= 4 {
+                .unwrap_or(if a.from_scratch || cfg.fine_tune_after_block >= 4 {
                     0
                 } else {
                     1
                 });
-            cfg.fine_tune_after_block = a.fine_tune_after_block;
-            cfg.zero_init_logits_layer = a.zero_init_logits_layer;
             cfg.seed = a.labels.seed;
             cfg
         }
@@ -607,8 +635,12 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
                 cfg.temperature = t;
             }
             cfg.tau_squared = a.tau_squared;
-            cfg.alpha = a.alpha;
-            cfg.teacher_targets = a.teacher_targets;
+            if let Some(alpha) = a.alpha {
+                cfg.alpha = alpha;
+            }
+            if let Some(t) = a.teacher_targets {
+                cfg.teacher_targets = t;
+            }
             a.train.apply(
                 &mut cfg.train_batch_size,
                 &mut cfg.schedule,
