@@ -284,12 +284,7 @@ impl TrainTask for DistillTask {
             .ok_or_else(no_head)?;
         let kd = distillation_loss(&s, &t, self.cfg.temperature, self.cfg.tau_squared)?;
         let mut loss = (kd.clone() * self.cfg.alpha)?;
-        let agree = s
-            .argmax(D::Minus1)?
-            .eq(&t.argmax(D::Minus1)?)?
-            .to_dtype(DType::F64)?
-            .mean_all()?
-            .to_scalar::<f64>()?;
+        let agree = simclr_train::batch_accuracy(&s, &t.argmax(D::Minus1)?)?;
         let mut metrics = vec![
             (
                 "distill_loss".to_string(),

@@ -4,7 +4,7 @@ use simclr_train::StageEnv;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, D};
+use candle_core::Device;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
@@ -218,12 +218,7 @@ impl TrainTask for FinetuneTask {
         })?;
         let labels = batch.labels.to_device(&self.device)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        let acc = logits
-            .argmax(D::Minus1)?
-            .eq(&labels)?
-            .to_dtype(DType::F64)?
-            .mean_all()?
-            .to_scalar::<f64>()?;
+        let acc = simclr_train::batch_accuracy(&logits, &labels)?;
         Ok(StepOutput {
             loss,
             metrics: vec![("supervised_acc".into(), acc)],

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use simclr_data::augment::AugmentConfig;
@@ -217,12 +217,7 @@ impl TrainTask for PretrainTask {
             let own = rows(&batch.labels)?;
             let labels = Tensor::cat(&[&own, &own], 0)?.to_device(&self.device)?;
             let sup = candle_nn::loss::cross_entropy(logits, &labels)?;
-            let acc = logits
-                .argmax(D::Minus1)?
-                .eq(&labels)?
-                .to_dtype(DType::F64)?
-                .mean_all()?
-                .to_scalar::<f64>()?;
+            let acc = simclr_train::batch_accuracy(logits, &labels)?;
             metrics.push((
                 "supervised_loss".into(),
                 sup.to_dtype(DType::F64)?.to_scalar::<f64>()?,

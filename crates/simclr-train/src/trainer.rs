@@ -945,6 +945,17 @@ pub struct StageRun<'a> {
     pub extra_meta: Vec<(String, String)>,
 }
 
+/// The fraction of rows of `logits` (`[N, classes]`) whose largest entry is at `labels` (`[N]`
+/// class indices): the training accuracy every stage logs.
+pub fn batch_accuracy(logits: &candle_core::Tensor, labels: &candle_core::Tensor) -> Result<f64> {
+    Ok(logits
+        .argmax(candle_core::D::Minus1)?
+        .eq(labels)?
+        .to_dtype(candle_core::DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?)
+}
+
 /// The metadata a stage writes into its checkpoints: its settings as JSON under `key`
 /// (`pretrain_config`, …; what a resume compares) and, for a stage that trains a supervised
 /// head, the class names in label order (what `simclr eval` compares with its data).
