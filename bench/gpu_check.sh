@@ -7,6 +7,8 @@
 # 2. parity CPU vs CUDA: gpu-bin/gpu_parity (model fixtures + custom ops, f32 and bf16; JSON
 #    lines, exit 0 when within tolerance), then `simclr parity --device cuda` when the CLI has it
 #    (each fused kernel against its CPU twin, then a whole training step);
+#    then, with an NCCL build, `simclr rendezvous-check --nccl` on one rank (communicator +
+#    all-reduce);
 # 3. the pretraining step, ours (`simclr bench-step`) then PyTorch (bench/torch_bench.py) on the
 #    same card, alternating: R18-CIFAR 32² batch 512 and R50 1x 224² batch 128, f32 and bf16;
 # 4. a markdown table (img/s, ratio, MFU) last, and every raw line in $OUT/gpu_results.jsonl.
@@ -90,6 +92,14 @@ def record(res, kind, stdout, rc, wall, *kv):
         except OSError:
             pass
         print(json.dumps(dict(rec, kind="parity-exit", lines=n)))
+        return
+    if kind == "nccl":  # the command's own verdict line
+        try:
+            lines = [l.strip() for l in open(stdout, errors="replace") if l.strip()]
+        except OSError:
+            lines = []
+        rec["line"] = lines[-1] if lines else ""
+        print(json.dumps(rec))
         return
     fig = figure_of(stdout)
     rec["figure"] = fig
@@ -303,6 +313,17 @@ if [ "${GPU_CHECK_SKIP_PARITY:-0}" != 1 ]; then
         if run_step simclr-parity 120 "$WORK/cliparity.out" "$SIMCLR" parity --device "$DEV"; then
             rec parity "$WORK/cliparity.out" "$RC" "$WALL" bin=simclr-parity
         fi
+    fi
+fi
+
+# NCCL: one rank on this one GPU (two ranks cannot share a GPU); the same command checks a
+# multi-GPU node under torchrun or srun (docs/gpu.md).
+if [ -n "$SIMCLR" ] && "$SIMCLR" rendezvous-check --help 2>/dev/null | grep -q -- --nccl \
+    && [ "$DEV" != cpu ]; then
+    hdr "nccl: simclr rendezvous-check --nccl (one rank: communicator + all-reduce)"
+    if run_step nccl 60 "$WORK/nccl.out" "$SIMCLR" rendezvous-check --nccl --replicas 1 \
+        --rank 0 --rendezvous "$WORK/nccl-rendezvous" --timeout-secs 30; then
+        rec nccl "$WORK/nccl.out" "$RC" "$WALL" bin=simclr
     fi
 fi
 

@@ -89,6 +89,11 @@ struct RendezvousCheckArgs {
     /// How long to wait for the other ranks.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Instead of exchanging an id only, build the NCCL communicator the training uses (on GPU
+    /// `local rank`) and all-reduce one number over it; works with a single rank too, which is
+    /// how a one-GPU machine checks NCCL (a binary built with --features nccl).
+    #[arg(long)]
+    nccl: bool,
 }
 
 #[derive(Args)]
@@ -911,6 +916,40 @@ fn local_gpu_index(local: usize) -> usize {
     }
 }
 
+/// Joins the NCCL communicator of `world` ranks on GPU `local` and all-reduces `rank + 1`: the
+/// sum must be `world·(world + 1)/2`.
+#[cfg(feature = "nccl")]
+fn nccl_all_reduce(
+    world: usize,
+    rank: usize,
+    local: usize,
+    rendezvous: &simclr_collective::Rendezvous,
+    timeout: std::time::Duration,
+) -> Result<f32> {
+    use simclr_collective::Collective;
+    let device = candle_core::Device::new_cuda(local)?;
+    let nccl = simclr_collective::NcclReplica::join(rendezvous, &device, rank, world, timeout)
+        .with_context(|| format!("rank {rank} of {world}: joining NCCL"))?;
+    let x = candle_core::Tensor::new(&[(rank + 1) as f32], &device)?;
+    let sum = nccl.all_reduce_sum(&x)?.to_vec1::<f32>()?[0];
+    let want = (world * (world + 1) / 2) as f32;
+    if sum != want {
+        bail!("rank {rank} of {world}: the NCCL all-reduce gave {sum}, expected {want}")
+    }
+    Ok(sum)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_all_reduce(
+    _world: usize,
+    _rank: usize,
+    _local: usize,
+    _rendezvous: &simclr_collective::Rendezvous,
+    _timeout: std::time::Duration,
+) -> Result<f32> {
+    bail!("--nccl: this binary was built without NCCL (rebuild with --features nccl)")
+}
+
 fn rendezvous_check(
     a: RendezvousCheckArgs,
     launch: Option<&simclr_collective::Launch>,
@@ -933,6 +972,14 @@ fn rendezvous_check(
             "no launch to check: give --replicas, --rank and --rendezvous, or run under torchrun or srun"
         ),
     };
+    let timeout = std::time::Duration::from_secs(a.timeout_secs);
+    if a.nccl {
+        let sum = nccl_all_reduce(world, rank, local, &rendezvous, timeout)?;
+        println!(
+            "rank {rank} of {world} (local rank {local}, from {source}): NCCL over {rendezvous}, all-reduce of the ranks' 1..={world} gave {sum}"
+        );
+        return Ok(());
+    }
     // Rank 0's id: 16 bytes no other launch is likely to repeat.
     let create = || {
         use std::hash::{BuildHasher, Hasher};
@@ -950,7 +997,6 @@ fn rendezvous_check(
         }
         Ok(bytes)
     };
-    let timeout = std::time::Duration::from_secs(a.timeout_secs);
     let id = rendezvous
         .exchange(rank, world, 16, timeout, create)
         .with_context(|| format!("rank {rank} of {world}"))?;
