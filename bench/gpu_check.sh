@@ -154,6 +154,9 @@ def summary(res, gpu):
         for r in ex:
             print(f"\n{r.get('bin', '?')}: exit {r['rc']} ({'pass' if r['rc'] == 0 else 'FAIL'}), "
                   f"{r['lines']} lines, {r['wall_s']:.0f} s")
+    for r in recs:
+        if r["kind"] == "nccl":
+            print(f"\nnccl: exit {r['rc']} ({'pass' if r['rc'] == 0 else 'FAIL'}): {r.get('line', '')}")
     bench = [r for r in recs if r["kind"] == "bench"]
     if not bench:
         print("\nno benchmark ran"); return
@@ -317,9 +320,10 @@ if [ "${GPU_CHECK_SKIP_PARITY:-0}" != 1 ]; then
 fi
 
 # NCCL: one rank on this one GPU (two ranks cannot share a GPU); the same command checks a
-# multi-GPU node under torchrun or srun (docs/gpu.md).
-if [ -n "$SIMCLR" ] && "$SIMCLR" rendezvous-check --help 2>/dev/null | grep -q -- --nccl \
-    && [ "$DEV" != cpu ]; then
+# multi-GPU node under torchrun or srun (docs/gpu.md). A build without NCCL says so at once
+# (before any rendezvous): then the step is skipped rather than failed.
+if [ -n "$SIMCLR" ] && [ "$DEV" != cpu ] && ! "$SIMCLR" rendezvous-check --nccl --replicas 1 \
+    --rank 0 --rendezvous "$WORK/nccl-probe" --timeout-secs 1 2>&1 | grep -q "built without NCCL"; then
     hdr "nccl: simclr rendezvous-check --nccl (one rank: communicator + all-reduce)"
     if run_step nccl 60 "$WORK/nccl.out" "$SIMCLR" rendezvous-check --nccl --replicas 1 \
         --rank 0 --rendezvous "$WORK/nccl-rendezvous" --timeout-secs 30; then

@@ -7,7 +7,7 @@
 //!
 //! `MODEL.pth` is a file of the TF1 -> PyTorch converter of the official weights
 //! (`r50_1x_sk0.pth`, …) or one written by `simclr export`; by default the small R18 test
-//! network committed with `simclr-models`. `DATASET` is a `--dataset` name
+//! network committed with `simclr-interop`'s test fixtures. `DATASET` is a `--dataset` name
 //! (`fashion-mnist-subset` by default, `imagefolder` with `DATA_DIR` for your own images). The
 //! example embeds the first 256 test images and reports how often an image's nearest neighbour
 //! by cosine similarity has its class.

@@ -6,8 +6,8 @@ use crate::{Image, Result};
 
 /// A labelled image collection. Indices run over `0..len()`.
 ///
-/// `image` may decode from disk (ImageFolder), so the loader calls it from a rayon pool;
-/// everything else is cheap.
+/// `image` may read and decode (ImageFolder, a Hub dataset's row groups), so the loader calls it
+/// from a rayon pool; everything else is cheap.
 pub trait Dataset: Send + Sync {
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -49,7 +49,7 @@ pub trait Dataset: Send + Sync {
     }
 }
 
-/// Decoded images held in memory: IDX, CIFAR and Hub parquet datasets.
+/// Decoded images held in memory: IDX and CIFAR datasets.
 #[derive(Clone, Debug)]
 pub struct InMemoryDataset {
     images: Vec<Image>,

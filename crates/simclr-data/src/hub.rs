@@ -216,6 +216,17 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
     if index.labels.is_empty() {
         return Err(DataError::format(&files[0], "no rows in the parquet files"));
     }
+    // A row of the dataset as (its file, its row in that file), for errors.
+    let place = |row: usize| {
+        let g = index.groups.partition_point(|g| g.first + g.rows <= row);
+        let file = index.groups.get(g).map_or(0, |g| g.file);
+        let first = index
+            .groups
+            .iter()
+            .find(|g| g.file == file)
+            .map_or(0, |g| g.first);
+        (&files[file], row - first)
+    };
     let class_names = match index.class_names.clone() {
         Some(names) => names,
         None => {
@@ -228,8 +239,9 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
                 .max_by_key(|(_, &l)| l)
                 .map_or((0, 0), |(i, &l)| (i, l));
             if max >= MAX_UNNAMED_CLASSES {
+                let (file, row) = place(row);
                 return Err(DataError::format(
-                    &files[0],
+                    file,
                     format!(
                         "row {row}: label {max} with no class names in the file's metadata; \
                          more than {MAX_UNNAMED_CLASSES} classes is not a plausible label set"
@@ -245,8 +257,9 @@ pub fn read_hub_dataset(repo_id: &str, split: &str, opts: &HubOptions) -> Result
         .enumerate()
         .find(|(_, &l)| l >= class_names.len())
     {
+        let (file, i) = place(i);
         return Err(DataError::format(
-            &files[0],
+            file,
             format!(
                 "row {i}: label {l} is out of range ({} class names)",
                 class_names.len()
@@ -561,11 +574,24 @@ fn index_file(file: usize, path: &Path, index: &mut HubIndex, opts: &HubOptions)
                 group: g,
                 first,
                 rows,
-                bytes: usize::try_from(meta.total_byte_size()).unwrap_or(0),
+                bytes: group_bytes(meta, path),
             });
         }
     }
     Ok(())
+}
+
+/// What a row group weighs in memory, to size the shuffle's window: its uncompressed size as the
+/// metadata gives it, else its compressed size, else the whole file's size (an upper bound: a
+/// writer may leave the sizes out, and a window of every group would read each group once per
+/// image).
+fn group_bytes(meta: &parquet::file::metadata::RowGroupMetaData, path: &Path) -> usize {
+    let positive = |v: i64| usize::try_from(v).ok().filter(|&b| b > 0);
+    positive(meta.total_byte_size())
+        .or_else(|| positive(meta.compressed_size()))
+        .unwrap_or_else(|| {
+            std::fs::metadata(path).map_or(1, |m| usize::try_from(m.len()).unwrap_or(usize::MAX))
+        })
 }
 
 /// The encoded image bytes of every row of row group `group`.

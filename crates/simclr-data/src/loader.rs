@@ -238,14 +238,18 @@ impl Loader {
     /// A dataset read in blocks (a parquet row group, [`Dataset::read_block`]) is shuffled in two
     /// levels, so that an epoch reads each block about once instead of once per image: the
     /// blocks in a random order, then the images of each run of [`Dataset::read_window`] blocks
-    /// mixed together. Any other dataset is shuffled as a whole.
+    /// mixed together. Any other dataset, or one whose blocks all fit in the window, is shuffled
+    /// as a whole.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
         if !self.cfg.shuffle {
             return self.indices.as_ref().clone();
         }
         let mut rng =
             ChaCha8Rng::seed_from_u64(stream_seed(&[self.cfg.seed, SHUFFLE, epoch as u64]));
-        let Some(blocks) = &self.blocks else {
+        // Blocks that all fit at once cost nothing to mix: the plain shuffle.
+        let window = self.dataset.read_window().max(1);
+        let blocks = self.blocks.as_ref().filter(|b| b.len() > window);
+        let Some(blocks) = blocks else {
             let mut order = self.indices.as_ref().clone();
             order.shuffle(&mut rng);
             return order;
@@ -253,7 +257,7 @@ impl Loader {
         let mut visit: Vec<usize> = (0..blocks.len()).collect();
         visit.shuffle(&mut rng);
         let mut order = Vec::with_capacity(self.indices.len());
-        for window in visit.chunks(self.dataset.read_window().max(1)) {
+        for window in visit.chunks(window) {
             let start = order.len();
             for &b in window {
                 order.extend_from_slice(&blocks[b]);

@@ -192,6 +192,13 @@ pub fn load_dataset(
             });
         }
     }
+    if let (Some(bytes), false) = (opts.hub.max_cache_bytes, is_hub) {
+        return Err(DataError::Config {
+            name: "hf_cache_mib",
+            value: (bytes >> 20).to_string(),
+            reason: format!("dataset {name} does not read it: {hub_only}"),
+        });
+    }
     if let (Some(d), DatasetName::FashionMnistSubset | DatasetName::Hub(_)) = (&opts.data_dir, name)
     {
         return Err(DataError::Config {

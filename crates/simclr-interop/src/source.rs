@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_nn::VarMap;
 use simclr_models::config::{SK1_RATIO, SUPPORTED_DEPTHS};
-use simclr_models::{BlockKind, CheckpointMeta, ModelConfig, ProjHeadMode, SimclrModel, StemKind};
+use simclr_models::{
+    BlockKind, CheckpointMeta, ModelConfig, ProjHeadMode, SimclrModel, Stage, StemKind,
+};
 
 use crate::error::InteropError;
 
@@ -135,7 +137,7 @@ impl ImportedModel {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let meta = CheckpointMeta::new(self.config.clone(), "import", 0)
+        let meta = CheckpointMeta::new(self.config.clone(), Stage::Import, 0)
             .with_extra("source_file", file)
             .with_extra("source_format", self.format.as_str())
             .with_extra("source_ema", self.source.ema.to_string());

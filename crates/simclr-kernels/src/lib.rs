@@ -9,8 +9,9 @@
 //!   then apply, optionally with ReLU and a residual add), with precision-aware variants;
 //! * [`ntxent`]: NT-Xent's row normalisation and masked softmax cross-entropy, forward and
 //!   backward in one pass each;
-//! * with the `cuda` feature, the GPU twin of every kernel (`src/cuda/kernels.cu`, compiled to
-//!   PTX by `build.rs`) and the launch helpers they share (`cuda`).
+//! * with the `cuda` feature, the GPU twins of the BN and NT-Xent kernels (`src/cuda/kernels.cu`,
+//!   compiled to PTX by `build.rs`; on the GPU, convolution is candle's own) and the launch
+//!   helpers they share (`cuda`).
 //!
 //! It does not own layers, networks or losses: `simclr-models` builds its convolution and BN
 //! layers on these ops, and `simclr-pretrain` its NT-Xent objective. Nothing here reads files,

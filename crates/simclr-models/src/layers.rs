@@ -4,7 +4,7 @@
 //!   padding and stride > 1 uses TF `FixedPadding` (`(k-1)//2` before, the rest after) then a
 //!   `VALID` convolution; for the odd kernels of the network (1, 3, 7) both are a symmetric
 //!   padding of `(k-1)/2` (the official tf2/resnet.py, `Conv2dFixedPadding`). Initialised with [`crate::init::conv_init`]. On the
-//!   CPU in f32 it runs as im2col + GEMM ([`crate::conv`]).
+//!   CPU in f32 it runs as im2col + GEMM (`simclr_kernels::conv`).
 //! * [`Dense`]: weight stored `[out, in]` (the candle/PyTorch orientation, i.e. the transpose
 //!   of a TF kernel), optional bias, initialised N(0, 0.01).
 

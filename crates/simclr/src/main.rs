@@ -400,7 +400,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pipeline(_) => unreachable!("handled above"),
         Command::Pretrain(a) => pretrain(a, &device, launch.as_ref()),
-        Command::RendezvousCheck(a) => rendezvous_check(a, launch.as_ref()),
+        Command::RendezvousCheck(a) => rendezvous_check(a, launch.as_ref(), &device),
         Command::Finetune(a) => finetune(a, &device),
         Command::Distill(a) => distill(a, &device),
         Command::Eval(a) => eval(a, &device),
@@ -916,18 +916,21 @@ fn local_gpu_index(local: usize) -> usize {
     }
 }
 
-/// Joins the NCCL communicator of `world` ranks on GPU `local` and all-reduces `rank + 1`: the
-/// sum must be `world·(world + 1)/2`.
+/// Joins the NCCL communicator of `world` ranks on `device` (the GPU training would take) and
+/// all-reduces `rank + 1`: the sum must be `world·(world + 1)/2`.
 #[cfg(feature = "nccl")]
 fn nccl_all_reduce(
     world: usize,
     rank: usize,
-    local: usize,
+    device: &candle_core::Device,
     rendezvous: &simclr_collective::Rendezvous,
     timeout: std::time::Duration,
 ) -> Result<f32> {
     use simclr_collective::Collective;
-    let device = candle_core::Device::new_cuda(local)?;
+    if !device.is_cuda() {
+        bail!("--nccl needs a GPU: pass --device cuda:N (or run under torchrun or srun)")
+    }
+    let device = device.clone();
     let nccl = simclr_collective::NcclReplica::join(rendezvous, &device, rank, world, timeout)
         .with_context(|| format!("rank {rank} of {world}: joining NCCL"))?;
     let x = candle_core::Tensor::new(&[(rank + 1) as f32], &device)?;
@@ -943,7 +946,7 @@ fn nccl_all_reduce(
 fn nccl_all_reduce(
     _world: usize,
     _rank: usize,
-    _local: usize,
+    _device: &candle_core::Device,
     _rendezvous: &simclr_collective::Rendezvous,
     _timeout: std::time::Duration,
 ) -> Result<f32> {
@@ -953,6 +956,7 @@ fn nccl_all_reduce(
 fn rendezvous_check(
     a: RendezvousCheckArgs,
     launch: Option<&simclr_collective::Launch>,
+    device: &candle_core::Device,
 ) -> Result<()> {
     let (world, rank, local, rendezvous, source) = match (a.replicas, launch) {
         (Some(n), _) => {
@@ -974,7 +978,10 @@ fn rendezvous_check(
     };
     let timeout = std::time::Duration::from_secs(a.timeout_secs);
     if a.nccl {
-        let sum = nccl_all_reduce(world, rank, local, &rendezvous, timeout)?;
+        let sum = nccl_all_reduce(world, rank, device, &rendezvous, timeout);
+        // The rendezvous file is not left behind for the next check, whatever happened.
+        rendezvous.finish(rank);
+        let sum = sum?;
         println!(
             "rank {rank} of {world} (local rank {local}, from {source}): NCCL over {rendezvous}, all-reduce of the ranks' 1..={world} gave {sum}"
         );

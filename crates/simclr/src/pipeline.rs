@@ -158,7 +158,12 @@ fn section_settings(
     image_size: usize,
     out: &mut Vec<String>,
 ) {
-    for (key, value) in table {
+    // `[small_images]` last, so that it overrides what the top level sets, whatever the order
+    // of the keys.
+    let mut keys: Vec<&String> = table.keys().collect();
+    keys.sort_by_key(|k| k.as_str() == "small_images");
+    for key in keys {
+        let value = &table[key];
         let few = match key.as_str() {
             "finetune_few_labels" => Some(true),
             "finetune_many_labels" => Some(false),

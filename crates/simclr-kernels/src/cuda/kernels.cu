@@ -1,5 +1,5 @@
 // The project's CUDA kernels: the GPU twins of the CPU custom ops in `bn_ops.rs` (batch norm
-// in training mode) and `simclr-pretrain`'s `ntxent_ops.rs` (NT-Xent's normalisation and masked
+// in training mode) and `ntxent.rs` (NT-Xent's normalisation and masked
 // log-softmax). `build.rs` compiles this file to PTX with nvcc when the `cuda` feature is on;
 // `cuda.rs` loads it once per device.
 //
