@@ -177,12 +177,14 @@ pub fn load_dataset(
     );
     let splits_only = "split names apply to imagefolder and hf: datasets";
     let hub_only = "it is not an hf: dataset";
+    let cache_mib = opts.hub.max_cache_bytes.map(|b| (b >> 20).to_string());
     for (flag, value, applies, why) in [
         ("train_split", &opts.train_split, named_splits, splits_only),
         ("eval_split", &opts.eval_split, named_splits, splits_only),
         ("hf_revision", &opts.hub.revision, is_hub, hub_only),
         ("hf_image_column", &opts.hub.image_column, is_hub, hub_only),
         ("hf_label_column", &opts.hub.label_column, is_hub, hub_only),
+        ("hf_cache_mib", &cache_mib, is_hub, hub_only),
     ] {
         if let (Some(v), false) = (value, applies) {
             return Err(DataError::Config {
@@ -191,13 +193,6 @@ pub fn load_dataset(
                 reason: format!("dataset {name} does not read it: {why}"),
             });
         }
-    }
-    if let (Some(bytes), false) = (opts.hub.max_cache_bytes, is_hub) {
-        return Err(DataError::Config {
-            name: "hf_cache_mib",
-            value: (bytes >> 20).to_string(),
-            reason: format!("dataset {name} does not read it: {hub_only}"),
-        });
     }
     if let (Some(d), DatasetName::FashionMnistSubset | DatasetName::Hub(_)) = (&opts.data_dir, name)
     {

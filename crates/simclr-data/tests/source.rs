@@ -217,4 +217,12 @@ fn split_names_are_refused_where_the_files_are_fixed() {
         .expect("refused")
         .to_string();
     assert!(e.contains("eval_split") && e.contains("validation"), "{e}");
+    // The Hub reader's cache size is refused the same way: it would change nothing.
+    let mut o = DataOptions::default();
+    o.hub.max_cache_bytes = Some(64 << 20);
+    let e = load_dataset(&DatasetName::FashionMnistSubset, Split::Train, &o)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("hf_cache_mib") && e.contains("64"), "{e}");
 }

@@ -15,9 +15,9 @@
 //! configuration or the project's own checkpoint format (`simclr-models`): an import ends in
 //! a [`simclr_models::SimclrModel`] on a `VarMap`, an export starts from one.
 //!
-//! Invariants: readers never trust a length, offset or count from the file before checking it
-//! against the file's size (they are fuzzed: `cargo xtask fuzz`); writers go through
-//! `simclr_fs::write_atomic`, so a failed export leaves no partial file.
+//! Invariants: a bad file is an error naming it, never a panic (the readers are fuzzed with
+//! mutated files, `cargo xtask fuzz`); writers go through `simclr-fs`'s atomic writer, so a
+//! failed export leaves no partial file.
 
 mod error;
 

@@ -590,19 +590,6 @@ fn class_balanced_cap(
     Ok(Arc::new(SubsetDataset::new(ds.clone(), idx)?))
 }
 
-fn evaluate(
-    model: &simclr_models::SimclrModel,
-    test: &Arc<dyn Dataset>,
-    image_size: usize,
-    device: &Device,
-    progress: bool,
-) -> Result<EvalReport> {
-    let loader = Loader::new(test.clone(), None, LoaderConfig::eval(256, image_size))?;
-    Ok(simclr_eval::evaluate_classifier(
-        model, &loader, device, progress,
-    )?)
-}
-
 fn supervised_recipe(c: &FinetuneConfig, labelled: usize, init: &str) -> String {
     let batch = c.train_batch_size.min(labelled);
     let steps = simclr_train::schedule::train_steps(
@@ -843,13 +830,12 @@ impl StageContext<'_> {
     /// `model`'s report on the evaluation images, and how long it took.
     fn evaluate(&self, model: &simclr_models::SimclrModel) -> Result<(EvalReport, f64)> {
         let t = Instant::now();
-        let report = evaluate(
-            model,
-            &self.test,
-            self.image_size,
-            self.device,
-            self.progress,
+        let loader = Loader::new(
+            self.test.clone(),
+            None,
+            LoaderConfig::eval(256, self.image_size),
         )?;
+        let report = simclr_eval::evaluate_classifier(model, &loader, self.device, self.progress)?;
         Ok((report, t.elapsed().as_secs_f64()))
     }
 }
