@@ -102,6 +102,16 @@ enum Cmd {
         #[arg(long, conflicts_with = "gpus")]
         device: Option<String>,
     },
+    /// The paper's four findings on this data: a grid of label fractions × network widths ×
+    /// {baseline, fine-tuned from head layer 1 or the encoder, distilled}, plus projection-head
+    /// depths, with verdicts and charts in <out>/study-<plan>-…/study.md (docs/results.md).
+    Study {
+        #[command(flatten)]
+        args: simclr::study::StudyArgs,
+        /// cpu, cuda or cuda:N (default: CUDA when built with it and present).
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 fn main() {
@@ -146,6 +156,9 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Pipeline { args, device } => {
             simclr::pipeline_cli::run_pipeline(args, device.as_deref())
+        }
+        Cmd::Study { args, device } => {
+            simclr::study::run(&args, &simclr::args::device(device.as_deref())?).map(|_| ())
         }
     }
 }

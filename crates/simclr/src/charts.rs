@@ -15,6 +15,8 @@ const ML: f64 = 70.0;
 const MR: f64 = 170.0;
 const MT: f64 = 36.0;
 const MB: f64 = 50.0;
+/// Series with at most this many points are drawn with a marker at each.
+const MARKED_POINTS: usize = 12;
 
 /// About `n` round tick values (1, 2 or 5 × 10^k apart) spanning `[lo, hi]`: the first at or
 /// below `lo`, the last at or above `hi`.
@@ -206,17 +208,47 @@ pub fn line_chart(
             r#"<polyline class="series" fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#,
             path.join(" ")
         );
+        // A series of a few points (a grid of runs, not a training curve) shows each point.
+        if path.len() <= MARKED_POINTS {
+            for p in &path {
+                let (x, y) = p.split_once(',').unwrap_or_default();
+                let _ = write!(
+                    f.svg,
+                    r#"<circle class="point" cx="{x}" cy="{y}" r="3" fill="{c}"/>"#
+                );
+            }
+        }
     }
     let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
     f.legend(&names);
     f.finish()
 }
 
-/// Grouped bars (one group per label, one bar per method, values in %), on a 0–100 axis.
-pub fn bar_chart(title: &str, y_title: &str, groups: &[(String, Vec<(String, f64)>)]) -> String {
-    let yt: Vec<f64> = (0..=5).map(|k| 20.0 * k as f64).collect();
+/// Grouped bars (one group per label, one bar per method), on a 0–100 axis when every value
+/// lies there (accuracies in %), else on round ticks spanning the values and zero (differences,
+/// which may be negative).
+pub fn bar_chart(
+    title: &str,
+    x_title: &str,
+    y_title: &str,
+    groups: &[(String, Vec<(String, f64)>)],
+) -> String {
+    let values: Vec<f64> = groups
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(|(_, v)| *v))
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = values
+        .iter()
+        .fold((0.0f64, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
+    let yt: Vec<f64> = if hi <= 100.0 && lo >= 0.0 {
+        (0..=5).map(|k| 20.0 * k as f64).collect()
+    } else {
+        nice_ticks(lo, hi, 5)
+    };
+    let (y_lo, y_hi) = (yt[0], *yt.last().unwrap_or(&yt[0]));
     let n = groups.len().max(1) as f64;
-    let mut f = Frame::new(title, "labelled fraction", y_title, (0.0, n), &yt);
+    let mut f = Frame::new(title, x_title, y_title, (0.0, n), &yt);
     let mut methods: Vec<&str> = Vec::new();
     for (_, bars) in groups {
         for (m, _) in bars {
@@ -228,22 +260,24 @@ pub fn bar_chart(title: &str, y_title: &str, groups: &[(String, Vec<(String, f64
     for (g, (label, bars)) in groups.iter().enumerate() {
         f.x_tick(g as f64 + 0.5, label, false);
         let slot = 0.8 / methods.len().max(1) as f64;
-        for (name, v) in bars {
+        for (name, v) in bars.iter().filter(|(_, v)| v.is_finite()) {
             let b = methods.iter().position(|m| m == name).unwrap_or(0);
             let c = COLOURS[b % COLOURS.len()];
             let (xa, xb) = (
                 f.px(g as f64 + 0.1 + b as f64 * slot),
                 f.px(g as f64 + 0.1 + (b as f64 + 0.9) * slot),
             );
-            let (top, base) = (f.py(v.clamp(0.0, 100.0)), f.py(0.0));
+            let (end, zero) = (f.py(v.clamp(y_lo, y_hi)), f.py(0.0));
+            let (top, bottom) = (end.min(zero), end.max(zero));
+            // The value's label outside the bar's end: above a rise, below a fall.
+            let label_y = if *v >= 0.0 { top - 3.0 } else { bottom + 11.0 };
             let _ = write!(
                 f.svg,
-                r#"<rect class="bar" x="{xa:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{c}"><title>{} {v:.2}%</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
+                r#"<rect class="bar" x="{xa:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{c}"><title>{} {v:.2}</title></rect><text x="{:.1}" y="{label_y:.1}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
                 xb - xa,
-                base - top,
+                bottom - top,
                 escape(name),
                 (xa + xb) / 2.0,
-                top - 3.0
             );
         }
     }
@@ -333,7 +367,7 @@ mod tests {
                 ],
             ),
         ];
-        let svg = bar_chart("Test top-1 (%)", "top-1 (%)", &g);
+        let svg = bar_chart("Test top-1 (%)", "labelled fraction", "top-1 (%)", &g);
         assert_eq!(svg.matches(r#"class="bar""#).count(), 4);
         for want in [
             ">0<",
@@ -347,5 +381,59 @@ mod tests {
             assert!(svg.contains(want), "{want} missing");
         }
         assert_eq!(svg.matches(r#"<g class="legend">"#).count(), 2);
+    }
+
+    #[test]
+    fn a_bar_chart_of_differences_spans_zero_and_draws_falls_below_it() {
+        let g = vec![(
+            "1%".to_string(),
+            vec![("gain".to_string(), 3.5), ("loss".to_string(), -2.25)],
+        )];
+        let svg = bar_chart("Gain", "labelled fraction", "points", &g);
+        // Ticks 2 apart from -4 to 4 (a span of 5.75 over 5 ticks rounds up to steps of 2),
+        // zero among them.
+        for want in [">-4<", ">-2<", ">0<", ">4<", ">3.5<", ">-2.2<"] {
+            assert!(svg.contains(want), "{want} missing from {svg}");
+        }
+        assert!(!svg.contains(">100<"));
+        // Both bars start at the zero line: one ends above it, one below.
+        let zero_y = {
+            let i = svg.find(r#"text-anchor="end">0</text>"#).unwrap();
+            let head = &svg[..i];
+            let y = head.rsplit("y=\"").next().unwrap();
+            y.split('"').next().unwrap().parse::<f64>().unwrap() - 4.0
+        };
+        let rects: Vec<(f64, f64)> = svg
+            .split(r#"<rect class="bar""#)
+            .skip(1)
+            .map(|r| {
+                let num = |key: &str| {
+                    let t = r.split(&format!(" {key}=\"")).nth(1).unwrap();
+                    t.split('"').next().unwrap().parse::<f64>().unwrap()
+                };
+                (num("y"), num("height"))
+            })
+            .collect();
+        assert_eq!(rects.len(), 2);
+        assert!(
+            (rects[0].0 + rects[0].1 - zero_y).abs() < 0.11,
+            "{rects:?} {zero_y}"
+        );
+        assert!((rects[1].0 - zero_y).abs() < 0.11, "{rects:?} {zero_y}");
+        // The fall is 2.25/3.5 of the rise.
+        assert!((rects[1].1 / rects[0].1 - 2.25 / 3.5).abs() < 0.01);
+    }
+
+    #[test]
+    fn a_line_chart_of_a_few_points_marks_each() {
+        let s = vec![(
+            "1%".to_string(),
+            vec![(1.0, 60.0), (2.0, 65.0), (4.0, 70.0)],
+        )];
+        let svg = line_chart("Size", "parameters (M)", "top-1 (%)", &s);
+        assert_eq!(svg.matches(r#"class="point""#).count(), 3);
+        let long: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, i as f64)).collect();
+        let svg = line_chart("Loss", "step", "loss", &[("a".to_string(), long)]);
+        assert_eq!(svg.matches(r#"class="point""#).count(), 0);
     }
 }

@@ -12,6 +12,7 @@ pub mod launch;
 pub mod pipeline;
 pub mod pipeline_cli;
 pub mod report;
+pub mod study;
 
 /// The frame of the binaries: tunes the allocator for training ([`simclr_bench::tune_allocator`]),
 /// logs to stderr (`RUST_LOG`, default `info`; colours only on a

@@ -716,17 +716,17 @@ pub fn run(
 }
 
 /// The datasets of a run.
-struct RunData {
+pub(crate) struct RunData {
     /// The training set before a validation split is held out (what fractions count).
     full_train: Arc<dyn Dataset>,
     /// What the stages train on.
-    train: Arc<dyn Dataset>,
+    pub(crate) train: Arc<dyn Dataset>,
     /// What every model is evaluated on: the test set, or the validation split.
-    test: Arc<dyn Dataset>,
-    eval_split: &'static str,
+    pub(crate) test: Arc<dyn Dataset>,
+    pub(crate) eval_split: &'static str,
 }
 
-fn load_data(cfg: &PipelineConfig, data_dir: Option<PathBuf>) -> Result<RunData> {
+pub(crate) fn load_data(cfg: &PipelineConfig, data_dir: Option<PathBuf>) -> Result<RunData> {
     let name: DatasetName = cfg.dataset.parse()?;
     let opts = cfg.data.options(data_dir);
     let full_train = class_balanced_cap(
@@ -768,7 +768,7 @@ fn load_data(cfg: &PipelineConfig, data_dir: Option<PathBuf>) -> Result<RunData>
 /// The labelled images of each fraction, drawn and checked before the first step, so that a
 /// bad fraction fails fast. A fraction counts images of the whole training set, so that tuning
 /// with a validation split trains on as many labels as the final run.
-fn draw_splits(cfg: &PipelineConfig, data: &RunData) -> Result<Vec<Vec<usize>>> {
+pub(crate) fn draw_splits(cfg: &PipelineConfig, data: &RunData) -> Result<Vec<Vec<usize>>> {
     let (train, full) = (data.train.as_ref(), data.full_train.len());
     let mut splits = Vec::new();
     for (k, &f) in cfg.fractions.iter().enumerate() {
@@ -786,7 +786,7 @@ fn draw_splits(cfg: &PipelineConfig, data: &RunData) -> Result<Vec<Vec<usize>>> 
 }
 
 /// `pipeline.json` and `pipeline.toml`: the run's settings.
-fn write_run_files(run_dir: &Path, cfg: &PipelineConfig) -> Result<()> {
+pub(crate) fn write_run_files(run_dir: &Path, cfg: &PipelineConfig) -> Result<()> {
     simclr_fs::ensure_writable_dir(run_dir)
         .with_context(|| format!("output folder {} cannot be written", run_dir.display()))?;
     // The same settings for hand editing; `--config` reads either file. TOML cannot hold
@@ -807,13 +807,13 @@ fn write_run_files(run_dir: &Path, cfg: &PipelineConfig) -> Result<()> {
 }
 
 /// What every stage of a run shares.
-struct StageContext<'a> {
-    cfg: &'a PipelineConfig,
-    train: Arc<dyn Dataset>,
-    test: Arc<dyn Dataset>,
-    image_size: usize,
-    progress: bool,
-    device: &'a Device,
+pub(crate) struct StageContext<'a> {
+    pub(crate) cfg: &'a PipelineConfig,
+    pub(crate) train: Arc<dyn Dataset>,
+    pub(crate) test: Arc<dyn Dataset>,
+    pub(crate) image_size: usize,
+    pub(crate) progress: bool,
+    pub(crate) device: &'a Device,
 }
 
 impl StageContext<'_> {
@@ -841,17 +841,17 @@ impl StageContext<'_> {
 }
 
 /// The pretraining and what the report says of it.
-struct Pretraining {
-    summary: TrainSummary,
+pub(crate) struct Pretraining {
+    pub(crate) summary: TrainSummary,
     /// kNN top-1 of the pretrained encoder, and of the same network at random initialisation.
-    knn: f64,
-    knn_random: f64,
+    pub(crate) knn: f64,
+    pub(crate) knn_random: f64,
     knn_seconds: f64,
 }
 
 /// Pretrains (data-parallel with `replica`) and measures the encoder's kNN accuracy; `None` on
 /// a rank other than 0, whose work ends here.
-fn pretrain_stage(
+pub(crate) fn pretrain_stage(
     ctx: &StageContext,
     run_dir: &Path,
     replica: Option<&crate::launch::Replica>,
@@ -928,23 +928,10 @@ fn fraction_stages(
     labelled: &[usize],
     pre: &Pretraining,
 ) -> Result<Vec<StageResult>> {
-    // A split file's run lives apart from the drawn split's, so that neither reuses the
-    // other's finished stages.
-    let dir = match ctx.cfg.split_files.get(k) {
-        Some(_) => run_dir.join(format!(
-            "fraction-{f}-split-{}",
-            short_hash(&sample_names(ctx.train.as_ref(), labelled))
-        )),
-        None => run_dir.join(format!("fraction-{f}")),
-    };
-    std::fs::create_dir_all(&dir)?;
-    write_split_file(
-        &dir.join("labelled_split.txt"),
-        ctx.train.as_ref(),
-        labelled,
-    )?;
-    let (ft, ft_dir, ft_result, ft_eval) = finetune_stage(ctx, &dir, k, f, labelled, pre)?;
-    let (bl_result, bl_eval) = baseline_stage(ctx, &dir, k, f, labelled)?;
+    let dir = fraction_dir(ctx, run_dir, k, f, labelled)?;
+    let (ft, ft_dir, ft_result, ft_eval) =
+        finetune_stage(ctx, &dir, &ctx.cfg.finetune[k], f, labelled, pre)?;
+    let (bl_result, bl_eval) = baseline_stage(ctx, &dir, &ctx.cfg.baseline[k], f, labelled)?;
     let (di_result, di_eval) = distill_stage(ctx, &dir, f, labelled, pre, &ft, &ft_dir)?;
     println!(
         "fraction {f}: baseline {:.2}% / fine-tuned {:.2}% / distilled {:.2}% top-1",
@@ -962,16 +949,43 @@ fn fraction_stages(
     Ok(vec![ft_result, bl_result, di_result])
 }
 
-/// Fine-tunes the pretrained network on `labelled`: its summary, folder, result and report.
-fn finetune_stage(
+/// Fraction `k`'s (`f`'s) folder of the run in `run_dir`, with its labelled split written into
+/// it.
+pub(crate) fn fraction_dir(
+    ctx: &StageContext,
+    run_dir: &Path,
+    k: usize,
+    f: f64,
+    labelled: &[usize],
+) -> Result<PathBuf> {
+    // A split file's run lives apart from the drawn split's, so that neither reuses the
+    // other's finished stages.
+    let dir = match ctx.cfg.split_files.get(k) {
+        Some(_) => run_dir.join(format!(
+            "fraction-{f}-split-{}",
+            short_hash(&sample_names(ctx.train.as_ref(), labelled))
+        )),
+        None => run_dir.join(format!("fraction-{f}")),
+    };
+    std::fs::create_dir_all(&dir)?;
+    write_split_file(
+        &dir.join("labelled_split.txt"),
+        ctx.train.as_ref(),
+        labelled,
+    )?;
+    Ok(dir)
+}
+
+/// Fine-tunes the pretrained network on `labelled` with `settings` (those of fraction `f`):
+/// its summary, folder, result and report.
+pub(crate) fn finetune_stage(
     ctx: &StageContext,
     dir: &Path,
-    k: usize,
+    settings: &FinetuneConfig,
     f: f64,
     labelled: &[usize],
     pre: &Pretraining,
 ) -> Result<(TrainSummary, PathBuf, StageResult, EvalReport)> {
-    let settings = &ctx.cfg.finetune[k];
     let ft_dir = stage_dir(dir, "finetune", settings, "");
     let (ft, task) = run_finetune(
         settings,
@@ -990,14 +1004,13 @@ fn finetune_stage(
 }
 
 /// Trains the supervised baseline on `labelled` with its own recipe.
-fn baseline_stage(
+pub(crate) fn baseline_stage(
     ctx: &StageContext,
     dir: &Path,
-    k: usize,
+    settings: &FinetuneConfig,
     f: f64,
     labelled: &[usize],
 ) -> Result<(StageResult, EvalReport)> {
-    let settings = &ctx.cfg.baseline[k];
     let (bl, task) = run_finetune(
         settings,
         &FinetuneInit::Scratch(ctx.cfg.pretrain.model.clone()),
@@ -1014,8 +1027,9 @@ fn baseline_stage(
     Ok((r, report))
 }
 
-/// Distils the fine-tuned teacher (`ft`, in `ft_dir`) into a student on every training image.
-fn distill_stage(
+/// Distils the fine-tuned teacher (`ft`, in `ft_dir`) into a student on every training image,
+/// the student starting where the preset (or `student`) says.
+pub(crate) fn distill_stage(
     ctx: &StageContext,
     dir: &Path,
     f: f64,
@@ -1039,17 +1053,53 @@ fn distill_stage(
     let student_tag = student_tag.as_str();
     // The teacher's folder by its name, not its path: a run folder that was moved (or is
     // compared with another copy) keeps its distillation folder.
-    let upstream = format!(
-        "{}|student={student_tag}",
-        ft_dir.file_name().unwrap_or_default().to_string_lossy()
-    );
+    let upstream = format!("{}|student={student_tag}", folder_name(ft_dir));
+    let pair = DistillPair {
+        teacher: &ft.checkpoint,
+        upstream,
+        student,
+        student_desc: student_tag.to_string(),
+    };
+    distill_from(ctx, dir, f, labelled, &pair)
+}
+
+/// The last component of `dir`, which names a stage by its settings.
+pub(crate) fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A teacher and the student it is distilled into.
+pub(crate) struct DistillPair<'a> {
+    /// The fine-tuned teacher's checkpoint.
+    pub(crate) teacher: &'a Path,
+    /// Names the teacher and the student in the distillation folder's hash (folder names,
+    /// not paths, so that a moved run folder keeps its stages).
+    pub(crate) upstream: String,
+    pub(crate) student: StudentInit,
+    /// The student's start, in the report's words.
+    pub(crate) student_desc: String,
+}
+
+/// Distils `pair`'s teacher into its student on every training image, in a folder of `dir`
+/// named by the distillation settings and `pair.upstream`.
+pub(crate) fn distill_from(
+    ctx: &StageContext,
+    dir: &Path,
+    f: f64,
+    labelled: &[usize],
+    pair: &DistillPair,
+) -> Result<(StageResult, EvalReport)> {
+    let cfg = ctx.cfg;
     let (di, task) = run_distill(
         &cfg.distill,
-        &ft.checkpoint,
-        &student,
+        pair.teacher,
+        &pair.student,
         ctx.train.clone(),
         labelled,
-        ctx.env(&stage_dir(dir, "distill", &cfg.distill, &upstream)),
+        ctx.env(&stage_dir(dir, "distill", &cfg.distill, &pair.upstream)),
     )?;
     crash_point(|| "pipeline:after:distill".into());
     let (report, eval_seconds) = ctx.evaluate(task.student())?;
@@ -1058,7 +1108,8 @@ fn distill_stage(
     let d = &cfg.distill;
     let n = ctx.train.len();
     r.recipe = format!(
-        "student from the {student_tag} network, teacher: the fine-tuned model, labelling {}; τ {}{}, α {}; {}; on all {n} training images, crop (min area {}) + flip",
+        "student from the {} network, teacher: the fine-tuned model, labelling {}; τ {}{}, α {}; {}; on all {n} training images, crop (min area {}) + flip",
+        pair.student_desc,
         match d.teacher_targets {
             TeacherTargets::SameView => "the student's augmented view",
             TeacherTargets::Clean => "each un-augmented image once",

@@ -103,6 +103,7 @@ pub fn write(run_dir: &Path, summary: &Value, results: &[StageResult]) -> Result
         &run_dir.join("accuracy.svg"),
         bar_chart(
             &format!("{split_title} top-1 of each model"),
+            "labelled fraction",
             &format!("{} top-1 (%)", split_title.to_lowercase()),
             &groups,
         )
