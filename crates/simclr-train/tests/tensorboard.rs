@@ -2,12 +2,22 @@
 //! and protobuf classes (`fixtures/make_tensorboard_events.py`) is read back here, and the same
 //! events written here give the same bytes.
 
+use std::path::PathBuf;
+
 use simclr_train::tensorboard::{crc32c, read_scalars, EventWriter, ScalarEvent};
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/tensorboard_events.bin"
-);
+/// The package folder where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them too), not
+/// where this binary was compiled: CI shares one target folder between checkouts, so a test
+/// binary can come from a checkout that no longer exists.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+fn fixture() -> PathBuf {
+    manifest_dir().join("tests/fixtures/tensorboard_events.bin")
+}
 
 fn fixture_events() -> Vec<ScalarEvent> {
     let e = |wall_time: f64, step: i64, values: &[(&str, f32)]| ScalarEvent {
@@ -40,7 +50,7 @@ fn crc32c_has_the_standard_check_value() {
 
 #[test]
 fn tensorboards_own_file_is_read_back() {
-    assert_eq!(read_scalars(FIXTURE.as_ref()).unwrap(), fixture_events());
+    assert_eq!(read_scalars(&fixture()).unwrap(), fixture_events());
 }
 
 #[test]
@@ -58,7 +68,7 @@ fn the_same_events_written_here_are_tensorboards_bytes() {
         .unwrap()
         .to_string_lossy()
         .starts_with("events.out.tfevents.1764730000."));
-    assert_eq!(ours, std::fs::read(FIXTURE).unwrap());
+    assert_eq!(ours, std::fs::read(fixture()).unwrap());
 
     // A second writer in the same folder replaces the first file.
     let w2 = EventWriter::create(dir.path(), 1764730100.0).unwrap();
@@ -69,7 +79,7 @@ fn the_same_events_written_here_are_tensorboards_bytes() {
 #[test]
 fn a_damaged_file_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(FIXTURE).unwrap();
+    let bytes = std::fs::read(fixture()).unwrap();
     let path = dir.path().join("events.out.tfevents.bad");
     for (k, cut) in [(0, bytes.len() - 3), (1, bytes.len() / 2), (2, 5)] {
         std::fs::write(&path, &bytes[..cut]).unwrap();

@@ -40,8 +40,17 @@ const ONE_TINY_STEP: [&str; 8] = [
 ];
 
 /// The repository root, where the committed subset lives.
+/// The repository root where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them too), not
+/// where this binary was compiled: CI shares one target folder between checkouts, so a test
+/// binary can come from a checkout that no longer exists.
 fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("../..")
+    })
 }
 
 #[test]
