@@ -3,7 +3,6 @@
 //! ops, the system allocator) and PyTorch (`--compare`: `bench/torch_bench.py`, run alternately
 //! with ours), then one table of images/s, ratios and peak memory.
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -101,7 +100,7 @@ fn ours(scenario: &str, package: &str, target: &str, stock: bool) -> Result<Figu
 }
 
 fn torch(python: &str, scenario: &str, args: &[&str], what: &str) -> Result<Figure> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/torch_bench.py");
+    let script = crate::workspace_root().join("bench/torch_bench.py");
     let mut cmd = Command::new(python);
     cmd.arg(&script).arg(scenario).args(args);
     figure_of(cmd, &format!("{scenario} ({what})"))

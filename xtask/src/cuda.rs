@@ -59,7 +59,7 @@ pub struct CudaBuild {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    crate::workspace_root()
 }
 
 fn default_prefix() -> PathBuf {

@@ -204,7 +204,7 @@ const PARQUET_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const PARQUET_FILE: &str = "hub/datasets--fuzz--fashion/snapshots/0123456789abcdef0123456789abcdef01234567/data/test-00000-of-00001.parquet";
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    crate::workspace_root()
 }
 
 /// Where failing inputs are kept (committed).
@@ -256,8 +256,7 @@ fn seeds_cifar(_: &Path) -> Result<Vec<Vec<u8>>> {
 
 /// The committed Python 3 pickles of a CIFAR-10 test batch, protocols 2, 4 and 5.
 fn seeds_cifar_py(_: &Path) -> Result<Vec<Vec<u8>>> {
-    let fixtures =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/simclr-data/tests/fixtures");
+    let fixtures = repo_root().join("crates/simclr-data/tests/fixtures");
     [2, 4, 5]
         .iter()
         .map(|p| {

@@ -114,6 +114,16 @@ enum Cmd {
     },
 }
 
+/// The workspace root: from `CARGO_MANIFEST_DIR` as cargo sets it for the running process,
+/// else as it was at compile time (CI shares one target folder between checkouts, so this
+/// binary can come from a checkout that no longer exists).
+pub(crate) fn workspace_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
+}
+
 fn main() {
     simclr::main_with(|| {
         run(Cli::parse_from(simclr::official_spellings(

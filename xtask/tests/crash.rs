@@ -30,7 +30,7 @@ fn pipeline(out: &Path, crash_at: Option<&str>) -> Output {
     .args(["--set", "distill.checkpoint_every=1"])
     .arg("--out")
     .arg(out)
-    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    .current_dir(workspace_root())
     .env("RAYON_NUM_THREADS", "2")
     .env_remove("SIMCLR_CRASH_AT");
     if let Some(point) = crash_at {
@@ -159,4 +159,13 @@ fn a_pipeline_killed_anywhere_resumes_to_the_uninterrupted_result() {
 
 fn libc_sigkill() -> i32 {
     9
+}
+
+/// The workspace root where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them), not where
+/// this binary was compiled: CI shares one target folder between checkouts.
+fn workspace_root() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }

@@ -10,7 +10,7 @@ fn xtask(args: &[&str], out: &Path) -> Output {
         .args(args)
         .args(["--no-progress", "--out"])
         .arg(out)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .current_dir(workspace_root())
         .env("RAYON_NUM_THREADS", "2")
         .env_remove("SIMCLR_CRASH_AT")
         .output()
@@ -211,4 +211,13 @@ fn a_split_file_gives_the_labelled_images_of_its_fraction() {
         assert!(err.contains(says), "{all:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// The workspace root where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them), not where
+/// this binary was compiled: CI shares one target folder between checkouts.
+fn workspace_root() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
