@@ -723,7 +723,7 @@ pub(crate) struct RunData {
     pub(crate) train: Arc<dyn Dataset>,
     /// What every model is evaluated on: the test set, or the validation split.
     pub(crate) test: Arc<dyn Dataset>,
-    pub(crate) eval_split: &'static str,
+    eval_split: &'static str,
 }
 
 pub(crate) fn load_data(cfg: &PipelineConfig, data_dir: Option<PathBuf>) -> Result<RunData> {

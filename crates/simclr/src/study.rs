@@ -451,16 +451,20 @@ impl<'a> SeedRun<'a> {
         }
         for k in 0..nf {
             let f = spec.fractions[k];
-            let net = &self.networks.get(&(main, MAIN_DEPTH));
+            let main_net = || {
+                self.networks
+                    .get(&(main, MAIN_DEPTH))
+                    .context("the main network is pretrained first")
+            };
             if need(&base_cell(main, f)) {
-                let net = net.context("the main network")?;
+                let net = main_net()?;
                 let ctx = self.ctx(&net.cfg);
                 let dir = self.fraction_dir(net, k)?;
                 let (r, _) = baseline_stage(&ctx, &dir, &net.cfg.baseline[k], f, &self.splits[k])?;
                 self.record(cells, base_cell(main, f), &r);
             }
             if need(&enc_cell(main, f)) {
-                let t = self.finetune(net.context("the main network")?, k, 0)?;
+                let t = self.finetune(main_net()?, k, 0)?;
                 self.record(cells, enc_cell(main, f), &t.result);
             }
         }
