@@ -41,8 +41,8 @@ fn main() -> Result<()> {
 
     // The official fine-tuning recipe for this image size, shortened to `steps`.
     let mut cfg = FinetuneConfig::new(image_size, fraction);
-    cfg.schedule.train_steps = Some(steps);
-    cfg.train_batch_size = cfg.train_batch_size.min(64);
+    cfg.training.schedule.train_steps = Some(steps);
+    cfg.training.train_batch_size = cfg.training.train_batch_size.min(64);
     let labelled = class_balanced_subset(&train.labels(), train.num_classes(), fraction, cfg.seed)?;
     println!(
         "{} of {} training images labelled, {} classes",

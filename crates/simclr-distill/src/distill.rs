@@ -14,7 +14,9 @@ use simclr_models::checkpoint::{self, assign_variables};
 use simclr_models::{ModelConfig, Precision, SimclrModel, Stage};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
-use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
+use simclr_train::{
+    run_stage, StageRun, StageSettings, StepOutput, TrainError, TrainSummary, TrainTask,
+};
 
 use crate::loss::distillation_loss;
 
@@ -56,13 +58,10 @@ pub const MAX_CLEAN_TARGET_BYTES: usize = 2 << 30;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DistillConfig {
-    pub image_size: usize,
-    pub train_batch_size: usize,
-    pub schedule: LrScheduleConfig,
-    pub optimizer: OptimizerSettings,
-    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
-    #[serde(default, skip_serializing_if = "Precision::is_f32")]
-    pub precision: Precision,
+    /// Input size, batch, schedule, optimizer, precision (flattened: the fields sit at this
+    /// level in JSON and TOML).
+    #[serde(flatten)]
+    pub training: StageSettings,
     /// τ: 0.1 for self-distillation, 1.0 for big-to-small (the paper's defaults).
     pub temperature: f64,
     /// Multiply the loss by τ² (the official colab does; the paper's equation does not).
@@ -84,17 +83,19 @@ impl DistillConfig {
     /// The paper's setting: the pretraining schedule, crop + flip, distillation loss only.
     pub fn new(image_size: usize, self_distillation: bool) -> Self {
         DistillConfig {
-            image_size,
-            train_batch_size: 4096,
-            schedule: LrScheduleConfig {
-                train_epochs: 400,
-                ..LrScheduleConfig::default()
+            training: StageSettings {
+                image_size,
+                train_batch_size: 4096,
+                schedule: LrScheduleConfig {
+                    train_epochs: 400,
+                    ..LrScheduleConfig::default()
+                },
+                optimizer: OptimizerSettings {
+                    weight_decay: 1e-4,
+                    ..OptimizerSettings::default()
+                },
+                precision: Precision::F32,
             },
-            optimizer: OptimizerSettings {
-                weight_decay: 1e-4,
-                ..OptimizerSettings::default()
-            },
-            precision: Precision::F32,
             temperature: if self_distillation { 0.1 } else { 1.0 },
             tau_squared: false,
             alpha: 1.0,
@@ -164,7 +165,7 @@ impl DistillTask {
         device: &Device,
     ) -> simclr_train::Result<Self> {
         let mut teacher = checkpoint::load(teacher_path, device)?;
-        teacher.model = teacher.model.with_precision(cfg.precision);
+        teacher.model = teacher.model.with_precision(cfg.training.precision);
         if !Stage::name_in(&teacher.meta.stage, &Stage::TEACHERS) {
             return Err(TrainError::WrongStage {
                 path: teacher_path.to_path_buf(),
@@ -198,8 +199,8 @@ impl DistillTask {
             ..base
         };
         let varmap = VarMap::new();
-        let model =
-            SimclrModel::init(&config, &varmap, cfg.seed, device)?.with_precision(cfg.precision);
+        let model = SimclrModel::init(&config, &varmap, cfg.seed, device)?
+            .with_precision(cfg.training.precision);
         if let Some(t) = init {
             // The checkpoint's supervised head is kept when it predicts the same classes from
             // the same input (a teacher's own weights); otherwise the student's head is new.
@@ -236,7 +237,10 @@ impl DistillTask {
                 MAX_CLEAN_TARGET_BYTES >> 30
             )));
         }
-        let mut lc = LoaderConfig::eval(self.cfg.train_batch_size.max(1), self.cfg.image_size);
+        let mut lc = LoaderConfig::eval(
+            self.cfg.training.train_batch_size.max(1),
+            self.cfg.training.image_size,
+        );
         lc.num_threads = workers;
         let loader = Loader::new(train.clone(), None, lc)?;
         // The evaluation loader serves every image once, in dataset order: row i is image i.
@@ -347,7 +351,7 @@ pub fn run_distill(
         task.label_clean(&train, cfg.run.num_workers)?;
     }
     let label_seconds = t_label.elapsed().as_secs_f64();
-    let batch = cfg.train_batch_size.min(train.len());
+    let batch = cfg.training.train_batch_size.min(train.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.run.num_workers;
     let train_classes = train.class_names().to_vec();
@@ -358,7 +362,7 @@ pub fn run_distill(
         options: &cfg.run,
         extra_meta: simclr_train::stage_meta("distill_config", &cfg, Some(&train_classes))?,
     };
-    let mut summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
+    let mut summary = run_stage(&mut task, &loader, &cfg.training, run)?;
     summary.wall_seconds += label_seconds;
     Ok((summary, task))
 }

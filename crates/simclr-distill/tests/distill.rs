@@ -153,16 +153,16 @@ fn fresh(out: &std::path::Path) -> StageEnv<'_> {
 
 fn settings() -> DistillConfig {
     let mut cfg = DistillConfig::new(28, true);
-    cfg.train_batch_size = 32;
+    cfg.training.train_batch_size = 32;
     cfg.augment = AugmentConfig {
         crop: false,
         flip: false,
         ..AugmentConfig::finetune(28)
     };
-    cfg.schedule.train_steps = Some(200);
-    cfg.schedule.warmup_epochs = 0.0;
-    cfg.schedule.learning_rate = 0.1; // × 32/256 (linear scaling)
-    cfg.optimizer = OptimizerSettings {
+    cfg.training.schedule.train_steps = Some(200);
+    cfg.training.schedule.warmup_epochs = 0.0;
+    cfg.training.schedule.learning_rate = 0.1; // × 32/256 (linear scaling)
+    cfg.training.optimizer = OptimizerSettings {
         optimizer: OptimizerKind::AdamW,
         weight_decay: 0.0,
         ..Default::default()
@@ -314,10 +314,10 @@ fn clean_targets_equal_same_view_targets_when_the_view_is_the_image() {
     let t_path = teacher(dir.path(), "finetune", 10);
     let run = |targets: TeacherTargets, out: &str| {
         let mut cfg = settings();
-        cfg.schedule.train_steps = Some(12);
+        cfg.training.schedule.train_steps = Some(12);
         cfg.teacher_targets = targets;
         // Batches of 8 of the 32 images: the table must be indexed by each image's index.
-        cfg.train_batch_size = 8;
+        cfg.training.train_batch_size = 8;
         let (summary, _) = run_distill(
             &cfg,
             &t_path,

@@ -14,20 +14,19 @@ use simclr_models::checkpoint::{self, assign_variables};
 use simclr_models::{ModelConfig, Precision, SimclrModel, Stage};
 use simclr_train::optim::{OptimizerKind, OptimizerSettings};
 use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
-use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
+use simclr_train::{
+    run_stage, StageRun, StageSettings, StepOutput, TrainError, TrainSummary, TrainTask,
+};
 
 /// Settings with the official names; defaults are the SimCLRv2 1 % recipe (the official README's fine-tuning commands):
 /// LARS, `learning_rate` 0.005 with sqrt scaling (0.16 at batch 1024), no weight decay, no
 /// warmup, `ft_proj_selector` 1, zero-initialised logits layer, crop + flip.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FinetuneConfig {
-    pub image_size: usize,
-    pub train_batch_size: usize,
-    pub schedule: LrScheduleConfig,
-    pub optimizer: OptimizerSettings,
-    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
-    #[serde(default, skip_serializing_if = "Precision::is_f32")]
-    pub precision: Precision,
+    /// Input size, batch, schedule, optimizer, precision (flattened: the fields sit at this
+    /// level in JSON and TOML).
+    #[serde(flatten)]
+    pub training: StageSettings,
     pub ft_proj_selector: i32,
     /// -1 trains everything; 4 freezes the encoder (linear evaluation).
     pub fine_tune_after_block: i32,
@@ -56,21 +55,23 @@ pub fn epochs_for_fraction(fraction: f64) -> u64 {
 impl FinetuneConfig {
     pub fn new(image_size: usize, fraction: f64) -> Self {
         FinetuneConfig {
-            image_size,
-            train_batch_size: 1024,
-            schedule: LrScheduleConfig {
-                learning_rate: 0.005,
-                learning_rate_scaling: LearningRateScaling::Sqrt,
-                warmup_epochs: 0.0,
-                train_epochs: epochs_for_fraction(fraction),
-                train_steps: None,
+            training: StageSettings {
+                image_size,
+                train_batch_size: 1024,
+                schedule: LrScheduleConfig {
+                    learning_rate: 0.005,
+                    learning_rate_scaling: LearningRateScaling::Sqrt,
+                    warmup_epochs: 0.0,
+                    train_epochs: epochs_for_fraction(fraction),
+                    train_steps: None,
+                },
+                optimizer: OptimizerSettings {
+                    optimizer: OptimizerKind::Lars,
+                    weight_decay: 0.0,
+                    ..OptimizerSettings::default()
+                },
+                precision: Precision::F32,
             },
-            optimizer: OptimizerSettings {
-                optimizer: OptimizerKind::Lars,
-                weight_decay: 0.0,
-                ..OptimizerSettings::default()
-            },
-            precision: Precision::F32,
             ft_proj_selector: 1,
             fine_tune_after_block: -1,
             zero_init_logits_layer: true,
@@ -106,22 +107,24 @@ impl FinetuneConfig {
     pub fn supervised_baseline(image_size: usize, labelled: usize) -> Self {
         let batch = baseline_batch_size(labelled);
         FinetuneConfig {
-            image_size,
-            train_batch_size: batch,
-            schedule: LrScheduleConfig {
-                learning_rate: 0.2,
-                learning_rate_scaling: LearningRateScaling::Linear,
-                warmup_epochs: 1.0,
-                train_epochs: 100,
-                train_steps: Some(baseline_train_steps(labelled, batch)),
+            training: StageSettings {
+                image_size,
+                train_batch_size: batch,
+                schedule: LrScheduleConfig {
+                    learning_rate: 0.2,
+                    learning_rate_scaling: LearningRateScaling::Linear,
+                    warmup_epochs: 1.0,
+                    train_epochs: 100,
+                    train_steps: Some(baseline_train_steps(labelled, batch)),
+                },
+                optimizer: OptimizerSettings {
+                    optimizer: OptimizerKind::Momentum,
+                    momentum: 0.9,
+                    weight_decay: 5e-4,
+                    ..OptimizerSettings::default()
+                },
+                precision: Precision::F32,
             },
-            optimizer: OptimizerSettings {
-                optimizer: OptimizerKind::Momentum,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-                ..OptimizerSettings::default()
-            },
-            precision: Precision::F32,
             ft_proj_selector: 0,
             fine_tune_after_block: -1,
             zero_init_logits_layer: false,
@@ -180,8 +183,8 @@ impl FinetuneTask {
         };
         config.validate()?;
         let varmap = VarMap::new();
-        let model =
-            SimclrModel::init(&config, &varmap, cfg.seed, device)?.with_precision(cfg.precision);
+        let model = SimclrModel::init(&config, &varmap, cfg.seed, device)?
+            .with_precision(cfg.training.precision);
         if let Some(tensors) = pretrained {
             // The supervised head is new (its input or class count may differ); the official
             // code zeroes it (`zero_init_logits_layer`).
@@ -247,7 +250,7 @@ pub fn run_finetune(
     check_all_classes_labelled(train.as_ref(), &labelled)?;
     let mut task = FinetuneTask::new(init, cfg, train.num_classes(), env.device)?;
     // Small labelled sets: the batch never exceeds the set (the official batch is 1024).
-    let batch = cfg.train_batch_size.min(labelled.len());
+    let batch = cfg.training.train_batch_size.min(labelled.len());
     let mut lc = LoaderConfig::train(batch, 1, cfg.augment.clone(), cfg.seed);
     lc.num_threads = cfg.run.num_workers;
     let train_classes = train.class_names().to_vec();
@@ -258,6 +261,6 @@ pub fn run_finetune(
         options: &cfg.run,
         extra_meta: simclr_train::stage_meta("finetune_config", &cfg, Some(&train_classes))?,
     };
-    let summary = run_stage(&mut task, &loader, &cfg.schedule, &cfg.optimizer, run)?;
+    let summary = run_stage(&mut task, &loader, &cfg.training, run)?;
     Ok((summary, task))
 }

@@ -50,8 +50,8 @@ fn pretrained(dir: &std::path::Path, stage: &str) -> std::path::PathBuf {
 
 fn cfg() -> FinetuneConfig {
     let mut c = FinetuneConfig::new(8, 0.1);
-    c.train_batch_size = 10;
-    c.schedule.train_steps = Some(4);
+    c.training.train_batch_size = 10;
+    c.training.schedule.train_steps = Some(4);
     c
 }
 
@@ -199,4 +199,40 @@ fn bad_inputs_fail_before_training() {
     assert!(
         !dir.path().join("a").exists() || !dir.path().join("a/checkpoint.safetensors").exists()
     );
+}
+
+/// The shared block is flattened: its fields keep their names and places in the stage's JSON, so
+/// `--set finetune.*.train_batch_size=…` paths and the pipeline's stage-folder hashes (taken over
+/// this JSON) are what they were when the fields were the config's own.
+#[test]
+fn shared_settings_serialise_in_place() {
+    let mut c = FinetuneConfig::new(28, 0.01);
+    c.training.precision = simclr_models::Precision::Bf16;
+    let text = serde_json::to_string(&c).unwrap();
+    let at = |key: &str| {
+        text.find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("{key} missing from {text}"))
+    };
+    let order = [
+        "image_size",
+        "train_batch_size",
+        "schedule",
+        "optimizer",
+        "precision",
+        "ft_proj_selector",
+        "fine_tune_after_block",
+        "augment",
+        "seed",
+        "num_workers",
+    ];
+    for w in order.windows(2) {
+        assert!(at(w[0]) < at(w[1]), "{} after {} in {text}", w[0], w[1]);
+    }
+    assert!(!text.contains("\"training\""), "{text}");
+    let back: FinetuneConfig = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    assert_eq!(back.training.precision, simclr_models::Precision::Bf16);
+    // f32 precision is left out, as before the block existed.
+    let plain = serde_json::to_string(&FinetuneConfig::new(28, 0.01)).unwrap();
+    assert!(!plain.contains("\"precision\""), "{plain}");
 }

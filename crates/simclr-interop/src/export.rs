@@ -25,7 +25,7 @@ use crate::import_pth::key_map;
 use crate::pth::{write_pth, PthEntry};
 use crate::source::SourceName;
 use simclr_models::checkpoint::{self, CheckpointMeta};
-use simclr_models::config::{ModelConfig, ProjHeadMode};
+use simclr_models::{ModelConfig, ProjHeadMode};
 
 /// Top-level key of an exported `.pth` holding the [`ModelConfig`] as JSON.
 pub const CONFIG_KEY: &str = "simclr_rs_config";

@@ -37,9 +37,9 @@ use crate::error::InteropError;
 use crate::export::CONFIG_KEY;
 use crate::pth::{read_float_tensors, PthReader, StateDictInfo};
 use crate::source::{resolve_config, ImportedModel, Inferred, SourceFormat, SourceName};
-use simclr_models::config::{BlockKind, ModelConfig, StemKind};
 use simclr_models::parameter_shapes;
 use simclr_models::SimclrModel;
+use simclr_models::{BlockKind, ModelConfig, StemKind};
 
 type Shapes = BTreeMap<String, Vec<usize>>;
 

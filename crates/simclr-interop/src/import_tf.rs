@@ -41,9 +41,9 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::error::InteropError;
 use crate::source::{resolve_config, ImportedModel, Inferred, SourceFormat, SourceName};
 use crate::tf_bundle::{TfBundle, TfBundleError, TfDtype};
-use simclr_models::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind, SUPPORTED_DEPTHS};
 use simclr_models::parameter_shapes;
 use simclr_models::SimclrModel;
+use simclr_models::{BlockKind, ModelConfig, ProjHeadMode, StemKind, SUPPORTED_DEPTHS};
 
 /// Prefix of the EMA copy of the weights.
 pub const EMA_PREFIX: &str = "ema_model/";
@@ -810,7 +810,7 @@ mod tests {
         let c = ModelConfig {
             resnet_depth: 50,
             base_width: 4,
-            sk_ratio: simclr_models::config::SK1_RATIO,
+            sk_ratio: simclr_models::SK1_RATIO,
             num_classes: Some(10),
             ..ModelConfig::default()
         };

@@ -1,14 +1,14 @@
 //! ONNX export of the eval-mode network (BN with its moving statistics), opset 17.
 //!
 //! The graph is built from the configuration and the variables by the same walk as
-//! [`simclr_models::resnet`] and [`simclr_models::heads`]: each conv keeps its symmetric `(k-1)/2` padding, the
-//! stem's 3x3/s2 max-pool and the ResNet-D 2x2/s1 average pool are TF `SAME` (ONNX
-//! `SAME_UPPER`, the average excluding the padding), the ResNet-D stride-2 pool pads one zero
-//! row and column at the end and counts them, and the SK mixing softmax over two streams is
-//! written as `sigmoid(a - b)`, which is the same function. Input `images`
-//! (`[batch, in_channels, height, width]`, f32 in [0, 1]); outputs named as `simclr embed`'s
-//! layers: `final_avg_pool`, `proj_head_1` … (the head's hidden layers), `proj_head_output`
-//! and, with a supervised head, `logits_sup` (fed from `hiddens[ft_proj_selector]`).
+//! [`simclr_models::ResNet`] and [`simclr_models::ProjectionHead`]: each conv keeps its symmetric
+//! `(k-1)/2` padding, the stem's 3x3/s2 max-pool and the ResNet-D 2x2/s1 average pool are TF `SAME`
+//! (ONNX `SAME_UPPER`, the average excluding the padding), the ResNet-D stride-2 pool pads one zero
+//! row and column at the end and counts them, and the SK mixing softmax over two streams is written
+//! as `sigmoid(a - b)`, which is the same function. Input `images` (`[batch, in_channels, height,
+//! width]`, f32 in [0, 1]); outputs named as `simclr embed`'s layers: `final_avg_pool`,
+//! `proj_head_1` … (the head's hidden layers), `proj_head_output` and, with a supervised head,
+//! `logits_sup` (fed from `hiddens[ft_proj_selector]`).
 //!
 //! The protobuf is written by hand (field numbers from `onnx.proto`), so no ONNX or protobuf
 //! crate is needed.
@@ -20,7 +20,7 @@ use candle_core::Tensor;
 use candle_nn::VarMap;
 
 use crate::error::InteropError;
-use simclr_models::config::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
+use simclr_models::{BlockKind, ModelConfig, ProjHeadMode, StemKind};
 
 /// The opset the graph is written for.
 pub const OPSET: i64 = 17;

@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_nn::VarMap;
-use simclr_models::config::{SK1_RATIO, SUPPORTED_DEPTHS};
 use simclr_models::{
     BlockKind, CheckpointMeta, ModelConfig, ProjHeadMode, SimclrModel, Stage, StemKind,
 };
+use simclr_models::{SK1_RATIO, SUPPORTED_DEPTHS};
 
 use crate::error::InteropError;
 

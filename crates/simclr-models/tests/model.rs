@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use common::{max_abs_diff, pseudo_random, values};
-use simclr_models::config::SK1_RATIO;
 use simclr_models::init::TRUNCATED_NORMAL_STD;
+use simclr_models::SK1_RATIO;
 use simclr_models::{ForwardOptions, ModelConfig, ProjHeadMode, SimclrModel};
 
 fn tiny(depth: usize, sk: bool, cifar: bool, base_width: usize) -> ModelConfig {

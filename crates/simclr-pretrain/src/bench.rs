@@ -28,7 +28,7 @@ pub fn time_pretrain_step(
     on_window: impl FnOnce(),
 ) -> simclr_train::Result<f64> {
     let mut cfg = PretrainConfig::new(model, side);
-    cfg.precision = precision;
+    cfg.training.precision = precision;
     let mut task = PretrainTask::new(cfg, device, Arc::new(SingleReplica), None)?;
     let mut opt = build_optimizer(named_vars(TrainTask::varmap(&task)), &Default::default())?;
     let classes = task.model().config().num_classes.unwrap_or(1).max(1) as u32;

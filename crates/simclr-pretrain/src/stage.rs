@@ -15,7 +15,9 @@ use simclr_eval::{knn_top1, KnnConfig, KnnData};
 use simclr_models::{ForwardOptions, ModelConfig, Precision, SimclrModel, Stage};
 use simclr_train::optim::OptimizerSettings;
 use simclr_train::schedule::LrScheduleConfig;
-use simclr_train::{run_stage, StageRun, StepOutput, TrainError, TrainSummary, TrainTask};
+use simclr_train::{
+    run_stage, StageRun, StageSettings, StepOutput, TrainError, TrainSummary, TrainTask,
+};
 
 use crate::memory::{
     copy_variables, ema_update, memory_contrastive_loss, MemoryConfig, MemoryQueue,
@@ -27,13 +29,10 @@ use simclr_collective::{Collective, SingleReplica};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PretrainConfig {
     pub model: ModelConfig,
-    pub image_size: usize,
-    pub train_batch_size: usize,
-    pub schedule: LrScheduleConfig,
-    pub optimizer: OptimizerSettings,
-    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
-    #[serde(default, skip_serializing_if = "Precision::is_f32")]
-    pub precision: Precision,
+    /// Input size, batch, schedule, optimizer, precision (flattened: the fields sit at this
+    /// level in JSON and TOML).
+    #[serde(flatten)]
+    pub training: StageSettings,
     pub objective: NtXentConfig,
     pub augment: AugmentConfig,
     /// BN statistics over the two-view batch of every replica (the official `global_bn`);
@@ -62,11 +61,13 @@ impl PretrainConfig {
     pub fn new(model: ModelConfig, image_size: usize) -> Self {
         PretrainConfig {
             model,
-            image_size,
-            train_batch_size: 512,
-            schedule: LrScheduleConfig::default(),
-            optimizer: OptimizerSettings::default(),
-            precision: Precision::F32,
+            training: StageSettings {
+                image_size,
+                train_batch_size: 512,
+                schedule: LrScheduleConfig::default(),
+                optimizer: OptimizerSettings::default(),
+                precision: Precision::F32,
+            },
             objective: NtXentConfig::default(),
             augment: AugmentConfig::pretrain(image_size),
             global_bn: true,
@@ -106,12 +107,12 @@ impl PretrainTask {
     ) -> simclr_train::Result<Self> {
         let varmap = VarMap::new();
         let model = SimclrModel::init(&config.model, &varmap, config.seed, device)?
-            .with_precision(config.precision);
+            .with_precision(config.training.precision);
         let momentum = match &config.memory {
             Some(mem) => {
                 let mvarmap = VarMap::new();
                 let mmodel = SimclrModel::init(&config.model, &mvarmap, config.seed, device)?
-                    .with_precision(config.precision);
+                    .with_precision(config.training.precision);
                 copy_variables(&mvarmap, &varmap)?;
                 let queue = MemoryQueue::new(
                     mem.queue_size,
@@ -339,7 +340,7 @@ pub fn run_pretrain_replica(
         .lineareval_while_pretraining
         .then(|| data.train.num_classes());
     let mut loader_cfg = LoaderConfig::train(
-        config.train_batch_size,
+        config.training.train_batch_size,
         2,
         config.augment.clone(),
         config.seed,
@@ -348,7 +349,7 @@ pub fn run_pretrain_replica(
     let loader = Loader::new(data.train.clone(), None, loader_cfg)?;
     let knn = match &data.test {
         Some(test) if config.knn_every_epochs > 0 => {
-            let mut eval = LoaderConfig::eval(256, config.image_size);
+            let mut eval = LoaderConfig::eval(256, config.training.image_size);
             eval.num_threads = config.run.num_workers;
             Some(KnnData {
                 bank: Loader::new(data.train.clone(), None, eval.clone())?,
@@ -369,7 +370,7 @@ pub fn run_pretrain_replica(
         options: &config.run,
         extra_meta: simclr_train::stage_meta("pretrain_config", &config, None)?,
     };
-    run_stage(&mut task, &loader, &config.schedule, &config.optimizer, run)
+    run_stage(&mut task, &loader, &config.training, run)
 }
 
 /// Where a pretraining run in `out_dir` keeps its checkpoint.

@@ -17,9 +17,9 @@ fn run(out: &std::path::Path, train: Arc<dyn Dataset>) -> Vec<(String, Vec<u32>)
     }
     .with_image_size(28);
     let mut config = PretrainConfig::new(model, 28);
-    config.train_batch_size = 60; // 240 images: 4 steps, the last epoch's batches reshuffled
-    config.schedule.train_steps = Some(6);
-    config.schedule.warmup_epochs = 0.0;
+    config.training.train_batch_size = 60; // 240 images: 4 steps, the last epoch's batches reshuffled
+    config.training.schedule.train_steps = Some(6);
+    config.training.schedule.warmup_epochs = 0.0;
     config.knn_every_epochs = 0;
     let data = PretrainData { train, test: None };
     let pool = rayon::ThreadPoolBuilder::new()

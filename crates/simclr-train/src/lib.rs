@@ -58,6 +58,6 @@ pub use schedule::{
 };
 pub use simclr_models::{param_group, ParamGroup, Stage};
 pub use trainer::{
-    batch_accuracy, run_stage, stage_meta, train, RunOptions, StageEnv, StageRun, StepOutput,
-    TrainSummary, TrainTask, TrainerConfig, CHECKPOINT_FILE, KEEP_CHECKPOINT_MAX,
+    batch_accuracy, run_stage, stage_meta, train, RunOptions, StageEnv, StageRun, StageSettings,
+    StepOutput, TrainSummary, TrainTask, TrainerConfig, CHECKPOINT_FILE, KEEP_CHECKPOINT_MAX,
 };

@@ -24,10 +24,12 @@ use serde_json::{json, Map, Value};
 use simclr_collective::Collective;
 use simclr_data::{Batch, Loader};
 use simclr_models::checkpoint::{self, CheckpointMeta};
-use simclr_models::{ModelConfig, Stage};
+use simclr_models::{ModelConfig, Precision, Stage};
 
 use crate::error::{Result, TrainError};
+use crate::optim::OptimizerSettings;
 use crate::optim::{all_reduce_gradients, named_vars, Optimizer};
+use crate::schedule::LrScheduleConfig;
 use crate::tensorboard::{EventWriter, ScalarEvent};
 
 /// What a task's forward pass returns.
@@ -106,6 +108,24 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// Checkpoints a stage keeps by default: the newest and four older ones, as the official code's
 /// `keep_checkpoint_max`.
 pub const KEEP_CHECKPOINT_MAX: usize = 5;
+
+/// What every training stage is configured with before its own settings: input size, batch,
+/// schedule, optimizer and precision. Each stage's config holds one first, flattened, so the
+/// fields keep their names and places in the stage's JSON and TOML (`train_batch_size`,
+/// `schedule.learning_rate`, …) and a stage's settings hash is what it was before the block
+/// existed.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StageSettings {
+    /// Side of the square network input.
+    pub image_size: usize,
+    /// Images per step across all replicas.
+    pub train_batch_size: usize,
+    pub schedule: LrScheduleConfig,
+    pub optimizer: OptimizerSettings,
+    /// Compute dtype of convolutions and matmuls (`--precision`; f32 master weights).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
 
 /// How a stage runs, apart from what it computes; every stage's config holds one, flattened
 /// (its fields sit at the stage's level in JSON, so files written before it existed still read).
@@ -981,14 +1001,15 @@ pub fn stage_meta(
 pub fn run_stage(
     task: &mut dyn TrainTask,
     loader: &Loader,
-    schedule: &crate::schedule::LrScheduleConfig,
-    optimizer: &crate::optim::OptimizerSettings,
+    settings: &StageSettings,
     run: StageRun,
 ) -> Result<TrainSummary> {
     let batch = loader.config().batch_size as u64;
-    let schedule = schedule.build(loader.num_images() as u64, batch)?;
-    let mut optimizer =
-        crate::optim::build_optimizer(crate::optim::named_vars(task.varmap()), optimizer)?;
+    let schedule = settings.schedule.build(loader.num_images() as u64, batch)?;
+    let mut optimizer = crate::optim::build_optimizer(
+        crate::optim::named_vars(task.varmap()),
+        &settings.optimizer,
+    )?;
     let cfg = TrainerConfig {
         out_dir: run.env.out_dir.to_path_buf(),
         stage: run.stage,

@@ -433,10 +433,10 @@ fn pretrain(
             let probe = Some(train.num_classes());
             let mut cfg = PretrainConfig::new(a.model.config(image_size, probe)?, image_size);
             a.train.apply(
-                &mut cfg.train_batch_size,
-                &mut cfg.schedule,
-                &mut cfg.optimizer,
-                &mut cfg.precision,
+                &mut cfg.training.train_batch_size,
+                &mut cfg.training.schedule,
+                &mut cfg.training.optimizer,
+                &mut cfg.training.precision,
             );
             // Flags left out keep the libraries' defaults (the official values).
             if let Some(t) = a.temperature {
@@ -537,10 +537,10 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
                 a.labels.fraction_of(labelled.len(), train.len()),
             );
             a.train.apply(
-                &mut cfg.train_batch_size,
-                &mut cfg.schedule,
-                &mut cfg.optimizer,
-                &mut cfg.precision,
+                &mut cfg.training.train_batch_size,
+                &mut cfg.training.schedule,
+                &mut cfg.training.optimizer,
+                &mut cfg.training.precision,
             );
             if let Some(b) = a.fine_tune_after_block {
                 cfg.fine_tune_after_block = b;
@@ -647,10 +647,10 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
                 cfg.teacher_targets = t;
             }
             a.train.apply(
-                &mut cfg.train_batch_size,
-                &mut cfg.schedule,
-                &mut cfg.optimizer,
-                &mut cfg.precision,
+                &mut cfg.training.train_batch_size,
+                &mut cfg.training.schedule,
+                &mut cfg.training.optimizer,
+                &mut cfg.training.precision,
             );
             cfg.seed = a.labels.seed;
             cfg

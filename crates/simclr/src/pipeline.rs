@@ -7,7 +7,7 @@
 //! settings and of the stage it starts from. A stage whose checkpoint is complete is reused, an
 //! interrupted one resumes, so running the same command again continues where it stopped.
 
-use simclr_train::StageEnv;
+use simclr_train::{StageEnv, StageSettings};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -109,11 +109,11 @@ impl StudentStart {
 impl PipelineConfig {
     /// Every stage at `precision`.
     pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.pretrain.precision = precision;
+        self.pretrain.training.precision = precision;
         for f in self.finetune.iter_mut().chain(self.baseline.iter_mut()) {
-            f.precision = precision;
+            f.training.precision = precision;
         }
-        self.distill.precision = precision;
+        self.distill.training.precision = precision;
         self
     }
 }
@@ -326,12 +326,15 @@ impl PipelineConfig {
             .zip(self.finetune.iter_mut())
             .zip(labelled)
         {
-            b.train_batch_size = simclr_finetune::baseline_batch_size(n);
-            b.schedule.train_steps =
-                Some(simclr_finetune::baseline_train_steps(n, b.train_batch_size));
+            b.training.train_batch_size = simclr_finetune::baseline_batch_size(n);
+            b.training.schedule.train_steps = Some(simclr_finetune::baseline_train_steps(
+                n,
+                b.training.train_batch_size,
+            ));
             if self.preset == Preset::Default {
-                f.train_batch_size = simclr_finetune::baseline_batch_size(n);
-                f.schedule.train_steps = Some(finetune_train_steps(n, f.train_batch_size));
+                f.training.train_batch_size = simclr_finetune::baseline_batch_size(n);
+                f.training.schedule.train_steps =
+                    Some(finetune_train_steps(n, f.training.train_batch_size));
             }
         }
     }
@@ -591,12 +594,12 @@ fn class_balanced_cap(
 }
 
 fn supervised_recipe(c: &FinetuneConfig, labelled: usize, init: &str) -> String {
-    let batch = c.train_batch_size.min(labelled);
+    let batch = c.training.train_batch_size.min(labelled);
     let steps = simclr_train::schedule::train_steps(
         labelled as u64,
-        c.schedule.train_epochs,
+        c.training.schedule.train_epochs,
         batch as u64,
-        c.schedule.train_steps,
+        c.training.schedule.train_steps,
     )
     .unwrap_or(0);
     let head = if c.ft_proj_selector == 0 {
@@ -606,19 +609,16 @@ fn supervised_recipe(c: &FinetuneConfig, labelled: usize, init: &str) -> String 
     };
     format!(
         "{init}, {head}; {}; crop (min area {}) + flip",
-        describe_recipe(&c.optimizer, &c.schedule, batch, steps, labelled),
+        describe_recipe(&c.training, steps, labelled),
         c.augment.crop_min_area
     )
 }
 
 /// The recipe of a supervised stage, in the words the report prints.
-pub fn describe_recipe(
-    optimizer: &simclr_train::OptimizerSettings,
-    schedule: &simclr_train::schedule::LrScheduleConfig,
-    batch: usize,
-    steps: u64,
-    images: usize,
-) -> String {
+/// `steps` of the stage's batch (capped at its `images`).
+pub fn describe_recipe(settings: &StageSettings, steps: u64, images: usize) -> String {
+    let (optimizer, schedule) = (&settings.optimizer, &settings.schedule);
+    let batch = settings.train_batch_size.min(images);
     let opt = match optimizer.optimizer {
         simclr_train::OptimizerKind::Lars => "LARS",
         simclr_train::OptimizerKind::Momentum => "Nesterov momentum SGD",
@@ -690,7 +690,7 @@ pub fn run(
         cfg,
         train: data.train.clone(),
         test: data.test.clone(),
-        image_size: cfg.pretrain.image_size,
+        image_size: cfg.pretrain.training.image_size,
         progress,
         device,
     };
@@ -1117,7 +1117,7 @@ pub(crate) fn distill_from(
         d.temperature,
         if d.tau_squared { " (loss × τ²)" } else { "" },
         d.alpha,
-        describe_recipe(&d.optimizer, &d.schedule, d.train_batch_size.min(n), di.steps, n),
+        describe_recipe(&d.training, di.steps, n),
         d.augment.crop_min_area
     );
     Ok((r, report))
@@ -1141,13 +1141,7 @@ fn summary_json(
             "recipe": format!(
                 "NT-Xent τ {}, {}; colour jitter {}, crop min area {}",
                 cfg.pretrain.objective.temperature,
-                describe_recipe(
-                    &cfg.pretrain.optimizer,
-                    &cfg.pretrain.schedule,
-                    cfg.pretrain.train_batch_size.min(n),
-                    pre.summary.steps,
-                    n
-                ),
+                describe_recipe(&cfg.pretrain.training, pre.summary.steps, n),
                 cfg.pretrain.augment.color_jitter_strength,
                 cfg.pretrain.augment.crop_min_area,
             ),
@@ -1188,30 +1182,34 @@ mod tests {
         let mut cfg = default_config();
         cfg.size_labelled_stages(&[100, 1000]);
         for (b, n) in cfg.baseline.iter().zip([100usize, 1000]) {
-            assert_eq!(b.optimizer.optimizer, OptimizerKind::Momentum, "{n} labels");
-            assert_eq!(b.optimizer.weight_decay, 5e-4);
+            assert_eq!(
+                b.training.optimizer.optimizer,
+                OptimizerKind::Momentum,
+                "{n} labels"
+            );
+            assert_eq!(b.training.optimizer.weight_decay, 5e-4);
             assert_eq!(b.ft_proj_selector, 0, "a plain ResNet");
             assert!(!b.zero_init_logits_layer);
-            let steps = b.schedule.train_steps.unwrap() as usize;
+            let steps = b.training.schedule.train_steps.unwrap() as usize;
             // Hundreds of steps and at least 100 epochs, not the fine-tuning stage's tens.
             assert!(steps >= 600, "{steps} steps at {n} labels");
             assert!(
-                steps * b.train_batch_size >= 100 * n,
+                steps * b.training.train_batch_size >= 100 * n,
                 "{steps} steps at {n}"
             );
             // lr 0.1 per 128 images.
             let peak = simclr_train::schedule::scaled_lr(
-                b.schedule.learning_rate,
-                b.train_batch_size,
-                b.schedule.learning_rate_scaling,
+                b.training.schedule.learning_rate,
+                b.training.train_batch_size,
+                b.training.schedule.learning_rate_scaling,
             );
-            let per_128 = peak * 128.0 / b.train_batch_size as f64;
+            let per_128 = peak * 128.0 / b.training.train_batch_size as f64;
             assert!((per_128 - 0.1).abs() < 1e-12, "{per_128}");
         }
-        assert_eq!(cfg.baseline[0].train_batch_size, 50);
-        assert_eq!(cfg.baseline[0].schedule.train_steps, Some(600));
-        assert_eq!(cfg.baseline[1].train_batch_size, 128);
-        assert_eq!(cfg.baseline[1].schedule.train_steps, Some(782));
+        assert_eq!(cfg.baseline[0].training.train_batch_size, 50);
+        assert_eq!(cfg.baseline[0].training.schedule.train_steps, Some(600));
+        assert_eq!(cfg.baseline[1].training.train_batch_size, 128);
+        assert_eq!(cfg.baseline[1].training.schedule.train_steps, Some(782));
         // Fine-tuning, chosen on the validation split: as long as the baseline, at 0.1 per 128
         // images with 1 % of the labels and a quarter of that with 10 %.
         for (f, (b, per_128)) in cfg
@@ -1219,15 +1217,18 @@ mod tests {
             .iter()
             .zip(cfg.baseline.iter().zip([0.1, 0.025]))
         {
-            assert_eq!(f.schedule.train_steps, b.schedule.train_steps);
-            assert_eq!(f.train_batch_size, b.train_batch_size);
+            assert_eq!(
+                f.training.schedule.train_steps,
+                b.training.schedule.train_steps
+            );
+            assert_eq!(f.training.train_batch_size, b.training.train_batch_size);
             assert_eq!(f.ft_proj_selector, 1, "from projection-head layer 1");
             let peak = simclr_train::schedule::scaled_lr(
-                f.schedule.learning_rate,
-                f.train_batch_size,
-                f.schedule.learning_rate_scaling,
+                f.training.schedule.learning_rate,
+                f.training.train_batch_size,
+                f.training.schedule.learning_rate_scaling,
             );
-            let got = peak * 128.0 / f.train_batch_size as f64;
+            let got = peak * 128.0 / f.training.train_batch_size as f64;
             assert!((got - per_128).abs() < 1e-12, "{got} per 128 images");
         }
         // The seed reaches every stage.
@@ -1260,14 +1261,20 @@ mod tests {
         cfg.apply_overrides(&["distill.teacher_targets=same_view".into()])
             .unwrap();
         assert_eq!(cfg.distill.teacher_targets, TeacherTargets::SameView);
-        assert_eq!(cfg.pretrain.schedule.train_epochs, 11);
+        assert_eq!(cfg.pretrain.training.schedule.train_epochs, 11);
         assert!(cfg
             .baseline
             .iter()
-            .all(|b| b.optimizer.weight_decay == 1e-3));
-        assert_eq!(cfg.finetune[1].optimizer.optimizer, OptimizerKind::Lars);
-        assert_eq!(cfg.finetune[0].optimizer.optimizer, OptimizerKind::Momentum);
-        assert_eq!(cfg.distill.schedule.train_steps, Some(5));
+            .all(|b| b.training.optimizer.weight_decay == 1e-3));
+        assert_eq!(
+            cfg.finetune[1].training.optimizer.optimizer,
+            OptimizerKind::Lars
+        );
+        assert_eq!(
+            cfg.finetune[0].training.optimizer.optimizer,
+            OptimizerKind::Momentum
+        );
+        assert_eq!(cfg.distill.training.schedule.train_steps, Some(5));
         // An object sets only the fields it names: over nothing (the memory buffer is off in
         // the preset), the others take their defaults; over an object, the others are kept.
         cfg.apply_overrides(&[r#"pretrain.memory={"queue_size":4096,"ema_decay":0.99}"#.into()])
@@ -1344,15 +1351,21 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(c.finetune[0].schedule.learning_rate, 0.2, "few labels");
-        assert_eq!(c.finetune[1].schedule.learning_rate, 0.05, "many labels");
+        assert_eq!(
+            c.finetune[0].training.schedule.learning_rate, 0.2,
+            "few labels"
+        );
+        assert_eq!(
+            c.finetune[1].training.schedule.learning_rate, 0.05,
+            "many labels"
+        );
         assert_eq!(c.student, Some(super::StudentStart::Teacher));
         let small = PipelineConfig::new(Preset::Paper, "cifar10", 32, &[0.1], None, 0).unwrap();
         let large =
             PipelineConfig::new(Preset::Paper, "imagefolder", 224, &[0.1], None, 0).unwrap();
         assert_eq!(small.pretrain.objective.temperature, 0.5, "[small_images]");
         assert_ne!(large.pretrain.objective.temperature, 0.5);
-        assert_eq!(large.pretrain.train_batch_size, 4096);
+        assert_eq!(large.pretrain.training.train_batch_size, 4096);
         let bad = super::PresetData {
             file: "bad",
             model: "r18".into(),

@@ -284,7 +284,8 @@ impl Study<'_> {
             cfg.size_labelled_stages(&counts);
             if let Some(cap) = self.spec.max_labelled_steps {
                 for c in cfg.finetune.iter_mut().chain(cfg.baseline.iter_mut()) {
-                    c.schedule.train_steps = c.schedule.train_steps.map(|s| s.min(cap));
+                    c.training.schedule.train_steps =
+                        c.training.schedule.train_steps.map(|s| s.min(cap));
                 }
             }
             // The user's settings win over the sizing, as in the pipeline.
@@ -1333,9 +1334,9 @@ mod tests {
             }
         }
         // All the labels: the baseline's recipe, capped at the plan's step count.
-        assert_eq!(cfg.finetune[2].schedule.train_steps, Some(782));
-        assert_eq!(cfg.baseline[2].schedule.train_steps, Some(782));
-        assert_eq!(cfg.baseline[2].train_batch_size, 128);
+        assert_eq!(cfg.finetune[2].training.schedule.train_steps, Some(782));
+        assert_eq!(cfg.baseline[2].training.schedule.train_steps, Some(782));
+        assert_eq!(cfg.baseline[2].training.train_batch_size, 128);
         // Another head is another pretraining.
         let h2 = study.config(16, 2, 0, &splits).unwrap();
         assert_eq!(h2.pretrain.model.num_proj_layers, 2);
@@ -1352,7 +1353,7 @@ mod tests {
         assert!(cfg
             .finetune
             .iter()
-            .all(|f| f.schedule.train_steps == Some(7)));
+            .all(|f| f.training.schedule.train_steps == Some(7)));
         assert_eq!(cfg.pretrain.model.base_width, 4);
     }
 }
