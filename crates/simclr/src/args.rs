@@ -9,8 +9,9 @@ use clap::builder::TypedValueParser;
 use clap::Args;
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
 use simclr_models::{ModelConfig, Precision, ProjHeadMode};
-use simclr_train::optim::{OptimizerKind, OptimizerSettings};
-use simclr_train::schedule::{LearningRateScaling, LrScheduleConfig};
+use simclr_train::optim::OptimizerKind;
+use simclr_train::schedule::LearningRateScaling;
+use simclr_train::StageSettings;
 
 #[derive(Args, Clone, Debug)]
 pub struct DataArgs {
@@ -267,13 +268,14 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// Overwrites the stage defaults with the flags that were given.
-    pub fn apply(
-        &self,
-        batch: &mut usize,
-        schedule: &mut LrScheduleConfig,
-        optimizer: &mut OptimizerSettings,
-        precision: &mut Precision,
-    ) {
+    pub fn apply(&self, settings: &mut StageSettings) {
+        let StageSettings {
+            train_batch_size: batch,
+            schedule,
+            optimizer,
+            precision,
+            ..
+        } = settings;
         fn set<T: Clone>(slot: &mut T, flag: &Option<T>) {
             if let Some(v) = flag {
                 *slot = v.clone();

@@ -432,12 +432,7 @@ fn pretrain(
         None => {
             let probe = Some(train.num_classes());
             let mut cfg = PretrainConfig::new(a.model.config(image_size, probe)?, image_size);
-            a.train.apply(
-                &mut cfg.training.train_batch_size,
-                &mut cfg.training.schedule,
-                &mut cfg.training.optimizer,
-                &mut cfg.training.precision,
-            );
+            a.train.apply(&mut cfg.training);
             // Flags left out keep the libraries' defaults (the official values).
             if let Some(t) = a.temperature {
                 cfg.objective.temperature = t;
@@ -536,12 +531,7 @@ fn finetune(a: FinetuneArgs, device: &candle_core::Device) -> Result<()> {
                 image_size,
                 a.labels.fraction_of(labelled.len(), train.len()),
             );
-            a.train.apply(
-                &mut cfg.training.train_batch_size,
-                &mut cfg.training.schedule,
-                &mut cfg.training.optimizer,
-                &mut cfg.training.precision,
-            );
+            a.train.apply(&mut cfg.training);
             if let Some(b) = a.fine_tune_after_block {
                 cfg.fine_tune_after_block = b;
             }
@@ -646,12 +636,7 @@ fn distill(a: DistillArgs, device: &candle_core::Device) -> Result<()> {
             if let Some(t) = a.teacher_targets {
                 cfg.teacher_targets = t;
             }
-            a.train.apply(
-                &mut cfg.training.train_batch_size,
-                &mut cfg.training.schedule,
-                &mut cfg.training.optimizer,
-                &mut cfg.training.precision,
-            );
+            a.train.apply(&mut cfg.training);
             cfg.seed = a.labels.seed;
             cfg
         }
