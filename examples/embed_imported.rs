@@ -21,11 +21,7 @@ use simclr_data::{load_dataset, DataOptions, DatasetName, Loader, LoaderConfig, 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model_path = args.first().map(PathBuf::from).unwrap_or_else(|| {
-        // `cargo run --example` sets CARGO_MANIFEST_DIR for the process; the compile-time value
-        // is the fallback (a shared target folder can hold a build from another checkout).
-        std::env::var_os("CARGO_MANIFEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR"))
             .join("../crates/simclr-interop/tests/fixtures/r18_1x_sk0.pth")
     });
     let dataset: DatasetName = args

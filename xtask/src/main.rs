@@ -114,14 +114,10 @@ enum Cmd {
     },
 }
 
-/// The workspace root: from `CARGO_MANIFEST_DIR` as cargo sets it for the running process,
-/// else as it was at compile time (CI shares one target folder between checkouts, so this
-/// binary can come from a checkout that no longer exists).
+/// The workspace root (`simclr_fs::manifest_dir`: where cargo runs xtask from, else where it was
+/// compiled).
 pub(crate) fn workspace_root() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("..")
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn main() {

@@ -161,11 +161,7 @@ fn libc_sigkill() -> i32 {
     9
 }
 
-/// The workspace root where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them), not where
-/// this binary was compiled: CI shares one target folder between checkouts.
+/// The workspace root.
 fn workspace_root() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("..")
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -213,11 +213,7 @@ fn a_split_file_gives_the_labelled_images_of_its_fraction() {
     }
 }
 
-/// The workspace root where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them), not where
-/// this binary was compiled: CI shares one target folder between checkouts.
+/// The workspace root.
 fn workspace_root() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("..")
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("..")
 }

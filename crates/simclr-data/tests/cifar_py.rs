@@ -6,17 +6,8 @@ use std::path::{Path, PathBuf};
 
 use simclr_data::{load_dataset, DataOptions, Dataset, DatasetName, Split};
 
-/// The package folder where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them too), not
-/// where this binary was compiled: CI shares one target folder between checkouts, so a test
-/// binary can come from a checkout that no longer exists.
-fn manifest_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
 fn fixtures() -> PathBuf {
-    manifest_dir().join("tests/fixtures")
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn opts(dir: &Path) -> DataOptions {

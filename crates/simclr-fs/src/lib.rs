@@ -8,7 +8,8 @@
 //! finished write survives a power cut. A destination that is a symbolic link, a device node, a
 //! socket or a FIFO is refused: a rename would replace the link or the node by a plain file.
 //!
-//! This crate owns nothing but that (no serialisation, no formats); errors are
+//! This crate owns nothing but that (no serialisation, no formats), the folder checks writers
+//! need, and [`manifest_dir`], where a test or tool finds its package's files; errors are
 //! [`std::io::Error`]s for the caller to attach its path and purpose to.
 
 use std::fs::File;
@@ -138,9 +139,27 @@ fn folder_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// The folder of the running package: `CARGO_MANIFEST_DIR` as cargo sets it for the process
+/// (`cargo test`, `cargo run`), else `compiled`, the caller's `env!("CARGO_MANIFEST_DIR")`. The
+/// run-time value comes first because a target folder shared between checkouts (as CI's is)
+/// can hold a binary compiled in a checkout that no longer exists.
+pub fn manifest_dir(compiled: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(compiled))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_package_folder_is_the_one_cargo_runs_the_tests_in() {
+        // cargo sets CARGO_MANIFEST_DIR for the test process: it wins over the compiled value.
+        let dir = manifest_dir("/a/checkout/that/is/gone");
+        assert!(dir.join("Cargo.toml").is_file(), "{}", dir.display());
+        assert!(dir.ends_with("simclr-fs"), "{}", dir.display());
+    }
 
     #[test]
     fn a_write_replaces_the_file_whole_and_leaves_no_temporary() {

@@ -167,17 +167,8 @@ fn save_outputs(model: &SimclrModel, name: &str, outputs: &[&str], path: &Path) 
     candle_core::safetensors::save(&tensors.into_iter().collect(), path).unwrap();
 }
 
-/// The package folder where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them too), not
-/// where this binary was compiled: CI shares one target folder between checkouts, so a test
-/// binary can come from a checkout that no longer exists.
-fn manifest_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
 fn fixtures_dir() -> PathBuf {
-    manifest_dir().join("tests/fixtures")
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 #[test]

@@ -6,17 +6,9 @@ use std::path::PathBuf;
 
 use simclr_train::tensorboard::{crc32c, read_scalars, EventWriter, ScalarEvent};
 
-/// The package folder where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them too), not
-/// where this binary was compiled: CI shares one target folder between checkouts, so a test
-/// binary can come from a checkout that no longer exists.
-fn manifest_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
 fn fixture() -> PathBuf {
-    manifest_dir().join("tests/fixtures/tensorboard_events.bin")
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tensorboard_events.bin")
 }
 
 fn fixture_events() -> Vec<ScalarEvent> {

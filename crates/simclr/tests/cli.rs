@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn simclr(args: &[&str], cwd: &Path) -> Output {
+fn simclr(args: &[&str], cwd: impl AsRef<Path>) -> Output {
     Command::new(env!("CARGO_BIN_EXE_simclr"))
         .args(args)
-        .current_dir(cwd)
+        .current_dir(cwd.as_ref())
         .env_remove("RUST_BACKTRACE")
         .env("NO_COLOR", "1")
         .output()
@@ -40,17 +40,8 @@ const ONE_TINY_STEP: [&str; 8] = [
 ];
 
 /// The repository root, where the committed subset lives.
-/// The repository root where the tests run (cargo sets `CARGO_MANIFEST_DIR` for them too), not
-/// where this binary was compiled: CI shares one target folder between checkouts, so a test
-/// binary can come from a checkout that no longer exists.
-fn root() -> &'static Path {
-    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    ROOT.get_or_init(|| {
-        std::env::var_os("CARGO_MANIFEST_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-            .join("../..")
-    })
+fn root() -> std::path::PathBuf {
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 #[test]

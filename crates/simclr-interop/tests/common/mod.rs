@@ -23,9 +23,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 /// A file of `tests/fixtures`, found where the tests run (cargo sets `CARGO_MANIFEST_DIR` for
 /// them), not where this binary was compiled: CI shares one target folder between checkouts.
 pub fn fixture(name: &str) -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    simclr_fs::manifest_dir(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")
         .join(name)
