@@ -68,6 +68,11 @@ pub struct PlanSpec {
     pub max_seeds: usize,
     /// A finding whose margin (in points) is smaller than this on one seed runs another.
     pub close_margin: f64,
+    /// Settings of the big → small distillation cell on top of the preset's (`--set` paths;
+    /// the user's `--set` still wins). The preset's distillation is tuned for a student that
+    /// starts from its own teacher; a small student that starts from its own fine-tuned
+    /// network needs a longer, faster one (`docs/results.md`, session 13).
+    pub big_small_distill: Vec<&'static str>,
 }
 
 /// The main network's head depth and the layer it is fine-tuned from (SimCLRv2's).
@@ -85,6 +90,10 @@ impl Plan {
             max_labelled_steps: Some(782),
             max_seeds: 2,
             close_margin: 2.0,
+            big_small_distill: vec![
+                "distill.schedule.learning_rate=0.005",
+                "distill.schedule.train_epochs=10",
+            ],
         };
         match self {
             Plan::Small => PlanSpec {
@@ -126,6 +135,10 @@ pub struct StudyArgs {
     /// A setting of every cell's pipeline configuration (as `cargo xtask pipeline --set`).
     #[arg(long = "set", value_name = "PATH=VALUE")]
     pub overrides: Vec<String>,
+    /// Run only the cells of this finding (a, b, c or d; repeat for several): every finding
+    /// when absent. The report judges the chosen findings only.
+    #[arg(long = "finding", value_enum, value_name = "FINDING")]
+    pub findings: Vec<Finding>,
     /// Where the pipeline run folders and the study's report go.
     #[arg(long, default_value = "checkpoints")]
     pub out: PathBuf,
@@ -134,7 +147,9 @@ pub struct StudyArgs {
 }
 
 /// The four findings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 pub enum Finding {
     A,
     B,
@@ -510,7 +525,16 @@ impl<'a> SeedRun<'a> {
                     .context("the small network is fine-tuned first")?;
                 let big = &self.networks[&(main, MAIN_DEPTH)];
                 let net = &self.networks[&(small, MAIN_DEPTH)];
-                let ctx = self.ctx(&net.cfg);
+                let mut cfg = net.cfg.clone();
+                let own: Vec<String> = self
+                    .spec
+                    .big_small_distill
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                cfg.apply_overrides(&own)?;
+                cfg.apply_overrides(&self.study.args.overrides)?;
+                let ctx = self.ctx(&cfg);
                 let dir = self.fraction_dir(net, k)?;
                 // The student starts from the small network fine-tuned directly, so that the
                 // comparison isolates what the big teacher's labels on the unlabelled images
@@ -564,6 +588,35 @@ fn grid(spec: &PlanSpec) -> BTreeSet<String> {
         }
         out.insert(self_cell(main, f));
         out.insert(big_small_cell(main, small, f));
+    }
+    out
+}
+
+/// The cells the first seed runs for `findings`: the whole grid for all four; else the cells
+/// their claims compare (with [`cells_of`]'s teachers and students), and what their charts
+/// show besides: for (a) the self-distilled network, for (b) every width's pretraining and
+/// fine-tuned cells.
+fn first_seed_cells(spec: &PlanSpec, findings: &[Finding]) -> BTreeSet<String> {
+    if Finding::ALL.iter().all(|f| findings.contains(f)) {
+        return grid(spec);
+    }
+    let all = claims(spec, &Cells::default());
+    let chosen: Vec<&Claim> = all
+        .iter()
+        .filter(|c| findings.contains(&c.finding))
+        .collect();
+    let mut out = cells_of(spec, &chosen);
+    if findings.contains(&Finding::A) {
+        let main = *spec.widths.last().unwrap_or(&16);
+        out.extend(distill_fractions(spec).iter().map(|&f| self_cell(main, f)));
+    }
+    if findings.contains(&Finding::B) {
+        for &w in &spec.widths {
+            out.insert(pre_cell(w, MAIN_DEPTH));
+            for &f in &spec.fractions {
+                out.insert(ft_cell(w, MAIN_DEPTH, f));
+            }
+        }
     }
     out
 }
@@ -759,14 +812,25 @@ pub fn run(args: &StudyArgs, device: &Device) -> Result<PathBuf> {
     );
     simclr_fs::ensure_writable_dir(&dir)
         .with_context(|| format!("output folder {} cannot be written", dir.display()))?;
+    let chosen = if args.findings.is_empty() {
+        Finding::ALL.to_vec()
+    } else {
+        let mut f = args.findings.clone();
+        f.sort();
+        f.dedup();
+        f
+    };
     let mut cells = Cells::default();
     let mut seeds_run: Vec<(u64, Vec<Finding>, f64)> = Vec::new();
     for i in 0..study.spec.max_seeds as u64 {
         let (findings, needed) = if i == 0 {
-            (Finding::ALL.to_vec(), grid(&study.spec))
+            (chosen.clone(), first_seed_cells(&study.spec, &chosen))
         } else {
             let claims = claims(&study.spec, &cells);
-            let open: Vec<&Claim> = claims.iter().filter(|c| c.verdict == UNRESOLVED).collect();
+            let open: Vec<&Claim> = claims
+                .iter()
+                .filter(|c| c.verdict == UNRESOLVED && chosen.contains(&c.finding))
+                .collect();
             let mut findings: Vec<Finding> = open.iter().map(|c| c.finding).collect();
             findings.dedup();
             (findings, cells_of(&study.spec, &open))
@@ -785,6 +849,67 @@ pub fn run(args: &StudyArgs, device: &Device) -> Result<PathBuf> {
     }
     println!("study report: {}", dir.join("study.md").display());
     Ok(dir)
+}
+
+/// The report's (b) section: fine-tuned top-1 and the gain over the smallest width, per width.
+fn b_section(md: &mut String, cells: &Cells, spec: &PlanSpec, params: &[(usize, usize)]) {
+    let small = spec.widths[0];
+    let _ = writeln!(md, "## (b) Network size (fine-tuned from head layer 1)\n");
+    let b_rows: Vec<(String, Vec<(String, f64)>)> = params
+        .iter()
+        .map(|&(w, p)| {
+            let mut row: Vec<(String, f64)> = spec
+                .fractions
+                .iter()
+                .map(|&f| (pct(f), cells.mean(&ft_cell(w, MAIN_DEPTH, f))))
+                .collect();
+            row.extend(spec.fractions.iter().map(|&f| {
+                (
+                    format!("gain over width {small} at {}", pct(f)),
+                    cells.mean_diff(&ft_cell(w, MAIN_DEPTH, f), &ft_cell(small, MAIN_DEPTH, f)),
+                )
+            }));
+            (
+                format!("width {w} ({:.3} M parameters)", p as f64 / 1e6),
+                row,
+            )
+        })
+        .collect();
+    groups_table(md, "encoder", &b_rows);
+    let _ = writeln!(md, "![b_size.svg](b_size.svg)\n");
+}
+
+/// The report's (c) section: head layer 1 against the encoder output, and the head's depth.
+fn c_section(
+    md: &mut String,
+    spec: &PlanSpec,
+    main: usize,
+    c_groups: &[(String, Vec<(String, f64)>)],
+    mean_of: &dyn Fn(&str) -> f64,
+) {
+    let _ = writeln!(
+        md,
+        "## (c) Where the classifier sits, and the head's depth, width {main}\n"
+    );
+    groups_table(md, "labels", c_groups);
+    let c_rows: Vec<(String, Vec<(String, f64)>)> = spec
+        .head_depths
+        .iter()
+        .map(|&d| {
+            (
+                format!("{d}-layer head"),
+                distill_fractions(spec)
+                    .iter()
+                    .map(|&f| (pct(f), mean_of(&ft_cell(main, d, f))))
+                    .collect(),
+            )
+        })
+        .collect();
+    groups_table(md, "projection head", &c_rows);
+    let _ = writeln!(
+        md,
+        "![c_selector.svg](c_selector.svg)\n\n![c_head_depth.svg](c_head_depth.svg)\n"
+    );
 }
 
 /// A markdown table of `rows` (a label and named values each); the columns are the names in
@@ -839,7 +964,11 @@ fn write_report(
     wall: f64,
 ) -> Result<()> {
     let (args, spec) = (study.args, &study.spec);
-    let claims = claims(spec, cells);
+    // The findings the study was asked for (the first seed's); only they are judged and shown.
+    let chosen: &[Finding] = seeds_run.first().map_or(&Finding::ALL[..], |s| &s.1);
+    let has = |f: Finding| chosen.contains(&f);
+    let mut claims = claims(spec, cells);
+    claims.retain(|c| has(c.finding));
     let main = study.main_width();
     let small = spec.widths[0];
     let first = seeds_run.first().map_or(args.seed, |s| s.0);
@@ -852,6 +981,17 @@ fn write_report(
             encoder_parameters(&study.config(w, MAIN_DEPTH, first, &[])?)?,
         ));
     }
+    // With `--set validation_per_class=N` every cell is evaluated on images held out of the
+    // training set (the pipeline's tuning protocol), and the report must not call that a test.
+    let evaluated_on = if study
+        .config(main, MAIN_DEPTH, first, &[])?
+        .validation_per_class
+        > 0
+    {
+        "validation"
+    } else {
+        "test"
+    };
     let fr = &spec.fractions;
     // (a)
     let a_groups: Vec<(String, Vec<(String, f64)>)> = fr
@@ -956,7 +1096,7 @@ fn write_report(
         (
             "a_top1.svg",
             bar_chart(
-                &format!("(a) width {main}: test top-1"),
+                &format!("(a) width {main}: {evaluated_on} top-1"),
                 "labelled fraction",
                 "top-1 (%)",
                 &a_groups,
@@ -1008,8 +1148,15 @@ fn write_report(
             ),
         ),
     ];
+    let finding_of = |chart: &str| {
+        Finding::ALL
+            .into_iter()
+            .find(|f| chart.starts_with(&format!("{}_", f.letter())))
+    };
     for (name, svg) in &charts {
-        simclr_data::write_atomic(&dir.join(name), svg.as_bytes())?;
+        if finding_of(name).is_some_and(has) {
+            simclr_data::write_atomic(&dir.join(name), svg.as_bytes())?;
+        }
     }
 
     let mut md = String::new();
@@ -1020,7 +1167,7 @@ fn write_report(
     );
     let _ = writeln!(
         md,
-        "Test top-1 (%) of ResNet-18s of base width {} (CIFAR stem), the pipeline's `{:?}` preset. Wall time {:.1} min.",
+        "Top-1 (%) on the {evaluated_on} images of ResNet-18s of base width {} (CIFAR stem), the pipeline's `{:?}` preset. Wall time {:.1} min.",
         spec.widths.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(" / "),
         spec.preset,
         wall / 60.0
@@ -1029,8 +1176,10 @@ fn write_report(
         let _ = writeln!(
             md,
             "- seed {seed}: {} finding{} {} ({:.1} min)",
-            if *seed == first {
+            if *seed == first && findings.len() == Finding::ALL.len() {
                 "every cell of the grid;"
+            } else if *seed == first {
+                "the cells of"
             } else {
                 "the cells of the unresolved claims of"
             },
@@ -1072,7 +1221,7 @@ fn write_report(
         );
     }
     let _ = writeln!(md);
-    for f in Finding::ALL {
+    for f in Finding::ALL.into_iter().filter(|&f| has(f)) {
         let mine: Vec<&Claim> = claims.iter().filter(|c| c.finding == f).collect();
         let held = mine.iter().filter(|c| c.verdict == "held").count();
         let _ = writeln!(
@@ -1088,66 +1237,28 @@ fn write_report(
         md,
         "\nBelow, a top-1 is the mean over the seeds that ran the cell, and a gain the mean of \
          its difference over the seeds that ran both cells (so a gain need not equal the \
-         difference of the two means beside it)."
+         difference of the two means beside it).\n"
     );
-    let _ = writeln!(
-        md,
-        "\n## (a) Against the supervised baseline, width {main}\n"
-    );
-    groups_table(&mut md, "labels", &a_groups);
-    groups_table(&mut md, "labels", &gain_groups);
-    let _ = writeln!(
-        md,
-        "![a_top1.svg](a_top1.svg)\n\n![a_gain.svg](a_gain.svg)\n"
-    );
-    let _ = writeln!(md, "## (b) Network size (fine-tuned from head layer 1)\n");
-    let b_rows: Vec<(String, Vec<(String, f64)>)> = params
-        .iter()
-        .map(|&(w, p)| {
-            let mut row: Vec<(String, f64)> = fr
-                .iter()
-                .map(|&f| (pct(f), mean_of(&ft_cell(w, MAIN_DEPTH, f))))
-                .collect();
-            row.extend(fr.iter().map(|&f| {
-                (
-                    format!("gain over width {small} at {}", pct(f)),
-                    cells.mean_diff(&ft_cell(w, MAIN_DEPTH, f), &ft_cell(small, MAIN_DEPTH, f)),
-                )
-            }));
-            (
-                format!("width {w} ({:.3} M parameters)", p as f64 / 1e6),
-                row,
-            )
-        })
-        .collect();
-    groups_table(&mut md, "encoder", &b_rows);
-    let _ = writeln!(md, "![b_size.svg](b_size.svg)\n");
-    let _ = writeln!(
-        md,
-        "## (c) Where the classifier sits, and the head's depth, width {main}\n"
-    );
-    groups_table(&mut md, "labels", &c_groups);
-    let c_rows: Vec<(String, Vec<(String, f64)>)> = spec
-        .head_depths
-        .iter()
-        .map(|&d| {
-            (
-                format!("{d}-layer head"),
-                distill_fractions(spec)
-                    .iter()
-                    .map(|&f| (pct(f), mean_of(&ft_cell(main, d, f))))
-                    .collect(),
-            )
-        })
-        .collect();
-    groups_table(&mut md, "projection head", &c_rows);
-    let _ = writeln!(
-        md,
-        "![c_selector.svg](c_selector.svg)\n\n![c_head_depth.svg](c_head_depth.svg)\n"
-    );
-    let _ = writeln!(md, "## (d) Distillation\n");
-    groups_table(&mut md, "labels", &d_groups);
-    let _ = writeln!(md, "![d_distill.svg](d_distill.svg)\n");
+    if has(Finding::A) {
+        let _ = writeln!(md, "## (a) Against the supervised baseline, width {main}\n");
+        groups_table(&mut md, "labels", &a_groups);
+        groups_table(&mut md, "labels", &gain_groups);
+        let _ = writeln!(
+            md,
+            "![a_top1.svg](a_top1.svg)\n\n![a_gain.svg](a_gain.svg)\n"
+        );
+    }
+    if has(Finding::B) {
+        b_section(&mut md, cells, spec, &params);
+    }
+    if has(Finding::C) {
+        c_section(&mut md, spec, main, &c_groups, &mean_of);
+    }
+    if has(Finding::D) {
+        let _ = writeln!(md, "## (d) Distillation\n");
+        groups_table(&mut md, "labels", &d_groups);
+        let _ = writeln!(md, "![d_distill.svg](d_distill.svg)\n");
+    }
     let _ = writeln!(md, "## Every cell\n");
     let _ = writeln!(
         md,
@@ -1335,6 +1446,39 @@ mod tests {
             assert!(rerun.contains(&big_small_cell(main, small, 0.01)));
             assert_eq!(rerun.len(), 3);
         }
+    }
+
+    #[test]
+    fn a_chosen_finding_runs_only_its_cells() {
+        let spec = Plan::Default.spec();
+        let (main, small) = (spec.widths[2], spec.widths[0]);
+        let all = [Finding::A, Finding::B, Finding::C, Finding::D];
+        assert_eq!(first_seed_cells(&spec, &all), grid(&spec));
+        // (d): the two distillations per fraction, the teacher and the small student's start.
+        let d = first_seed_cells(&spec, &[Finding::D]);
+        let mut want = BTreeSet::new();
+        for f in [0.01, 0.1] {
+            want.insert(self_cell(main, f));
+            want.insert(big_small_cell(main, small, f));
+            want.insert(ft_cell(main, MAIN_DEPTH, f));
+            want.insert(ft_cell(small, MAIN_DEPTH, f));
+        }
+        assert_eq!(d, want);
+        // (b) plots every width, so its middle width runs too; no baseline, no other head.
+        let b = first_seed_cells(&spec, &[Finding::B]);
+        assert!(b.contains(&ft_cell(spec.widths[1], MAIN_DEPTH, 1.0)));
+        assert!(b.contains(&pre_cell(spec.widths[1], MAIN_DEPTH)));
+        assert!(!b
+            .iter()
+            .any(|c| c.starts_with("baseline") || c.contains("/h2/")));
+        // (a) charts the self-distilled network beside the baseline and the fine-tuned one.
+        let a = first_seed_cells(&spec, &[Finding::A]);
+        assert!(a.contains(&self_cell(main, 0.01)) && a.contains(&base_cell(main, 1.0)));
+        assert!(!a
+            .iter()
+            .any(|c| c.contains("-to-") || c.contains("/encoder/")));
+        let args = study_args(&["--finding", "d", "--finding", "b"]);
+        assert_eq!(args.findings, [Finding::D, Finding::B]);
     }
 
     #[test]

@@ -82,3 +82,43 @@ fn the_small_plan_produces_every_cell_chart_and_verdict_and_resumes() {
     };
     assert_eq!(top1(&json), top1(&json2));
 }
+
+#[test]
+fn one_finding_runs_and_reports_only_its_cells() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().to_str().unwrap();
+    let argv = [
+        "study",
+        "--plan",
+        "small",
+        "--finding",
+        "d",
+        "--out",
+        out,
+        "--no-progress",
+    ];
+    let args = Cli::parse_from(argv).args;
+    let dir = run(&args, &candle_core::Device::Cpu).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("study.json")).unwrap()).unwrap();
+    let names: Vec<&str> = json["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["seed"] == 0)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    // Per fraction: the width-8 teacher, the width-2 start, the two students; and the two
+    // pretrainings they come from.
+    assert_eq!(names.len(), 2 + 4 * 2, "{names:?}");
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("baseline") || n.contains("/100%")));
+    let claims = json["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 4);
+    assert!(claims.iter().all(|c| c["finding"] == "D"), "{claims:?}");
+    let md = std::fs::read_to_string(dir.join("study.md")).unwrap();
+    assert!(md.contains("seed 0: the cells of finding (d)"), "{md}");
+    assert!(dir.join("d_distill.svg").is_file());
+    assert!(!dir.join("a_top1.svg").exists() && !dir.join("b_size.svg").exists());
+}
