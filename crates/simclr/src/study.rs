@@ -801,17 +801,6 @@ pub fn run(args: &StudyArgs, device: &Device) -> Result<PathBuf> {
         dataset,
         image_size,
     };
-    let dir = args.out.join(
-        format!(
-            "study-{:?}-{}-seed{}",
-            args.plan,
-            study.dataset.replace([':', '/'], "_"),
-            args.seed
-        )
-        .to_lowercase(),
-    );
-    simclr_fs::ensure_writable_dir(&dir)
-        .with_context(|| format!("output folder {} cannot be written", dir.display()))?;
     let chosen = if args.findings.is_empty() {
         Finding::ALL.to_vec()
     } else {
@@ -820,6 +809,27 @@ pub fn run(args: &StudyArgs, device: &Device) -> Result<PathBuf> {
         f.dedup();
         f
     };
+    // A study of some findings, or with other settings, reports into a folder of its own, so
+    // that it never overwrites the report of the whole plan (or of other settings).
+    let mut name = format!(
+        "study-{:?}-{}-seed{}",
+        args.plan,
+        study.dataset.replace([':', '/'], "_"),
+        args.seed
+    );
+    if chosen.len() < Finding::ALL.len() {
+        name.push('-');
+        name.extend(chosen.iter().map(|f| f.letter()));
+    }
+    if !args.overrides.is_empty() {
+        name.push_str(&format!(
+            "-set-{}",
+            crate::pipeline::short_hash(&args.overrides)
+        ));
+    }
+    let dir = args.out.join(name.to_lowercase());
+    simclr_fs::ensure_writable_dir(&dir)
+        .with_context(|| format!("output folder {} cannot be written", dir.display()))?;
     let mut cells = Cells::default();
     let mut seeds_run: Vec<(u64, Vec<Finding>, f64)> = Vec::new();
     for i in 0..study.spec.max_seeds as u64 {

@@ -99,6 +99,11 @@ fn one_finding_runs_and_reports_only_its_cells() {
     ];
     let args = Cli::parse_from(argv).args;
     let dir = run(&args, &candle_core::Device::Cpu).unwrap();
+    // Its own report folder: a whole-plan report in the same `--out` is not overwritten.
+    assert!(
+        dir.ends_with("study-small-fashion-mnist-subset-seed0-d"),
+        "{dir:?}"
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("study.json")).unwrap()).unwrap();
     let names: Vec<&str> = json["cells"]
