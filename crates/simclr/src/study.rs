@@ -75,6 +75,13 @@ pub struct PlanSpec {
     pub big_small_distill: Vec<&'static str>,
 }
 
+impl PlanSpec {
+    /// The main network's width: the largest (the plans list at least one).
+    fn main_width(&self) -> usize {
+        *self.widths.last().expect("a plan has widths")
+    }
+}
+
 /// The main network's head depth and the layer it is fine-tuned from (SimCLRv2's).
 const MAIN_DEPTH: usize = 3;
 
@@ -330,7 +337,7 @@ impl Study<'_> {
     }
 
     fn main_width(&self) -> usize {
-        *self.spec.widths.last().unwrap_or(&16)
+        self.spec.main_width()
     }
 }
 
@@ -568,7 +575,7 @@ fn announce(c: &Cell) {
 
 /// Every cell of the grid: what the first seed runs and the charts show.
 fn grid(spec: &PlanSpec) -> BTreeSet<String> {
-    let main = *spec.widths.last().unwrap_or(&16);
+    let main = spec.main_width();
     let small = spec.widths[0];
     let mut out = BTreeSet::new();
     for &w in &spec.widths {
@@ -607,7 +614,7 @@ fn first_seed_cells(spec: &PlanSpec, findings: &[Finding]) -> BTreeSet<String> {
         .collect();
     let mut out = cells_of(spec, &chosen);
     if findings.contains(&Finding::A) {
-        let main = *spec.widths.last().unwrap_or(&16);
+        let main = spec.main_width();
         out.extend(distill_fractions(spec).iter().map(|&f| self_cell(main, f)));
     }
     if findings.contains(&Finding::B) {
@@ -624,7 +631,7 @@ fn first_seed_cells(spec: &PlanSpec, findings: &[Finding]) -> BTreeSet<String> {
 /// The cells a set of claims compares, with the fine-tuned teachers and students their
 /// distillation cells start from.
 fn cells_of(spec: &PlanSpec, claims: &[&Claim]) -> BTreeSet<String> {
-    let main = *spec.widths.last().unwrap_or(&16);
+    let main = spec.main_width();
     let small = spec.widths[0];
     let mut out: BTreeSet<String> = claims
         .iter()
@@ -648,7 +655,7 @@ type Terms = Vec<(String, f64)>;
 /// The claims of each finding (what the paper says, as a signed sum of cells' top-1 that
 /// is positive when it holds), judged on the cells measured so far.
 fn claims(spec: &PlanSpec, cells: &Cells) -> Vec<Claim> {
-    let main = *spec.widths.last().unwrap_or(&16);
+    let main = spec.main_width();
     let small = spec.widths[0];
     let d = MAIN_DEPTH;
     let diff = |a: String, b: String| vec![(a, 1.0), (b, -1.0)];
