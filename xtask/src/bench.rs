@@ -12,6 +12,13 @@ use simclr_bench::{Figure, PREFIX};
 const SCENARIOS: &[(&str, &str, &str, bool)] = &[
     ("pretrain-r18-cifar-32", "simclr-pretrain", "step", true),
     ("pretrain-r18w16-28", "simclr-pretrain", "step", true),
+    (
+        "pretrain-r18-cifar-32-bf16",
+        "simclr-pretrain",
+        "step",
+        true,
+    ),
+    ("pretrain-r18w16-28-bf16", "simclr-pretrain", "step", true),
     ("eval-r18-cifar-32", "simclr-models", "forward", true),
     ("eval-r50-224", "simclr-models", "forward", true),
     ("data-28", "simclr-data", "data_pipeline", true),
@@ -137,8 +144,17 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         // The other side's settings: PyTorch's three for a pretraining step, its one otherwise,
         // and stock candle.
         let mut others: Vec<(String, Option<&[&str]>)> = Vec::new();
+        // A `-bf16` scenario is ours with `--precision bf16`, against PyTorch's bf16 setting of
+        // the same workload.
+        let (torch_scenario, bf16) = match scenario.strip_suffix("-bf16") {
+            Some(base) => (base, true),
+            None => (scenario, false),
+        };
         if opts.compare && twin {
-            if scenario.starts_with("pretrain-") {
+            if bf16 {
+                let (name, args) = TORCH_PRETRAIN_SETTINGS[2];
+                others.push((name.to_string(), Some(args)));
+            } else if scenario.starts_with("pretrain-") {
                 for (name, args) in TORCH_PRETRAIN_SETTINGS {
                     others.push((name.to_string(), Some(args)));
                 }
@@ -159,7 +175,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             mine.push(m);
             for ((name, args), got) in others.iter().zip(theirs.iter_mut()) {
                 let f = match args {
-                    Some(a) => torch(&opts.python, scenario, a, name)?,
+                    Some(a) => torch(&opts.python, torch_scenario, a, name)?,
                     None => ours(scenario, package, target, true)?,
                 };
                 eprintln!("{scenario}: {name} {:.1} images/s", f.images_per_s);

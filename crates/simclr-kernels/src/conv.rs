@@ -41,6 +41,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::buffers::{par_build, par_zeroed};
+use crate::gemm_bf16::{gemm_bf16, PackedLhs};
+use crate::matrix::{gemm_f32, Mat, MatMut};
 
 /// A chunk holds whole images whose unfold has about this many floats (256 KiB: measured as
 /// good as or better than 1 and 4 MiB on a 2-core Zen 4 with 1 MiB of L2 per core)...
@@ -133,6 +135,17 @@ impl ConvGeometry {
     }
 }
 
+/// The arithmetic of a convolution's products (forward and both gradients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Products {
+    /// f32 operands, f32 accumulation.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, f32 accumulation, f32 result ([`crate::gemm_bf16`]; on AMX
+    /// where the CPU has it). The tensors stay f32.
+    Bf16,
+}
+
 /// Which implementation [`conv2d`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvBackend {
@@ -189,6 +202,30 @@ pub fn conv2d_with(
     geometry: ConvGeometry,
     backend: ConvBackend,
 ) -> Result<Tensor> {
+    conv2d_products_with(x, w, geometry, backend, Products::F32)
+}
+
+/// [`conv2d`] of f32 tensors whose products (and those of its gradients) use `products`, with
+/// the process-wide backend.
+pub fn conv2d_products(
+    x: &Tensor,
+    w: &Tensor,
+    geometry: ConvGeometry,
+    products: Products,
+) -> Result<Tensor> {
+    conv2d_products_with(x, w, geometry, conv_backend(), products)
+}
+
+/// [`conv2d_products`] with an explicit backend. candle's backend computes bf16 products by
+/// rounding both operands to bf16 and convolving in f32 (the same numerics, another order of
+/// the additions).
+pub fn conv2d_products_with(
+    x: &Tensor,
+    w: &Tensor,
+    geometry: ConvGeometry,
+    backend: ConvBackend,
+    products: Products,
+) -> Result<Tensor> {
     let (_, c, h, wd) = x.dims4()?;
     let (_, ci, kh, kw) = w.dims4()?;
     if ci != c || kh != geometry.kh || kw != geometry.kw {
@@ -205,7 +242,13 @@ pub fn conv2d_with(
         && w.dtype() == DType::F32;
     if custom {
         x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dGemm(geometry))
+            .apply_op2(&w.contiguous()?, Conv2dGemm(geometry, products))
+    } else if products == Products::Bf16 {
+        let round = |t: &Tensor| -> Result<Tensor> {
+            let dtype = t.dtype();
+            t.to_dtype(DType::BF16)?.to_dtype(dtype)
+        };
+        conv2d_candle(&round(x)?, &round(w)?, geometry)
     } else {
         conv2d_candle(x, w, geometry)
     }
@@ -440,70 +483,6 @@ fn col2im_image(d: &Dims, src: &mut [f32], ld: usize, col0: usize, dx: &mut [f32
     }
 }
 
-/// A strided matrix view: element `(r, c)` is at `r * rs + c * cs`.
-#[derive(Clone, Copy)]
-struct Strides {
-    rs: usize,
-    cs: usize,
-}
-
-fn last_index(rows: usize, cols: usize, s: Strides) -> usize {
-    (rows - 1) * s.rs + (cols - 1) * s.cs
-}
-
-/// `dst (m×n) = [dst +] a (m×k) · b (k×n)` with the `gemm` crate; each matrix comes with its
-/// strides.
-fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    (dst, ds): (&mut [f32], Strides),
-    accumulate: bool,
-    (a, as_): (&[f32], Strides),
-    (b, bs): (&[f32], Strides),
-    parallelism: Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(last_index(m, n, ds) < dst.len(), "gemm: dst out of bounds");
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                for c in 0..n {
-                    dst[r * ds.rs + c * ds.cs] = 0.0;
-                }
-            }
-        }
-        return;
-    }
-    assert!(last_index(m, k, as_) < a.len(), "gemm: lhs out of bounds");
-    assert!(last_index(k, n, bs) < b.len(), "gemm: rhs out of bounds");
-    // SAFETY: the asserts above keep every element the strides address inside its slice; dst
-    // is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            ds.cs as isize,
-            ds.rs as isize,
-            accumulate,
-            a.as_ptr(),
-            as_.cs as isize,
-            as_.rs as isize,
-            b.as_ptr(),
-            bs.cs as isize,
-            bs.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// Per-thread buffers of a chunk: the unfold and a second matrix.
 #[derive(Default)]
 struct Scratch {
@@ -641,9 +620,10 @@ pub fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) ->
 }
 
 /// The convolution itself: `(x [N, C, H, W], w [O, C, kh, kw]) -> y [N, O, Ho, Wo]`, f32,
-/// contiguous inputs, CPU. Its backward runs [`ConvInputGrad`] and [`ConvKernelGrad`].
+/// contiguous inputs, CPU, products in the arithmetic of the second field. Its backward runs
+/// [`ConvInputGrad`] and [`ConvKernelGrad`] in the same arithmetic.
 #[derive(Debug, Clone, Copy)]
-pub struct Conv2dGemm(pub ConvGeometry);
+pub struct Conv2dGemm(pub ConvGeometry, pub Products);
 
 impl CustomOp2 for Conv2dGemm {
     fn name(&self) -> &'static str {
@@ -669,26 +649,41 @@ impl CustomOp2 for Conv2dGemm {
             )
         }
         let (p, k) = (d.p(), d.k());
+        // bf16: the kernel is rounded and packed once for all chunks.
+        let lhs = (self.1 == Products::Bf16).then(|| {
+            PackedLhs::new(
+                Mat {
+                    data: w,
+                    rs: k,
+                    cs: 1,
+                },
+                o,
+                k,
+            )
+        });
         let y = build_chunked(&d, d.n * o * p, o * p, |n0, out, par, scratch| {
             let count = out.len() / (o * p);
             let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
-            // y [O, ld] = W · colsᵀ, computed as [ld, O] (ld contiguous) = cols · Wᵀ.
             let (dst, dld) = if count == 1 {
                 (&mut out[..], p)
             } else {
                 scratch.other.resize(o * ld, 0.0);
                 (&mut scratch.other[..], ld)
             };
-            let ds = Strides { rs: 1, cs: dld };
-            let cs = Strides { rs: 1, cs: ld };
-            gemm_f32(
-                (ld, o, k),
-                (dst, ds),
-                false,
-                (cols, cs),
-                (w, Strides { rs: 1, cs: k }),
-                par,
-            );
+            // y [O, ld] = W · cols, rows of the output contiguous.
+            let (dst, cols) = (MatMut::rows(dst, dld), Mat::rows(cols, ld));
+            match &lhs {
+                Some(lhs) => lhs.gemm(ld, dst, false, cols, par),
+                // The transposed product, [ld, O] = colsᵀ · Wᵀ (measured the faster order).
+                None => gemm_f32(
+                    (ld, o, k),
+                    dst.t(),
+                    false,
+                    cols.t(),
+                    Mat::rows(w, k).t(),
+                    par,
+                ),
+            }
             if count > 1 {
                 // [O, count·P] -> count images [O, P].
                 for (b, img) in out.chunks_exact_mut(o * p).enumerate() {
@@ -717,13 +712,14 @@ impl CustomOp2 for Conv2dGemm {
                     geometry: self.0,
                     h,
                     w: wd,
+                    products: self.1,
                 },
             )?)
         } else {
             None
         };
         let gw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &ConvKernelGrad(self.0))?)
+            Some(x.apply_op2_no_bwd(&grad, &ConvKernelGrad(self.0, self.1))?)
         } else {
             None
         };
@@ -741,6 +737,8 @@ pub struct ConvInputGrad {
     pub h: usize,
     /// Input width of the forward convolution.
     pub w: usize,
+    /// The arithmetic of the product.
+    pub products: Products,
 }
 
 impl CustomOp2 for ConvInputGrad {
@@ -768,6 +766,18 @@ impl CustomOp2 for ConvInputGrad {
             )
         }
         let (p, k) = (d.p(), d.k());
+        // bf16: Wᵀ [K, O] rounded and packed once for all chunks.
+        let lhs = (self.products == Products::Bf16).then(|| {
+            PackedLhs::new(
+                Mat {
+                    data: w,
+                    rs: 1,
+                    cs: k,
+                },
+                k,
+                o,
+            )
+        });
         let gx = build_chunked(
             &d,
             n * d.image_in(),
@@ -775,19 +785,19 @@ impl CustomOp2 for ConvInputGrad {
             |n0, out, par, scratch| {
                 let count = out.len() / d.image_in();
                 let (g, ld) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
-                // cols-grad [K, ld] = Wᵀ · g, computed as [ld, K] (ld contiguous) = gᵀ · W.
                 scratch.cols.resize(k * ld, 0.0);
-                let ds = Strides { rs: 1, cs: ld };
-                let gs = Strides { rs: 1, cs: ld };
-                let ws = Strides { rs: k, cs: 1 };
-                gemm_f32(
-                    (ld, k, o),
-                    (&mut scratch.cols, ds),
-                    false,
-                    (g, gs),
-                    (w, ws),
-                    par,
-                );
+                // cols-grad [K, ld] = Wᵀ · g, rows of the output contiguous.
+                let (dst, g) = (MatMut::rows(&mut scratch.cols, ld), Mat::rows(g, ld));
+                let wt = Mat {
+                    data: w,
+                    rs: 1,
+                    cs: k,
+                };
+                match &lhs {
+                    Some(lhs) => lhs.gemm(ld, dst, false, g, par),
+                    // The transposed product, [ld, K] = gᵀ · W (measured the faster order).
+                    None => gemm_f32((ld, k, o), dst.t(), false, g.t(), wt.t(), par),
+                }
                 for (b, img) in out.chunks_exact_mut(d.image_in()).enumerate() {
                     col2im_image(&d, &mut scratch.cols, ld, b * p, img);
                 }
@@ -798,9 +808,10 @@ impl CustomOp2 for ConvInputGrad {
 }
 
 /// Gradient of [`Conv2dGemm`] with respect to its kernel: `(x [N, C, H, W], gy [N, O, Ho, Wo])
-/// -> gw [O, C, kh, kw]`. CPU, f32, contiguous inputs.
+/// -> gw [O, C, kh, kw]`. CPU, f32, contiguous inputs, products in the arithmetic of the second
+/// field.
 #[derive(Debug, Clone, Copy)]
-pub struct ConvKernelGrad(pub ConvGeometry);
+pub struct ConvKernelGrad(pub ConvGeometry, pub Products);
 
 impl CustomOp2 for ConvKernelGrad {
     fn name(&self) -> &'static str {
@@ -836,10 +847,16 @@ impl CustomOp2 for ConvKernelGrad {
             let count = gi.min(n - n0);
             let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
             let (g, gld) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
-            let ds = Strides { rs: o, cs: 1 };
-            let cs = Strides { rs: ld, cs: 1 };
-            let gs = Strides { rs: 1, cs: gld };
-            gemm_f32((k, o, ld), (acc, ds), true, (cols, cs), (g, gs), par);
+            let (dst, cols) = (MatMut::rows(acc, o), Mat::rows(cols, ld));
+            let gt = Mat {
+                data: g,
+                rs: 1,
+                cs: gld,
+            };
+            match self.1 {
+                Products::F32 => gemm_f32((k, o, ld), dst, true, cols, gt, par),
+                Products::Bf16 => gemm_bf16((k, o, ld), dst, true, cols, gt, par),
+            }
         };
         let gw = if parallel {
             // Partial kernels over fixed ranges of chunks, summed in order: the result does not

@@ -5,6 +5,9 @@
 //!
 //! * [`conv`]: 2-D convolution on the CPU as im2col + GEMM (forward, input and weight
 //!   gradients), and the layout helpers the other kernels share;
+//! * [`gemm_bf16`]: products with bf16 operands and f32 accumulation (`--precision bf16` on the
+//!   CPU), on AMX tiles where the CPU has them, and [`matrix`]: the strided matrices and the
+//!   f32 product the two share;
 //! * [`bn_ops`]: training-mode batch normalisation split around the cross-replica sum (moments,
 //!   then apply, optionally with ReLU and a residual add), with precision-aware variants;
 //! * [`ntxent`]: NT-Xent's row normalisation and masked softmax cross-entropy, forward and
@@ -28,4 +31,6 @@ pub mod bn_ops;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gemm_bf16;
+pub mod matrix;
 pub mod ntxent;

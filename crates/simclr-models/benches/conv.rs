@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use simclr_kernels::conv::{
     conv2d_with, set_conv_backend, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
+    Products,
 };
 use simclr_models::{ModelConfig, SimclrModel};
 
@@ -93,9 +94,12 @@ fn bench_custom(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
         geometry: g,
         h: p.h,
         w: p.h,
+        products: Products::F32,
     };
     let dx = time(1, 7, || gy.apply_op2_no_bwd(w, &input_grad));
-    let dw = time(1, 7, || x.apply_op2_no_bwd(gy, &ConvKernelGrad(g)));
+    let dw = time(1, 7, || {
+        x.apply_op2_no_bwd(gy, &ConvKernelGrad(g, Products::F32))
+    });
     let total = time(1, 3, || fwd_bwd(x, w, gy, g, ConvBackend::Im2colGemm));
     [fwd, dx, dw, total]
 }

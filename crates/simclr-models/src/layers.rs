@@ -13,7 +13,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::init::{conv_init, dense_init};
 use crate::precision::bf16_product;
-use simclr_kernels::conv::ConvGeometry;
+use simclr_kernels::conv::{ConvGeometry, Products};
 
 /// A bias-free 2-D convolution with TF fixed/SAME padding.
 #[derive(Debug, Clone)]
@@ -21,6 +21,7 @@ pub struct Conv2d {
     weight: Tensor,
     kernel: usize,
     stride: usize,
+    products: Products,
 }
 
 impl Conv2d {
@@ -42,6 +43,7 @@ impl Conv2d {
             weight,
             kernel,
             stride,
+            products: Products::F32,
         })
     }
 
@@ -54,6 +56,13 @@ impl Conv2d {
     pub fn stride(&self) -> usize {
         self.stride
     }
+
+    /// The arithmetic of the products when the input is f32 (bf16 activations always multiply
+    /// in bf16): [`Products::Bf16`] is how `--precision bf16` runs on the CPU, with f32
+    /// activations (see [`crate::precision`]).
+    pub fn set_products(&mut self, products: Products) {
+        self.products = products;
+    }
 }
 
 impl Module for Conv2d {
@@ -61,6 +70,9 @@ impl Module for Conv2d {
         // SAME (stride 1) and FixedPadding (stride > 1) agree for odd kernels: (k-1)/2 each side.
         let pad = (self.kernel - 1) / 2;
         let geometry = ConvGeometry::symmetric(self.kernel, self.stride, pad);
+        if self.products == Products::Bf16 && x.dtype() == candle_core::DType::F32 {
+            return simclr_kernels::conv::conv2d_products(x, &self.weight, geometry, self.products);
+        }
         bf16_product(x, &cast_like(&self.weight, x)?, |x, w| {
             simclr_kernels::conv::conv2d(x, w, geometry)
         })

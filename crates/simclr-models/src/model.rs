@@ -14,6 +14,7 @@ use crate::heads::{ProjectionHead, SupervisedHead};
 use crate::init::SeededInit;
 use crate::precision::Precision;
 use crate::resnet::{ResNet, ResNetEndpoints};
+use simclr_kernels::conv::Products;
 
 /// How to run a forward pass.
 #[derive(Debug, Clone, Copy, Default)]
@@ -146,10 +147,23 @@ impl SimclrModel {
         )
     }
 
-    /// The same model computing its convolutions and matmuls in `precision`.
+    /// The same model computing its convolutions and matmuls in `precision`. On the CPU, bf16
+    /// keeps the activations in f32 and multiplies the convolutions' operands in bf16 (on AMX
+    /// where the CPU has it; see [`crate::precision`]).
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
+        let products = if precision == Precision::Bf16 && self.resnet.is_cpu() {
+            Products::Bf16
+        } else {
+            Products::F32
+        };
+        self.resnet.set_conv_products(products);
         self
+    }
+
+    /// Whether activations travel in bf16 (bf16 on a GPU; the CPU's bf16 keeps them f32).
+    fn bf16_activations(&self) -> bool {
+        self.precision == Precision::Bf16 && !self.resnet.is_cpu()
     }
 
     /// The precision of the products (f32 unless set with [`SimclrModel::with_precision`]).
@@ -160,7 +174,7 @@ impl SimclrModel {
     /// `x` in the compute dtype.
     fn input(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = self.precision.compute_dtype();
-        if x.dtype() == dtype || self.precision == Precision::F32 {
+        if x.dtype() == dtype || !self.bf16_activations() {
             Ok(x.clone())
         } else {
             x.to_dtype(dtype)

@@ -19,6 +19,7 @@ use crate::config::{BlockKind, ModelConfig, StemKind};
 use crate::layers::Conv2d;
 use crate::pool::{avg_pool_fixed_valid, avg_pool_same, global_avg_pool, max_pool_same};
 use crate::sk::SkConv;
+use simclr_kernels::conv::Products;
 
 fn bn_options(config: &ModelConfig) -> BatchNormOptions {
     BatchNormOptions::new(config.batch_norm_epsilon, config.batch_norm_decay)
@@ -42,6 +43,10 @@ pub struct StemOutput {
 }
 
 impl Stem {
+    fn for_each_conv(&mut self, f: &mut dyn FnMut(&mut Conv2d)) {
+        self.layers.iter_mut().for_each(|(c, _)| f(c));
+    }
+
     /// Builds the stem chosen by `config.stem_kind()`.
     pub fn new(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
         let c0 = config.stem_width();
@@ -195,6 +200,31 @@ pub struct Block {
 }
 
 impl Block {
+    fn for_each_conv(&mut self, f: &mut dyn FnMut(&mut Conv2d)) {
+        if let Some(p) = &mut self.projection {
+            f(&mut p.conv);
+        }
+        match &mut self.main {
+            MainPath::Basic { conv1, conv2, .. } => {
+                f(conv1);
+                f(conv2);
+            }
+            MainPath::Bottleneck {
+                conv1,
+                middle,
+                conv3,
+                ..
+            } => {
+                f(conv1);
+                match middle.as_mut() {
+                    Middle::Conv(c, _) => f(c),
+                    Middle::Sk(sk) => sk.for_each_conv(f),
+                }
+                f(conv3);
+            }
+        }
+    }
+
     /// Builds block `prefix` with `filters` filters; `projection` adds the projection
     /// shortcut (the first block of a group, always, as in the official code).
     pub fn new(
@@ -370,6 +400,20 @@ pub struct ResNetEndpoints {
 }
 
 impl ResNet {
+    /// Sets the arithmetic of every convolution's products (see [`Conv2d::set_products`]).
+    pub fn set_conv_products(&mut self, products: Products) {
+        let f = &mut |c: &mut Conv2d| c.set_products(products);
+        self.stem.for_each_conv(f);
+        for g in &mut self.groups {
+            g.blocks.iter_mut().for_each(|b| b.for_each_conv(f));
+        }
+    }
+
+    /// Whether the encoder's variables live on the CPU.
+    pub fn is_cpu(&self) -> bool {
+        self.stem.layers[0].0.weight().device().is_cpu()
+    }
+
     /// Builds the encoder under `vb` (the model passes `vb.pp("resnet")`).
     pub fn new(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
         let stem = Stem::new(vb.pp("stem"), config)?;

@@ -27,6 +27,12 @@ pub struct SkConv {
 }
 
 impl SkConv {
+    pub(crate) fn for_each_conv(&mut self, f: &mut dyn FnMut(&mut Conv2d)) {
+        f(&mut self.conv);
+        f(&mut self.mix_reduce);
+        f(&mut self.mix_expand);
+    }
+
     /// Builds an SK conv from `in_ch` to `filters` channels with hidden width `mid`.
     pub fn new(
         vb: VarBuilder,

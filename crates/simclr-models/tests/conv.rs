@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{pseudo_random, rel_err, values};
 use simclr_kernels::conv::{
     conv2d_with, Col2Im, Conv2dGemm, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
-    Im2Col,
+    Im2Col, Products,
 };
 
 const TOL: f64 = 1e-4;
@@ -290,16 +290,21 @@ fn gradient_ops_match_autograd_of_the_convolution() {
     let x = pseudo_random(&[5, 6, 9, 7], 7, -1.0, 1.0);
     let w = pseudo_random(&[4, 6, 3, 3], 8, -1.0, 1.0);
     let (y, gx, gw) = run(&x, &w, 9, g, ConvBackend::Im2colGemm);
-    let y2 = x.apply_op2_no_bwd(&w, &Conv2dGemm(g)).unwrap();
+    let y2 = x
+        .apply_op2_no_bwd(&w, &Conv2dGemm(g, Products::F32))
+        .unwrap();
     assert_eq!(values(&y), values(&y2));
     let r = pseudo_random(y.dims(), 9, -1.0, 1.0);
     let op = ConvInputGrad {
         geometry: g,
         h: 9,
         w: 7,
+        products: Products::F32,
     };
     assert_eq!(values(&r.apply_op2_no_bwd(&w, &op).unwrap()), values(&gx));
-    let gw2 = x.apply_op2_no_bwd(&r, &ConvKernelGrad(g)).unwrap();
+    let gw2 = x
+        .apply_op2_no_bwd(&r, &ConvKernelGrad(g, Products::F32))
+        .unwrap();
     assert!(rel_err(&gw2, &gw) < 1e-6);
 }
 
@@ -358,5 +363,69 @@ fn repeated_runs_give_the_same_bits() {
                 );
             }
         }
+    }
+}
+
+/// `t` with every element rounded to bf16 (candle's conversion), back in f32.
+fn bf16_rounded(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+#[test]
+fn bf16_products_equal_f32_convolution_of_rounded_operands() {
+    // With bf16 products the forward pass is the f32 convolution of the bf16-rounded input and
+    // kernel, and the gradients those of the same convolution for a bf16-rounded output
+    // gradient: the same sums, added in another order. A path that skipped the rounding of any
+    // operand (the output gradient included) would be off by about 1e-3, ten times the bound.
+    use simclr_kernels::conv::conv2d_products_with;
+    let s = ConvGeometry::symmetric;
+    let cases: [Case; 5] = [
+        (3, 3, 28, 28, 16, s(3, 1, 1)),
+        (9, 16, 14, 14, 32, s(3, 2, 1)),
+        (40, 32, 7, 7, 64, s(3, 1, 1)),
+        (5, 24, 9, 9, 8, s(1, 1, 0)),
+        (2, 3, 19, 17, 12, s(7, 2, 3)),
+    ];
+    for (idx, &(n, c, h, w, o, g)) in cases.iter().enumerate() {
+        let seed = 5000 + idx as u64 * 11;
+        let x = pseudo_random(&[n, c, h, w], seed, -1.0, 1.0);
+        let k = pseudo_random(&[o, c, g.kh, g.kw], seed + 1, -0.5, 0.5);
+        let what = format!("case {idx}: x {:?} w {:?} {g:?}", x.dims(), k.dims());
+        let grads = |x: &Tensor, k: &Tensor, products: Products, backend, round_r: bool| {
+            let xv = Var::from_tensor(x).unwrap();
+            let wv = Var::from_tensor(k).unwrap();
+            let y =
+                conv2d_products_with(xv.as_tensor(), wv.as_tensor(), g, backend, products).unwrap();
+            let mut r = pseudo_random(y.dims(), seed + 2, -1.0, 1.0);
+            if round_r {
+                r = bf16_rounded(&r);
+            }
+            let gr = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = gr.get(xv.as_tensor()).unwrap().clone();
+            let gw = gr.get(wv.as_tensor()).unwrap().clone();
+            (y, gx, gw)
+        };
+        let (y0, gx0, gw0) = grads(
+            &bf16_rounded(&x),
+            &bf16_rounded(&k),
+            Products::F32,
+            ConvBackend::Candle,
+            true,
+        );
+        for backend in [ConvBackend::Im2colGemm, ConvBackend::Candle] {
+            let (y1, gx1, gw1) = grads(&x, &k, Products::Bf16, backend, false);
+            let (ey, ex, ew) = (rel_err(&y1, &y0), rel_err(&gx1, &gx0), rel_err(&gw1, &gw0));
+            assert!(ey < TOL, "{what} {backend:?}: forward rel err {ey:e}");
+            if backend == ConvBackend::Im2colGemm {
+                assert!(ex < TOL, "{what}: input gradient rel err {ex:e}");
+                assert!(ew < TOL, "{what}: kernel gradient rel err {ew:e}");
+            }
+        }
+        // And the f32 products of the same operands are not those.
+        let (y2, _, _) = grads(&x, &k, Products::F32, ConvBackend::Im2colGemm, false);
+        assert!(rel_err(&y2, &y0) > 5e-4, "{what}: bf16 equals f32");
     }
 }

@@ -6,7 +6,13 @@ use candle_core::Device;
 use simclr_models::{ModelConfig, Precision};
 use simclr_pretrain::bench::time_pretrain_step;
 
-fn bench(scenario: &str, what: &str, base_width: usize, side: usize, batch: usize, runs: usize) {
+fn bench(
+    scenario: &str,
+    what: &str,
+    (base_width, side, batch): (usize, usize, usize),
+    precision: Precision,
+    runs: usize,
+) {
     if !simclr_bench::selected(scenario) {
         return;
     }
@@ -22,7 +28,7 @@ fn bench(scenario: &str, what: &str, base_width: usize, side: usize, batch: usiz
         side,
         batch,
         runs,
-        Precision::F32,
+        precision,
         &Device::Cpu,
         simclr_bench::reset_peak_rss,
     )
@@ -44,20 +50,20 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    bench(
-        "pretrain-r18-cifar-32",
-        "pretrain step R18-CIFAR 32x32 batch 128 (x2 views)",
-        64,
-        32,
-        128,
-        steps,
-    );
-    bench(
-        "pretrain-r18w16-28",
-        "pretrain step R18-CIFAR w16 28x28 batch 256 (x2 views)",
-        16,
-        28,
-        256,
-        steps,
-    );
+    for (precision, suffix) in [(Precision::F32, ""), (Precision::Bf16, "-bf16")] {
+        bench(
+            &format!("pretrain-r18-cifar-32{suffix}"),
+            &format!("pretrain step R18-CIFAR 32x32 batch 128 (x2 views), {precision}"),
+            (64, 32, 128),
+            precision,
+            steps,
+        );
+        bench(
+            &format!("pretrain-r18w16-28{suffix}"),
+            &format!("pretrain step R18-CIFAR w16 28x28 batch 256 (x2 views), {precision}"),
+            (16, 28, 256),
+            precision,
+            steps,
+        );
+    }
 }
