@@ -664,26 +664,29 @@ impl CustomOp2 for Conv2dGemm {
         let y = build_chunked(&d, d.n * o * p, o * p, |n0, out, par, scratch| {
             let count = out.len() / (o * p);
             let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
+            if let Some(lhs) = &lhs {
+                // Image by image, straight into the output: y_b [O, P] = W · (columns of image
+                // b in cols); no [O, ld] buffer to copy out.
+                for (b, img) in out.chunks_exact_mut(o * p).enumerate() {
+                    let cols_b = Mat {
+                        data: &cols[b * p..],
+                        rs: ld,
+                        cs: 1,
+                    };
+                    lhs.gemm(p, MatMut::rows(img, p), false, cols_b, par);
+                }
+                return;
+            }
             let (dst, dld) = if count == 1 {
                 (&mut out[..], p)
             } else {
                 scratch.other.resize(o * ld, 0.0);
                 (&mut scratch.other[..], ld)
             };
-            // y [O, ld] = W · cols, rows of the output contiguous.
+            // y [O, ld] = W · cols, computed as [ld, O] = colsᵀ · Wᵀ (measured the faster order).
             let (dst, cols) = (MatMut::rows(dst, dld), Mat::rows(cols, ld));
-            match &lhs {
-                Some(lhs) => lhs.gemm(ld, dst, false, cols, par),
-                // The transposed product, [ld, O] = colsᵀ · Wᵀ (measured the faster order).
-                None => gemm_f32(
-                    (ld, o, k),
-                    dst.t(),
-                    false,
-                    cols.t(),
-                    Mat::rows(w, k).t(),
-                    par,
-                ),
-            }
+            let wt = Mat::rows(w, k).t();
+            gemm_f32((ld, o, k), dst.t(), false, cols.t(), wt, par);
             if count > 1 {
                 // [O, count·P] -> count images [O, P].
                 for (b, img) in out.chunks_exact_mut(o * p).enumerate() {
@@ -784,19 +787,27 @@ impl CustomOp2 for ConvInputGrad {
             d.image_in(),
             |n0, out, par, scratch| {
                 let count = out.len() / d.image_in();
-                let (g, ld) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
+                let ld = count * p;
                 scratch.cols.resize(k * ld, 0.0);
-                // cols-grad [K, ld] = Wᵀ · g, rows of the output contiguous.
-                let (dst, g) = (MatMut::rows(&mut scratch.cols, ld), Mat::rows(g, ld));
-                let wt = Mat {
-                    data: w,
-                    rs: 1,
-                    cs: k,
-                };
-                match &lhs {
-                    Some(lhs) => lhs.gemm(ld, dst, false, g, par),
-                    // The transposed product, [ld, K] = gᵀ · W (measured the faster order).
-                    None => gemm_f32((ld, k, o), dst.t(), false, g.t(), wt.t(), par),
+                if let Some(lhs) = &lhs {
+                    // cols-grad [K, ld] = Wᵀ · g image by image, each image's gradient read
+                    // where it is (no [O, ld] copy).
+                    for b in 0..count {
+                        let g_b = Mat::rows(&gy[(n0 + b) * o * p..(n0 + b + 1) * o * p], p);
+                        let dst = MatMut {
+                            data: &mut scratch.cols[b * p..],
+                            rs: ld,
+                            cs: 1,
+                        };
+                        lhs.gemm(p, dst, false, g_b, par);
+                    }
+                } else {
+                    // cols-grad [K, ld] = Wᵀ · g, computed as [ld, K] = gᵀ · W (measured the
+                    // faster order).
+                    let (g, _) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
+                    let (dst, g) = (MatMut::rows(&mut scratch.cols, ld), Mat::rows(g, ld));
+                    let w = Mat::rows(w, k);
+                    gemm_f32((ld, k, o), dst.t(), false, g.t(), w, par);
                 }
                 for (b, img) in out.chunks_exact_mut(d.image_in()).enumerate() {
                     col2im_image(&d, &mut scratch.cols, ld, b * p, img);

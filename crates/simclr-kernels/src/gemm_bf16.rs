@@ -12,7 +12,8 @@
 //! Where the CPU has no AMX (or the environment variable `SIMCLR_AMX=0` turns it off) the same
 //! numerics are computed by rounding copies of the operands to bf16 and multiplying them with
 //! the f32 GEMM: a product of two bf16 values is exact in f32, so the two paths differ only in
-//! the order of the f32 additions. The tests compare both against float64.
+//! the order of the f32 additions, and in subnormal values (below 1.2e-38), which AMX's
+//! conversion and accumulation flush to zero. The tests compare both against float64.
 //!
 //! AMX needs the kernel's permission for the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
 //! Linux 5.16 and later), requested once per process; AMX intrinsics are not stable Rust, so the
@@ -86,9 +87,12 @@ pub fn gemm_bf16_with(
             // The tiles write rows of 16 columns: make the destination's contiguous axis the
             // columns by computing the transpose where the rows are contiguous.
             if dst.rs == 1 && dst.cs != 1 {
-                amx::gemm((n, m, k), dst.t(), accumulate, b.t(), a.t(), parallelism)
+                // SAFETY: AMX is enabled and `check_product` passed (for the transposes too:
+                // they address the same elements).
+                unsafe { amx::gemm((n, m, k), dst.t(), accumulate, b.t(), a.t(), parallelism) }
             } else {
-                amx::gemm((m, n, k), dst, accumulate, a, b, parallelism)
+                // SAFETY: as above.
+                unsafe { amx::gemm((m, n, k), dst, accumulate, a, b, parallelism) }
             }
         }
         _ => rounded_gemm((m, n, k), dst, accumulate, a, b, parallelism),
@@ -113,7 +117,7 @@ pub fn gemm_bf16(
 pub struct PackedLhs {
     m: usize,
     k: usize,
-    /// AMX tiles, or (the portable engine) the rounded matrix, row-major, as f32 bits.
+    /// Whether `data` holds AMX tiles; if not, `rounded` holds the rounded matrix, row-major.
     amx: bool,
     data: Vec<u16>,
     rounded: Vec<f32>,
@@ -142,7 +146,8 @@ impl PackedLhs {
                 m,
                 k,
                 amx,
-                data: amx::pack_lhs(a, m, k),
+                // SAFETY: AMX is enabled and the bounds were checked above.
+                data: unsafe { amx::pack_lhs(a, m, k) },
                 rounded: Vec::new(),
             }
         } else {
@@ -175,7 +180,9 @@ impl PackedLhs {
             return;
         }
         if self.amx {
-            amx::gemm_packed(&self.data, (m, n, k), dst, accumulate, b, parallelism)
+            // SAFETY: `data` was packed for AMX (so it is enabled) from a checked `m×k` matrix;
+            // `check_product` passed for `dst` and `b`.
+            unsafe { amx::gemm_packed(&self.data, (m, n, k), dst, accumulate, b, parallelism) }
         } else {
             let a = Mat::rows(&self.rounded, k);
             rounded_gemm((m, n, k), dst, accumulate, a, b, parallelism)
@@ -329,7 +336,8 @@ mod amx {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn bf16x32(src: *const f32, len: usize) -> __m512i {
         let lo = _mm512_maskz_loadu_ps(mask16(len), src);
-        let hi = _mm512_maskz_loadu_ps(mask16(len.saturating_sub(16)), src.add(16));
+        // `wrapping_add`: past the slice's end when `len <= 16`; the load reads no lane there.
+        let hi = _mm512_maskz_loadu_ps(mask16(len.saturating_sub(16)), src.wrapping_add(16));
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
     }
 
@@ -462,18 +470,42 @@ mod amx {
         let a1 = a0.add(kb_count * TILE);
         let b0 = b.as_ptr().add(2 * j * kb_count * TILE);
         let b1 = b0.add(kb_count * TILE);
-        let stride = 2 * TK; // bytes per tile row
-                             // A block whose second row or column half lies wholly outside the matrix (a layer of
-                             // 16 output channels, the last block of an edge) skips those tiles' products.
+        // Bytes per tile row.
+        let stride = 2 * TK;
+        // A block whose second row or column half lies wholly outside the matrix (a layer of
+        // 16 output channels, the last block of an edge) skips those tiles' products.
         let two_rows = 32 * i + T < m;
         let two_cols = 32 * j + T < n;
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack)
-        );
+        // A whole block of a destination with contiguous rows goes straight between the
+        // accumulators and `dst`; an edge block passes through `acc`.
+        let direct = dst.cs == 1 && 32 * (i + 1) <= m && 32 * (j + 1) <= n;
+        let corner = |q: usize| {
+            dst.ptr
+                .add((32 * i + T * (q / 2)) * dst.rs + 32 * j + T * (q % 2))
+        };
+        let dst_stride = 4 * dst.rs;
+        if direct && accumulate {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) corner(0),
+                c1 = in(reg) corner(1),
+                c2 = in(reg) corner(2),
+                c3 = in(reg) corner(3),
+                s = in(reg) dst_stride,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
         // Each instruction its own `asm!`: the tile registers keep their contents between them.
         macro_rules! load {
             ($tile:literal, $ptr:expr) => {
@@ -505,6 +537,21 @@ mod amx {
                     dot!("tmm3", "tmm5", "tmm7");
                 }
             }
+        }
+        if direct {
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) corner(0),
+                c1 = in(reg) corner(1),
+                c2 = in(reg) corner(2),
+                c3 = in(reg) corner(3),
+                s = in(reg) dst_stride,
+                options(nostack),
+            );
+            return;
         }
         let out = acc.as_mut_ptr();
         let s = 4 * T; // bytes per accumulator row
@@ -554,17 +601,21 @@ mod amx {
     }
 
     /// `a` (m×k) packed into A tiles, for [`gemm_packed`].
-    pub(super) fn pack_lhs(a: Mat, m: usize, k: usize) -> Vec<u16> {
+    ///
+    /// # Safety
+    /// [`enable`] returned true; every element `a`'s strides address within `m × k` is inside
+    /// `a.data`.
+    pub(super) unsafe fn pack_lhs(a: Mat, m: usize, k: usize) -> Vec<u16> {
         let mut out = Vec::new();
-        // SAFETY: `enable` checked the CPU's AVX-512 features; the caller checked the bounds of
-        // every element the strides address.
-        unsafe { pack_a(a, m, k, 2 * m.div_ceil(2 * T), k.div_ceil(TK), &mut out) };
+        pack_a(a, m, k, 2 * m.div_ceil(2 * T), k.div_ceil(TK), &mut out);
         out
     }
 
-    /// `dst (m×n) = [dst +] bf16(a) · bf16(b)`; the caller checked every stride's bounds and
-    /// that AMX is enabled.
-    pub(super) fn gemm(
+    /// `dst (m×n) = [dst +] bf16(a) · bf16(b)`.
+    ///
+    /// # Safety
+    /// [`enable`] returned true, and `check_product` passed for these sizes and matrices.
+    pub(super) unsafe fn gemm(
         (m, n, k): (usize, usize, usize),
         dst: MatMut,
         accumulate: bool,
@@ -573,8 +624,7 @@ mod amx {
         parallelism: Parallelism,
     ) {
         let (mut pa, pb) = PACKED.take();
-        // SAFETY: as in `pack_lhs`.
-        unsafe { pack_a(a, m, k, 2 * m.div_ceil(2 * T), k.div_ceil(TK), &mut pa) };
+        pack_a(a, m, k, 2 * m.div_ceil(2 * T), k.div_ceil(TK), &mut pa);
         PACKED.set((Vec::new(), pb));
         gemm_packed(&pa, (m, n, k), dst, accumulate, b, parallelism);
         let (_, pb) = PACKED.take();
@@ -582,7 +632,10 @@ mod amx {
     }
 
     /// [`gemm`] with `a` packed by [`pack_lhs`] (of an `m×k` matrix).
-    pub(super) fn gemm_packed(
+    ///
+    /// # Safety
+    /// As [`gemm`] (the check of `a` done when it was packed).
+    pub(super) unsafe fn gemm_packed(
         pa: &[u16],
         (m, n, k): (usize, usize, usize),
         dst: MatMut,
@@ -599,8 +652,7 @@ mod amx {
             "packed lhs of another shape"
         );
         let (pa_spare, mut pb) = PACKED.take();
-        // SAFETY: as in `pack_lhs`.
-        unsafe { pack_b(b, k, n, 2 * nb_pairs, kb_count, &mut pb) };
+        pack_b(b, k, n, 2 * nb_pairs, kb_count, &mut pb);
         let out = Dst {
             ptr: dst.data.as_mut_ptr(),
             rs: dst.rs,
@@ -625,7 +677,9 @@ mod amx {
                 }
             };
             let threads = match parallelism {
-                Parallelism::Rayon(t) => t.max(1).min(blocks),
+                // 0 means every thread of the pool, as in the `gemm` crate.
+                Parallelism::Rayon(0) => rayon::current_num_threads().min(blocks),
+                Parallelism::Rayon(t) => t.min(blocks),
                 _ => 1,
             };
             if threads <= 1 {
@@ -650,11 +704,11 @@ mod amx {
         false
     }
 
-    pub(super) fn pack_lhs(_: Mat, _: usize, _: usize) -> Vec<u16> {
+    pub(super) unsafe fn pack_lhs(_: Mat, _: usize, _: usize) -> Vec<u16> {
         unreachable!("AMX is x86-64 only")
     }
 
-    pub(super) fn gemm(
+    pub(super) unsafe fn gemm(
         _: (usize, usize, usize),
         _: MatMut,
         _: bool,
@@ -665,7 +719,7 @@ mod amx {
         unreachable!("AMX is x86-64 only")
     }
 
-    pub(super) fn gemm_packed(
+    pub(super) unsafe fn gemm_packed(
         _: &[u16],
         _: (usize, usize, usize),
         _: MatMut,

@@ -83,6 +83,14 @@ pub(crate) fn check_product(
         last_index(m, n, dst.rs, dst.cs) < dst.data.len(),
         "{what}: dst out of bounds"
     );
+    // Distinct (row, column) pairs must be distinct elements: the products write blocks of the
+    // destination from several threads.
+    assert!(
+        m == 1 || n == 1 || dst.rs >= n * dst.cs || dst.cs >= m * dst.rs,
+        "{what}: dst elements overlap (strides {} and {})",
+        dst.rs,
+        dst.cs
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {

@@ -23,22 +23,32 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The engines this machine runs. `SIMCLR_REQUIRE_AMX=1` makes a machine that should have AMX
+/// (`amx_bf16` in `/proc/cpuinfo`) fail instead of quietly testing the portable engine alone.
 fn engines() -> Vec<Bf16Engine> {
     let mut e = vec![Bf16Engine::Rounded];
     if bf16_engine() == Bf16Engine::Amx {
         e.push(Bf16Engine::Amx);
+    } else {
+        assert!(
+            std::env::var("SIMCLR_REQUIRE_AMX").map_or(true, |v| v != "1"),
+            "SIMCLR_REQUIRE_AMX=1 but the AMX engine is not available"
+        );
     }
     e
 }
 
-/// Strides of an `rows × cols` matrix stored row-major (`false`) or column-major (`true`), with
-/// a padded leading dimension so that a stride mix-up reads the wrong elements.
-fn strides(rows: usize, cols: usize, col_major: bool) -> (usize, usize, usize) {
-    if col_major {
-        (1, rows + 3, (rows + 3) * cols)
-    } else {
-        (cols + 5, 1, (cols + 5) * rows)
-    }
+/// Strides and slice length of an `rows × cols` matrix stored row-major (0), column-major (1)
+/// or with no unit stride (2: every other element of padded rows), with a padded leading
+/// dimension so that a stride mix-up reads the wrong elements, and 7 more elements at the end
+/// that no stride addresses.
+fn strides(rows: usize, cols: usize, layout: u32) -> (usize, usize, usize) {
+    let (rs, cs) = match layout {
+        0 => (cols + 5, 1),
+        1 => (1, rows + 3),
+        _ => (2 * cols + 3, 2),
+    };
+    (rs, cs, (rows - 1) * rs + (cols - 1) * cs + 1 + 7)
 }
 
 #[test]
@@ -56,8 +66,8 @@ fn bf16_products_match_float64_of_the_rounded_operands() {
     let mut case = 0u64;
     for engine in engines() {
         for &(m, n, k) in &shapes {
-            for layout in 0..8u32 {
-                let (a_cm, b_cm, d_cm) = (layout & 1 != 0, layout & 2 != 0, layout & 4 != 0);
+            for layout in 0..27u32 {
+                let (a_cm, b_cm, d_cm) = (layout % 3, (layout / 3) % 3, layout / 9);
                 for accumulate in [false, true] {
                     case += 1;
                     let (ars, acs, alen) = strides(m, k, a_cm);
@@ -301,6 +311,52 @@ fn a_packed_left_operand_serves_many_right_operands() {
                     "{engine:?} {rows}x{n}x{cols}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn products_nested_in_parallel_tasks_are_right() {
+    // Convolutions run their chunks' products inside rayon tasks, and a thread waiting in one
+    // parallel product may run another task's product (work stealing): each must use its own
+    // packed operands and tile state.
+    use rayon::prelude::*;
+    let (m, n, k) = (50, 45, 70);
+    for engine in engines() {
+        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..8u64)
+            .into_par_iter()
+            .map(|t| {
+                let a = values(m * k, 100 + t);
+                let b = values(k * n, 200 + t);
+                let run = |par| {
+                    let mut d = vec![0f32; m * n];
+                    let dst = MatMut {
+                        data: &mut d,
+                        rs: n,
+                        cs: 1,
+                    };
+                    gemm_bf16_with(
+                        engine,
+                        (m, n, k),
+                        dst,
+                        false,
+                        Mat::rows(&a, k),
+                        Mat::rows(&b, n),
+                        par,
+                    );
+                    d
+                };
+                (run(Parallelism::Rayon(2)), run(Parallelism::None))
+            })
+            .collect();
+        for (t, (nested, alone)) in results.iter().enumerate() {
+            assert!(
+                nested
+                    .iter()
+                    .zip(alone)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{engine:?}: task {t} differs when nested"
+            );
         }
     }
 }

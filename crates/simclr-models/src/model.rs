@@ -103,6 +103,8 @@ impl ModelOutput {
 pub struct SimclrModel {
     config: ModelConfig,
     precision: Precision,
+    /// bf16 activations on the CPU too (the GPU's numerics; see [`SimclrModel::with_gpu_bf16_numerics`]).
+    gpu_bf16_numerics: bool,
     resnet: ResNet,
     projection_head: ProjectionHead,
     supervised_head: Option<SupervisedHead>,
@@ -126,6 +128,7 @@ impl SimclrModel {
         Ok(Self {
             config: config.clone(),
             precision: Precision::F32,
+            gpu_bf16_numerics: false,
             resnet,
             projection_head,
             supervised_head,
@@ -152,18 +155,31 @@ impl SimclrModel {
     /// where the CPU has it; see [`crate::precision`]).
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
-        let products = if precision == Precision::Bf16 && self.resnet.is_cpu() {
+        self.set_conv_products();
+        self
+    }
+
+    /// With [`Precision::Bf16`], the GPU's numerics on the CPU as well: bf16 activations, each
+    /// product's operands and result rounded to bf16 (through f32 arithmetic; slow). For the
+    /// CPU side of a CPU/GPU parity check, which must compute what the GPU computes.
+    pub fn with_gpu_bf16_numerics(mut self) -> Self {
+        self.gpu_bf16_numerics = true;
+        self.set_conv_products();
+        self
+    }
+
+    fn set_conv_products(&mut self) {
+        let products = if self.precision == Precision::Bf16 && !self.bf16_activations() {
             Products::Bf16
         } else {
             Products::F32
         };
         self.resnet.set_conv_products(products);
-        self
     }
 
     /// Whether activations travel in bf16 (bf16 on a GPU; the CPU's bf16 keeps them f32).
     fn bf16_activations(&self) -> bool {
-        self.precision == Precision::Bf16 && !self.resnet.is_cpu()
+        self.precision == Precision::Bf16 && (self.gpu_bf16_numerics || !self.resnet.is_cpu())
     }
 
     /// The precision of the products (f32 unless set with [`SimclrModel::with_precision`]).

@@ -14,8 +14,9 @@
 //! core) and through the f32 GEMM on bf16-rounded copies elsewhere. bf16 activations on the CPU
 //! would halve the memory traffic but send BN through candle's slow bf16 ops, and candle's CPU
 //! back end has no bf16 matmul. The dense layers (heads, a few thousandths of the FLOPs) stay
-//! f32 on the CPU. [`bf16_product`] is the older CPU path for bf16 tensors (operands rounded to
-//! bf16, products in f32, result rounded to bf16), kept for bf16 inputs given directly.
+//! f32 on the CPU. `SimclrModel::with_gpu_bf16_numerics` brings the GPU's numerics to the CPU
+//! (bf16 activations, [`bf16_product`]: operands rounded to bf16, products in f32, result rounded
+//! to bf16), slowly, for the CPU side of a CPU/GPU parity check.
 
 use std::str::FromStr;
 

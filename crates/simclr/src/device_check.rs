@@ -57,7 +57,10 @@ fn step(
     device: &Device,
 ) -> Result<(Tensor, Tensor, HashMap<String, Tensor>)> {
     let varmap = VarMap::new();
-    let model = SimclrModel::init(config, &varmap, 1, device)?.with_precision(precision);
+    // The CPU side computes what the GPU computes: bf16 activations there too.
+    let model = SimclrModel::init(config, &varmap, 1, device)?
+        .with_precision(precision)
+        .with_gpu_bf16_numerics();
     let x = x.to_device(device)?;
     let out = model.forward(&x, true)?;
     let contrast = nt_xent(
@@ -248,7 +251,8 @@ pub fn parity(device: &Device) -> Result<()> {
         let labels = Tensor::new(labels, &Device::Cpu)?;
         for (precision, tol) in [(Precision::F32, 1e-4), (Precision::Bf16, 2e-2)] {
             // The same computation on both sides: bf16 on the CPU rounds at the same points
-            // (operands of every product, its result), so this is the device's parity.
+            // (operands of every product, its result; `with_gpu_bf16_numerics`), so this is
+            // the device's parity.
             let (loss0, proj0, grads0) = step(&config, &x, &labels, precision, &Device::Cpu)?;
             let (loss, proj, grads) = step(&config, &x, &labels, precision, device)?;
             let mut worst = ("", 0f64);
