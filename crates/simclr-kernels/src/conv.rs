@@ -28,6 +28,10 @@
 //! 128→128 on 16×16, batch 128 runs at 175–200 GFLOP/s in each direction, against candle's
 //! 54–76 (forward), 13–23 (input gradient) and 36–46 (weight gradient).
 //!
+//! With [`Products::Bf16`] the three products round their operands to bf16 and accumulate in f32
+//! ([`crate::gemm_bf16`], on AMX tiles where the CPU has them; the kernel is packed once per op
+//! and, on that path, each image's product goes straight into its destination).
+//!
 //! Only f32 tensors on the CPU take this path; anything else (other dtypes, CUDA, Metal) falls
 //! back to candle's own `conv2d`, as does everything when [`ConvBackend::Candle`] is selected
 //! (environment variable `SIMCLR_CONV=candle`, or [`set_conv_backend`]). The custom op has no

@@ -448,6 +448,46 @@ mod amx {
     unsafe impl Send for Dst {}
     unsafe impl Sync for Dst {}
 
+    /// Loads the accumulator tiles 0–3 from rows `stride` bytes apart at `c[q]`.
+    ///
+    /// # Safety
+    /// Tiles configured with [`CONFIG`]; each `c[q]` starts 16 readable rows of 16 floats.
+    #[inline(always)]
+    unsafe fn load4(c: [*const f32; 4], stride: usize) {
+        asm!(
+            "tileloadd tmm0, [{c0} + {s}*1]",
+            "tileloadd tmm1, [{c1} + {s}*1]",
+            "tileloadd tmm2, [{c2} + {s}*1]",
+            "tileloadd tmm3, [{c3} + {s}*1]",
+            c0 = in(reg) c[0],
+            c1 = in(reg) c[1],
+            c2 = in(reg) c[2],
+            c3 = in(reg) c[3],
+            s = in(reg) stride,
+            options(nostack, readonly),
+        );
+    }
+
+    /// Stores the accumulator tiles 0–3 as rows `stride` bytes apart at `c[q]`.
+    ///
+    /// # Safety
+    /// Tiles configured with [`CONFIG`]; each `c[q]` starts 16 writable rows of 16 floats.
+    #[inline(always)]
+    unsafe fn store4(c: [*mut f32; 4], stride: usize) {
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c[0],
+            c1 = in(reg) c[1],
+            c2 = in(reg) c[2],
+            c3 = in(reg) c[3],
+            s = in(reg) stride,
+            options(nostack),
+        );
+    }
+
     /// One 32×32 block of the product: rows `32·i..`, columns `32·j..`.
     ///
     /// # Safety
@@ -485,18 +525,7 @@ mod amx {
         };
         let dst_stride = 4 * dst.rs;
         if direct && accumulate {
-            asm!(
-                "tileloadd tmm0, [{c0} + {s}*1]",
-                "tileloadd tmm1, [{c1} + {s}*1]",
-                "tileloadd tmm2, [{c2} + {s}*1]",
-                "tileloadd tmm3, [{c3} + {s}*1]",
-                c0 = in(reg) corner(0),
-                c1 = in(reg) corner(1),
-                c2 = in(reg) corner(2),
-                c3 = in(reg) corner(3),
-                s = in(reg) dst_stride,
-                options(nostack, readonly),
-            );
+            load4([0, 1, 2, 3].map(|q| corner(q).cast_const()), dst_stride);
         } else {
             asm!(
                 "tilezero tmm0",
@@ -539,34 +568,12 @@ mod amx {
             }
         }
         if direct {
-            asm!(
-                "tilestored [{c0} + {s}*1], tmm0",
-                "tilestored [{c1} + {s}*1], tmm1",
-                "tilestored [{c2} + {s}*1], tmm2",
-                "tilestored [{c3} + {s}*1], tmm3",
-                c0 = in(reg) corner(0),
-                c1 = in(reg) corner(1),
-                c2 = in(reg) corner(2),
-                c3 = in(reg) corner(3),
-                s = in(reg) dst_stride,
-                options(nostack),
-            );
+            store4([0, 1, 2, 3].map(corner), dst_stride);
             return;
         }
         let out = acc.as_mut_ptr();
-        let s = 4 * T; // bytes per accumulator row
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) out,
-            c1 = in(reg) out.add(T * T),
-            c2 = in(reg) out.add(2 * T * T),
-            c3 = in(reg) out.add(3 * T * T),
-            s = in(reg) s,
-            options(nostack),
-        );
+        // 4·T bytes per accumulator row.
+        store4([0, 1, 2, 3].map(|q| out.add(q * T * T)), 4 * T);
         // Accumulator q = 2·(row half) + (column half).
         for q in 0..4 {
             let r0 = 32 * i + 16 * (q / 2);
