@@ -2,9 +2,9 @@
 //! `--precision bf16`, on Intel AMX where the CPU has it.
 //!
 //! Why: bf16 halves the bits of each operand, and CPUs with AMX (Intel Sapphire Rapids and
-//! later) multiply bf16 tiles at about ten times their f32 FMA rate (one `tdpbf16ps` is a
-//! 16×16×32 product accumulated in f32; measured here at about 1.5 TFLOP/s on one core, against
-//! about 0.1 TFLOP/s for the f32 GEMM). The operands stay f32 in memory (the activations, the
+//! later) multiply bf16 tiles in a unit of their own (one `tdpbf16ps` is a 16×16×32 product
+//! accumulated in f32; a stream of them ran at about 1.5 TFLOP/s on one core of the session-14
+//! VM, `docs/performance.md`). The operands stay f32 in memory (the activations, the
 //! unfolded windows and the gradients of the convolutions); each product rounds them to bf16
 //! (round to nearest even) as it packs them into tiles, and accumulates in f32, which is what a
 //! GPU's tensor cores do with bf16 inputs. The result is f32 and is not rounded.
@@ -79,7 +79,7 @@ pub fn gemm_bf16_with(
     parallelism: Parallelism,
 ) {
     let mut dst = dst;
-    if !check_product("gemm_bf16", (m, n, k), &mut dst, accumulate, &a, &b) {
+    if !check_product("gemm_bf16", (m, n, k), &mut dst, accumulate, Some(&a), &b) {
         return;
     }
     match engine {
@@ -95,7 +95,14 @@ pub fn gemm_bf16_with(
                 unsafe { amx::gemm((m, n, k), dst, accumulate, a, b, parallelism) }
             }
         }
-        _ => rounded_gemm((m, n, k), dst, accumulate, a, b, parallelism),
+        _ => rounded_gemm(
+            (m, n, k),
+            dst,
+            accumulate,
+            &rounded(a, m, k),
+            b,
+            parallelism,
+        ),
     }
 }
 
@@ -117,10 +124,15 @@ pub fn gemm_bf16(
 pub struct PackedLhs {
     m: usize,
     k: usize,
-    /// Whether `data` holds AMX tiles; if not, `rounded` holds the rounded matrix, row-major.
-    amx: bool,
-    data: Vec<u16>,
-    rounded: Vec<f32>,
+    packed: Packed,
+}
+
+#[derive(Debug)]
+enum Packed {
+    /// AMX tiles.
+    Amx(Vec<u16>),
+    /// The rounded matrix, row-major (the portable engine).
+    Rounded(Vec<f32>),
 }
 
 impl PackedLhs {
@@ -134,33 +146,20 @@ impl PackedLhs {
 
     /// Packs `a` (`m×k`) for `engine`.
     pub fn with_engine(engine: Bf16Engine, a: Mat, m: usize, k: usize) -> Self {
-        let amx = engine == Bf16Engine::Amx && amx::enable() && m > 0 && k > 0;
-        if m > 0 && k > 0 {
+        let empty = m == 0 || k == 0;
+        if !empty {
             assert!(
                 last_index(m, k, a.rs, a.cs) < a.data.len(),
                 "PackedLhs: out of bounds"
             );
         }
-        if amx {
-            Self {
-                m,
-                k,
-                amx,
-                // SAFETY: AMX is enabled and the bounds were checked above.
-                data: unsafe { amx::pack_lhs(a, m, k) },
-                rounded: Vec::new(),
-            }
+        let packed = if engine == Bf16Engine::Amx && amx::enable() && !empty {
+            // SAFETY: AMX is enabled and the bounds were checked above.
+            Packed::Amx(unsafe { amx::pack_lhs(a, m, k) })
         } else {
-            Self {
-                m,
-                k,
-                amx,
-                data: Vec::new(),
-                rounded: (0..m * k)
-                    .map(|i| round_bf16(a.data[(i / k) * a.rs + (i % k) * a.cs]))
-                    .collect(),
-            }
-        }
+            Packed::Rounded(rounded(a, m, k))
+        };
+        Self { m, k, packed }
     }
 
     /// `dst (m×n) = [dst +] self · bf16(b) (k×n)`, accumulated in f32.
@@ -170,42 +169,39 @@ impl PackedLhs {
     pub fn gemm(&self, n: usize, dst: MatMut, accumulate: bool, b: Mat, parallelism: Parallelism) {
         let (m, k) = (self.m, self.k);
         let mut dst = dst;
-        // The left operand was checked when packed; an empty stand-in passes for it here.
-        let a = Mat {
-            data: &[0.0],
-            rs: 0,
-            cs: 0,
-        };
-        if !check_product("gemm_bf16", (m, n, k), &mut dst, accumulate, &a, &b) {
+        if !check_product("gemm_bf16", (m, n, k), &mut dst, accumulate, None, &b) {
             return;
         }
-        if self.amx {
-            // SAFETY: `data` was packed for AMX (so it is enabled) from a checked `m×k` matrix;
-            // `check_product` passed for `dst` and `b`.
-            unsafe { amx::gemm_packed(&self.data, (m, n, k), dst, accumulate, b, parallelism) }
-        } else {
-            let a = Mat::rows(&self.rounded, k);
-            rounded_gemm((m, n, k), dst, accumulate, a, b, parallelism)
+        match &self.packed {
+            // SAFETY: the tiles were packed for AMX (so it is enabled) from a checked `m×k`
+            // matrix; `check_product` passed for `dst` and `b`.
+            Packed::Amx(tiles) => unsafe {
+                amx::gemm_packed(tiles, (m, n, k), dst, accumulate, b, parallelism)
+            },
+            Packed::Rounded(ra) => rounded_gemm((m, n, k), dst, accumulate, ra, b, parallelism),
         }
     }
 }
 
-/// The portable engine: dense bf16-rounded copies of the operands through the f32 GEMM.
+/// `x` (`rows × cols`) rounded to bf16, as a dense row-major f32 matrix.
+fn rounded(x: Mat, rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| round_bf16(x.data[(i / cols) * x.rs + (i % cols) * x.cs]))
+        .collect()
+}
+
+/// The portable engine: `ra` (the left operand, already rounded, row-major `m×k`) times a
+/// rounded copy of `b`, through the f32 GEMM.
 fn rounded_gemm(
     (m, n, k): (usize, usize, usize),
     dst: MatMut,
     accumulate: bool,
-    a: Mat,
+    ra: &[f32],
     b: Mat,
     parallelism: Parallelism,
 ) {
-    let ra: Vec<f32> = (0..m * k)
-        .map(|i| round_bf16(a.data[(i / k) * a.rs + (i % k) * a.cs]))
-        .collect();
-    let rb: Vec<f32> = (0..k * n)
-        .map(|i| round_bf16(b.data[(i / n) * b.rs + (i % n) * b.cs]))
-        .collect();
-    let (ra, rb) = (Mat::rows(&ra, k), Mat::rows(&rb, n));
+    let rb = rounded(b, k, n);
+    let (ra, rb) = (Mat::rows(ra, k), Mat::rows(&rb, n));
     gemm_f32((m, n, k), dst, accumulate, ra, rb, parallelism)
 }
 
@@ -283,9 +279,10 @@ mod amx {
     };
 
     thread_local! {
-        /// This thread's packed operands, kept between calls (taken while in use, so a call
-        /// nested by rayon's work stealing on the same thread gets empty ones).
-        static PACKED: Cell<(Vec<u16>, Vec<u16>)> = const { Cell::new((Vec::new(), Vec::new())) };
+        /// This thread's packed left and right operands, kept between calls (taken while in
+        /// use, so a call nested by rayon's work stealing on the same thread gets empty ones).
+        static PACKED_A: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+        static PACKED_B: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
     }
 
     /// Packs `a` (m×k) into A tiles: tile `(mb, kb)` at `(mb * kb_count + kb) * TILE` holds rows
@@ -630,12 +627,10 @@ mod amx {
         b: Mat,
         parallelism: Parallelism,
     ) {
-        let (mut pa, pb) = PACKED.take();
+        let mut pa = PACKED_A.take();
         pack_a(a, m, k, 2 * m.div_ceil(2 * T), k.div_ceil(TK), &mut pa);
-        PACKED.set((Vec::new(), pb));
         gemm_packed(&pa, (m, n, k), dst, accumulate, b, parallelism);
-        let (_, pb) = PACKED.take();
-        PACKED.set((pa, pb));
+        PACKED_A.set(pa);
     }
 
     /// [`gemm`] with `a` packed by [`pack_lhs`] (of an `m×k` matrix).
@@ -658,7 +653,7 @@ mod amx {
             2 * mb_pairs * kb_count * TILE,
             "packed lhs of another shape"
         );
-        let (pa_spare, mut pb) = PACKED.take();
+        let mut pb = PACKED_B.take();
         pack_b(b, k, n, 2 * nb_pairs, kb_count, &mut pb);
         let out = Dst {
             ptr: dst.data.as_mut_ptr(),
@@ -697,7 +692,7 @@ mod amx {
                     .for_each(|t| run(t * blocks / threads..(t + 1) * blocks / threads));
             }
         }
-        PACKED.set((pa_spare, pb));
+        PACKED_B.set(pb);
     }
 }
 

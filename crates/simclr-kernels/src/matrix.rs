@@ -62,8 +62,8 @@ pub(crate) fn last_index(rows: usize, cols: usize, rs: usize, cs: usize) -> usiz
     (rows - 1) * rs + (cols - 1) * cs
 }
 
-/// Checks that the strides of a product's three matrices stay inside their slices and does the
-/// empty products' work (nothing, or zeroing `dst` when `k = 0` without accumulation); returns
+/// Checks that the strides of a product's matrices stay inside their slices (`a: None`: a left
+/// operand checked when it was packed) and does the empty products' work (nothing, or zeroing `dst` when `k = 0` without accumulation); returns
 /// whether a product of positive sizes remains to be computed.
 ///
 /// # Panics
@@ -73,7 +73,7 @@ pub(crate) fn check_product(
     (m, n, k): (usize, usize, usize),
     dst: &mut MatMut,
     accumulate: bool,
-    a: &Mat,
+    a: Option<&Mat>,
     b: &Mat,
 ) -> bool {
     if m == 0 || n == 0 {
@@ -101,10 +101,12 @@ pub(crate) fn check_product(
         }
         return false;
     }
-    assert!(
-        last_index(m, k, a.rs, a.cs) < a.data.len(),
-        "{what}: lhs out of bounds"
-    );
+    if let Some(a) = a {
+        assert!(
+            last_index(m, k, a.rs, a.cs) < a.data.len(),
+            "{what}: lhs out of bounds"
+        );
+    }
     assert!(
         last_index(k, n, b.rs, b.cs) < b.data.len(),
         "{what}: rhs out of bounds"
@@ -125,7 +127,7 @@ pub fn gemm_f32(
     parallelism: Parallelism,
 ) {
     let mut dst = dst;
-    if !check_product("gemm", (m, n, k), &mut dst, accumulate, &a, &b) {
+    if !check_product("gemm", (m, n, k), &mut dst, accumulate, Some(&a), &b) {
         return;
     }
     // SAFETY: `check_product` keeps every element the strides address inside its slice; dst

@@ -10,8 +10,7 @@
 //!
 //! That is the GPU's bf16. On the CPU the activations stay f32: every convolution rounds its
 //! operands to bf16 as it packs them and accumulates in f32 ([`simclr_kernels::gemm_bf16`]), on
-//! Intel AMX tiles where the CPU has them (measured about ten times the f32 rate of the same
-//! core) and through the f32 GEMM on bf16-rounded copies elsewhere. bf16 activations on the CPU
+//! Intel AMX tiles where the CPU has them and through the f32 GEMM on bf16-rounded copies elsewhere. bf16 activations on the CPU
 //! would halve the memory traffic but send BN through candle's slow bf16 ops, and candle's CPU
 //! back end has no bf16 matmul. The dense layers (heads, a few thousandths of the FLOPs) stay
 //! f32 on the CPU. `SimclrModel::with_gpu_bf16_numerics` brings the GPU's numerics to the CPU
