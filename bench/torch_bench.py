@@ -26,6 +26,10 @@ The workloads mirror the Rust benches (see bench/README.md):
   data-224               two views per image, 375x500 RGB in memory -> 224x224, batch 32,
                          ImageNet recipe (s = 1, blur).
   data-224-jpeg          the same, decoding 375x500 JPEG files (PIL) every time.
+  gemm-2048              crates/simclr-kernels/benches/gemm.rs: torch.mm of two 2048x2048
+                         matrices, f32 or (--precision bf16) bf16; its rate is GFLOP/s
+                         (2 n^3 per product, "unit": "GFLOP/s"), the peak behind the floors
+                         of docs/performance.md.
   params                 not a benchmark: parameter counts of the PyTorch models.
 
 A step is one training step / one forward pass / one batch (data scenarios). images_per_s is
@@ -521,6 +525,23 @@ def gpu_extra(run, depth, base_width, side, num_classes, batch, t):
     return out
 
 
+def gemm_scenario(side, steps, precision):
+    """torch.mm on two side x side matrices: (2 side^3 / 1e9 GFLOP, t, window, extra). The
+    values match the Rust bench's: positive, modest, no subnormals."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    idx = torch.arange(side * side, dtype=torch.int64)
+    a = (((idx * 7 + 13) % 97).float() / 97.0 + 0.5).reshape(side, side).to(dtype)
+    b = (((idx * 7 + 26) % 97).float() / 97.0 + 0.5).reshape(side, side).to(dtype)
+    out = {}
+
+    def step(i):
+        out["c"] = torch.mm(a, b)
+
+    t, window = time_steps(1, steps, step)
+    assert bool((out["c"] > 0).all()), "product not computed"
+    return 2.0 * side ** 3 / 1e9, t, window, {"impl": f"torch.mm {precision}", "unit": "GFLOP/s"}
+
+
 def eval_scenario(depth, side, batch, steps, num_classes):
     model = SimclrModel(depth, 64, cifar_stem=side <= 32, num_classes=num_classes)
     model.eval()
@@ -787,7 +808,7 @@ def data_scenario(name, steps, blur_mode, impl_choice):
 
 SCENARIOS = ["pretrain-r18-cifar-32", "pretrain-r18w16-28", "pretrain-r50-224",
              "eval-r18-cifar-32", "eval-r50-224", "data-28", "data-224", "data-224-jpeg",
-             "params"]
+             "gemm-2048", "params"]
 # The training scenarios: (depth, base width, side, default batch, classes).
 PRETRAIN = {"pretrain-r18-cifar-32": (18, 64, 32, 128, 10),
             "pretrain-r18w16-28": (18, 16, 28, 256, 10),
@@ -824,11 +845,11 @@ def main():
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     on_gpu = args.device != "cpu"
-    if args.scenario not in PRETRAIN and (on_gpu or args.precision != "f32"
-                                          or args.batch is not None or args.tf32
+    if args.scenario not in PRETRAIN and (on_gpu or args.batch is not None or args.tf32
                                           or args.channels_last):
-        ap.error("--device/--precision/--batch/--tf32/--channels-last apply to the pretrain-* "
-                 "scenarios only")
+        ap.error("--device/--batch/--tf32/--channels-last apply to the pretrain-* scenarios only")
+    if args.scenario not in PRETRAIN and args.scenario != "gemm-2048" and args.precision != "f32":
+        ap.error("--precision applies to the pretrain-* and gemm-2048 scenarios only")
     if on_gpu and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if args.batch is not None and args.batch < 2:
@@ -863,6 +884,8 @@ def main():
                                      args.channels_last)
         batch, t, window, extra = pretrain_scenario(width, side, args.batch or batch,
                                                     args.steps, depth, classes, run)
+    elif name == "gemm-2048":
+        batch, t, window, extra = gemm_scenario(2048, args.steps, args.precision)
     elif name == "eval-r18-cifar-32":
         batch, t, window, extra = eval_scenario(18, 32, 64, args.steps, 10)
     elif name == "eval-r50-224":

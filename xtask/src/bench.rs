@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: every benchmark scenario in a process of its own (so that its peak
 //! memory is its own), optionally beside stock candle (`--stock`: candle's convolution and BN
 //! ops, the system allocator) and PyTorch (`--compare`: `bench/torch_bench.py`, run alternately
-//! with ours), then one table of images/s, ratios and peak memory.
+//! with ours), then one table of rates (images/s, or GFLOP/s for the matrix products), ratios and peak memory.
 
 use std::process::Command;
 
@@ -26,6 +26,8 @@ const SCENARIOS: &[(&str, &str, &str, bool)] = &[
     ("data-224", "simclr-data", "data_pipeline", true),
     ("data-224-all-cores", "simclr-data", "data_pipeline", false),
     ("data-224-jpeg", "simclr-data", "data_pipeline", true),
+    ("gemm-2048", "simclr-kernels", "gemm", true),
+    ("gemm-2048-bf16", "simclr-kernels", "gemm", true),
 ];
 
 /// What `cargo xtask bench` was asked for.
@@ -136,7 +138,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         bail!("building the benchmarks failed")
     }
     println!(
-        "| scenario | against | simclr-rs images/s | its images/s | simclr-rs / it, median (range) over {} round(s) | peak MiB (ours / it) |",
+        "| scenario | against | simclr-rs rate | its rate | simclr-rs / it, median (range) over {} round(s) | peak MiB (ours / it) |",
         opts.rounds
     );
     println!("|---|---|---|---|---|---|");
@@ -151,9 +153,14 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             None => (scenario, false),
         };
         if opts.compare && twin {
-            if bf16 {
+            if bf16 && scenario.starts_with("pretrain-") {
                 let (name, args) = TORCH_PRETRAIN_SETTINGS[2];
                 others.push((name.to_string(), Some(args)));
+            } else if bf16 {
+                others.push((
+                    "PyTorch bf16".to_string(),
+                    Some(&["--precision", "bf16"][..]),
+                ));
             } else if scenario.starts_with("pretrain-") {
                 for (name, args) in TORCH_PRETRAIN_SETTINGS {
                     others.push((name.to_string(), Some(args)));
@@ -171,14 +178,18 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let mut theirs: Vec<Vec<Figure>> = vec![Vec::new(); others.len()];
         for _ in 0..opts.rounds {
             let m = ours(scenario, package, target, false)?;
-            eprintln!("{scenario}: simclr-rs {:.1} images/s", m.images_per_s);
+            eprintln!(
+                "{scenario}: simclr-rs {:.1} {}",
+                m.images_per_s,
+                m.rate_unit()
+            );
             mine.push(m);
             for ((name, args), got) in others.iter().zip(theirs.iter_mut()) {
                 let f = match args {
                     Some(a) => torch(&opts.python, torch_scenario, a, name)?,
                     None => ours(scenario, package, target, true)?,
                 };
-                eprintln!("{scenario}: {name} {:.1} images/s", f.images_per_s);
+                eprintln!("{scenario}: {name} {:.1} {}", f.images_per_s, f.rate_unit());
                 got.push(f);
             }
         }
@@ -186,9 +197,20 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let my_rates = rates(&mine);
         let peak = |v: &[Figure]| simclr_bench::median(v.iter().map(|f| f.peak_rss_mib).collect());
         let threads = mine.first().map_or(0, |f| f.threads);
+        let unit = mine
+            .first()
+            .map_or("images/s", |f| f.rate_unit())
+            .to_string();
+        // A ratio of two rates in different units would be meaningless.
+        if let Some(f) = theirs.iter().flatten().find(|f| f.rate_unit() != unit) {
+            bail!(
+                "{scenario}: the other side measured {} where simclr-rs measured {unit}",
+                f.rate_unit()
+            )
+        }
         if others.is_empty() {
             println!(
-                "| {scenario} ({threads} thr) | – | {:.1} | – | – | {:.0} / – |",
+                "| {scenario} ({threads} thr) | – | {:.1} {unit} | – | – | {:.0} / – |",
                 simclr_bench::median(my_rates.clone()),
                 peak(&mine)
             );
@@ -200,7 +222,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 .map(|(a, b)| a / b)
                 .collect();
             println!(
-                "| {scenario} ({threads} thr) | {name} | {:.1} | {:.1} | {} | {:.0} / {:.0} |",
+                "| {scenario} ({threads} thr) | {name} | {:.1} {unit} | {:.1} {unit} | {} | {:.0} / {:.0} |",
                 simclr_bench::median(my_rates.clone()),
                 simclr_bench::median(rates(got)),
                 spread(&ratios),
@@ -226,7 +248,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 })
                 .collect();
             println!(
-                "| {scenario} ({threads} thr) | PyTorch's best f32 of each round | {:.1} | – | {} | – |",
+                "| {scenario} ({threads} thr) | PyTorch's best f32 of each round | {:.1} {unit} | – | {} | – |",
                 simclr_bench::median(my_rates.clone()),
                 spread(&ratios)
             );

@@ -24,7 +24,8 @@ pub const PREFIX: &str = "BENCH ";
 pub struct Figure {
     /// Scenario name, shared with `bench/torch_bench.py`.
     pub scenario: String,
-    /// Median images per second (an image of a two-view scenario counts once).
+    /// Median images per second (an image of a two-view scenario counts once), or of what
+    /// [`Figure::unit`] names instead.
     pub images_per_s: f64,
     /// Median seconds per step (or per batch).
     pub seconds_per_step: f64,
@@ -32,6 +33,17 @@ pub struct Figure {
     pub peak_rss_mib: f64,
     /// Worker threads.
     pub threads: usize,
+    /// What `images_per_s` counts where it is not images (the matrix-product scenarios:
+    /// `GFLOP/s`); absent for images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+impl Figure {
+    /// The unit of the rate: `images/s` unless the scenario named another.
+    pub fn rate_unit(&self) -> &str {
+        self.unit.as_deref().unwrap_or("images/s")
+    }
 }
 
 /// Whether `scenario` was asked for: no names on the command line (cargo's own `--bench`
@@ -76,8 +88,12 @@ pub fn peak_rss_mib() -> f64 {
 /// Prints `figure` for people (with `what` as the description) and as a `BENCH` line.
 pub fn report(what: &str, figure: &Figure) {
     println!(
-        "{what:<56} {:>9.1} images/s  {:>7.3} s/step  peak {:>6.0} MiB  ({} threads)",
-        figure.images_per_s, figure.seconds_per_step, figure.peak_rss_mib, figure.threads
+        "{what:<56} {:>9.1} {}  {:>7.3} s/step  peak {:>6.0} MiB  ({} threads)",
+        figure.images_per_s,
+        figure.rate_unit(),
+        figure.seconds_per_step,
+        figure.peak_rss_mib,
+        figure.threads
     );
     if let Ok(json) = serde_json::to_string(figure) {
         println!("{PREFIX}{json}");

@@ -40,6 +40,7 @@ fn measure(
         seconds_per_step: t,
         peak_rss_mib: peak,
         threads,
+        unit: None,
     };
     simclr_bench::report(&format!("{what} ({threads} thr, 2 views)"), &figure);
 }

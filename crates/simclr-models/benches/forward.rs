@@ -22,6 +22,7 @@ fn bench(scenario: &str, what: &str, config: ModelConfig, side: usize, batch: us
         seconds_per_step: t,
         peak_rss_mib: peak,
         threads: simclr_bench::threads(),
+        unit: None,
     };
     simclr_bench::report(what, &figure);
 }

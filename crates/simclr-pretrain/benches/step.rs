@@ -39,6 +39,7 @@ fn bench(
         seconds_per_step: t,
         peak_rss_mib: simclr_bench::peak_rss_mib(),
         threads: simclr_bench::threads(),
+        unit: None,
     };
     simclr_bench::report(what, &figure);
 }

@@ -41,6 +41,7 @@ pub fn bench_step(
         seconds_per_step: t,
         peak_rss_mib: simclr_bench::peak_rss_mib(),
         threads: simclr_bench::threads(),
+        unit: None,
     };
     let what =
         format!("pretrain step {model} {image_size}² batch {batch} {precision} on {device:?}");
