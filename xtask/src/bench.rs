@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: every benchmark scenario in a process of its own (so that its peak
 //! memory is its own), optionally beside stock candle (`--stock`: candle's convolution and BN
 //! ops, the system allocator) and PyTorch (`--compare`: `bench/torch_bench.py`, run alternately
-//! with ours), then one table of rates (images/s, or GFLOP/s for the matrix products), ratios and peak memory.
+//! with ours), then one table of rates (images/s, or GFLOP/s for the matrix products), ratios
+//! and peak memory.
 
 use std::process::Command;
 

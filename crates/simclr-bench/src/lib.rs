@@ -123,3 +123,26 @@ pub fn threads() -> usize {
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Figure;
+
+    #[test]
+    fn a_figure_without_a_unit_counts_images_and_one_with_a_unit_keeps_it() {
+        // The PyTorch script's lines carry extra fields and, for images, no unit.
+        let images: Figure = serde_json::from_str(
+            r#"{"scenario": "data-28", "images_per_s": 10.0, "seconds_per_step": 0.1,
+                "peak_rss_mib": 5.0, "threads": 1, "torch": "2.15"}"#,
+        )
+        .unwrap();
+        assert_eq!(images.rate_unit(), "images/s");
+        assert!(!serde_json::to_string(&images).unwrap().contains("unit"));
+        let flops = Figure {
+            unit: Some("GFLOP/s".into()),
+            ..images
+        };
+        let back: Figure = serde_json::from_str(&serde_json::to_string(&flops).unwrap()).unwrap();
+        assert_eq!(back.rate_unit(), "GFLOP/s");
+    }
+}
