@@ -13,11 +13,17 @@
 //! run per row when the stride is 1 and the padding keeps the width) and multiplies:
 //!
 //! * forward: `y = W · colsᵀ`, written straight into the NCHW output;
-//! * input gradient: `colsᵀ-grad = Wᵀ · gy`, folded back into the image by [`Col2Im`] (the
-//!   adjoint of the unfold; a task owns its images, so no two threads add into the same pixel);
+//! * input gradient, by one of two paths ([`InputGradPath`], a fixed rule per layer shape):
+//!   `colsᵀ-grad = Wᵀ · gy`, folded back into the image by [`Col2Im`] (the adjoint of the
+//!   unfold; a task owns its images, so no two threads add into the same pixel); or, for
+//!   stride 1, the forward convolution of `gy` with the kernel flipped in space and its channel
+//!   axes swapped, whose GEMM has `O·kh·kw` as its inner size where the fold's has `O`;
 //! * weight gradient: `gW += gy · cols`, recomputing the chunk's unfold instead of keeping it from
 //!   the forward pass, with partial kernels over fixed ranges of chunks summed in order at the
 //!   end, so the result does not depend on work stealing.
+//!
+//! Scratch matrices whose rows hold a multiple of 256 floats get one cache line more per row
+//! ([`row_stride`]): rows 4 KiB apart, one 32² image's, halved the forward rate.
 //!
 //! Nothing bigger than a chunk is ever unfolded, so the memory of a convolution layer in the
 //! autograd graph is that of its input and output, as with candle's own op. 1×1 stride-1 unpadded
@@ -106,6 +112,26 @@ impl ConvGeometry {
             (hp - self.kh) / self.stride + 1,
             (wp - self.kw) / self.stride + 1,
         ))
+    }
+
+    /// The window of the input gradient as a convolution of the output gradient, for stride 1:
+    /// the gradient of a stride-1 convolution is the convolution of the output gradient with the
+    /// kernel flipped in space and with its two channel axes swapped, padded by `k - 1 - pad`
+    /// on each side. `None` for strides above 1 and paddings wider than `k - 1`.
+    fn transposed(&self) -> Option<Self> {
+        let flip = |k: usize, pad: usize| (k - 1).checked_sub(pad);
+        if self.stride != 1 {
+            return None;
+        }
+        Some(Self {
+            kh: self.kh,
+            kw: self.kw,
+            stride: 1,
+            pad_top: flip(self.kh, self.pad_top)?,
+            pad_left: flip(self.kw, self.pad_left)?,
+            pad_bottom: flip(self.kh, self.pad_bottom)?,
+            pad_right: flip(self.kw, self.pad_right)?,
+        })
     }
 
     fn is_pointwise(&self) -> bool {
@@ -550,37 +576,58 @@ where
     }
 }
 
-/// Unfolds images `n0..n0 + count` of `x` into `cols` as `[K, count·P]`; returns the row length
-/// `count·P`.
-fn unfold_chunk(d: &Dims, x: &[f32], n0: usize, count: usize, cols: &mut Vec<f32>) -> usize {
-    let ld = count * d.p();
-    cols.resize(d.k() * ld, 0.0);
-    for b in 0..count {
-        let img = &x[(n0 + b) * d.image_in()..(n0 + b + 1) * d.image_in()];
-        im2col_image(d, img, cols, ld, b * d.p());
+/// The row stride of a scratch matrix whose rows hold `len` floats: `len`, or one cache line
+/// more when `len` is a multiple of 256 floats (1 KiB). The GEMMs' packing reads such a matrix
+/// across its rows, and rows a multiple of 1 KiB apart fall on a quarter or fewer of the L1
+/// cache's sets: one image of a 32² plane (1,024 floats, 4 KiB) ran the forward convolution of
+/// 16 channels at half the rate of a 28² or 30² one, 44–54 against 95–100 GFLOP/s.
+fn row_stride(len: usize) -> usize {
+    if len.is_multiple_of(256) {
+        len + 16
+    } else {
+        len
     }
-    ld
 }
 
-/// The chunk's unfold as `(matrix, row length)`: the image itself for a single image of a
-/// pointwise convolution, else [`unfold_chunk`] into `cols`.
+/// Unfolds images `n0..n0 + count` of `x` into `cols` as `[K, count·P]`; returns the row length
+/// `count·P` and the row stride ([`row_stride`]).
+fn unfold_chunk(
+    d: &Dims,
+    x: &[f32],
+    n0: usize,
+    count: usize,
+    cols: &mut Vec<f32>,
+) -> (usize, usize) {
+    let ld = count * d.p();
+    let rs = row_stride(ld);
+    cols.resize(d.k() * rs, 0.0);
+    for b in 0..count {
+        let img = &x[(n0 + b) * d.image_in()..(n0 + b + 1) * d.image_in()];
+        im2col_image(d, img, cols, rs, b * d.p());
+    }
+    (ld, rs)
+}
+
+/// The chunk's unfold as `(matrix, row length, row stride)`: the image itself for a single
+/// image of a pointwise convolution, else [`unfold_chunk`] into `cols`.
 fn chunk_cols<'a>(
     d: &Dims,
     x: &'a [f32],
     n0: usize,
     count: usize,
     cols: &'a mut Vec<f32>,
-) -> (&'a [f32], usize) {
+) -> (&'a [f32], usize, usize) {
     if count == 1 && d.g.is_pointwise() {
-        (&x[n0 * d.image_in()..(n0 + 1) * d.image_in()], d.p())
+        (&x[n0 * d.image_in()..(n0 + 1) * d.image_in()], d.p(), d.p())
     } else {
-        let ld = unfold_chunk(d, x, n0, count, cols);
-        (&cols[..], ld)
+        let (ld, rs) = unfold_chunk(d, x, n0, count, cols);
+        (&cols[..], ld, rs)
     }
 }
 
 /// Images `n0..n0 + count` of the output gradient `gy` (`[N, O, P]`) as one `[O, count·P]`
-/// matrix: `(matrix, row length)`, copied into `buf` unless `count == 1`.
+/// matrix: `(matrix, row stride)`, read in place for one image whose rows [`row_stride`] leaves
+/// as they are, else copied into `buf` with that stride.
 fn chunk_grad<'a>(
     d: &Dims,
     gy: &'a [f32],
@@ -589,18 +636,18 @@ fn chunk_grad<'a>(
     buf: &'a mut Vec<f32>,
 ) -> (&'a [f32], usize) {
     let (o, p) = (d.o, d.p());
-    if count == 1 {
+    if count == 1 && row_stride(p) == p {
         return (&gy[n0 * o * p..(n0 + 1) * o * p], p);
     }
-    let ld = count * p;
-    buf.resize(o * ld, 0.0);
+    let rs = row_stride(count * p);
+    buf.resize(o * rs, 0.0);
     for b in 0..count {
         let img = &gy[(n0 + b) * o * p..(n0 + b + 1) * o * p];
         for (oc, row) in img.chunks_exact(p).enumerate() {
-            buf[oc * ld + b * p..oc * ld + (b + 1) * p].copy_from_slice(row);
+            buf[oc * rs + b * p..oc * rs + (b + 1) * p].copy_from_slice(row);
         }
     }
-    (&buf[..], ld)
+    (&buf[..], rs)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,35 +714,40 @@ impl CustomOp2 for Conv2dGemm {
         });
         let y = build_chunked(&d, d.n * o * p, o * p, |n0, out, par, scratch| {
             let count = out.len() / (o * p);
-            let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
+            let (cols, ld, cols_rs) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
             if let Some(lhs) = &lhs {
                 // Image by image, straight into the output: y_b [O, P] = W · (columns of image
                 // b in cols); no [O, ld] buffer to copy out.
                 for (b, img) in out.chunks_exact_mut(o * p).enumerate() {
                     let cols_b = Mat {
                         data: &cols[b * p..],
-                        rs: ld,
+                        rs: cols_rs,
                         cs: 1,
                     };
                     lhs.gemm(p, MatMut::rows(img, p), false, cols_b, par);
                 }
                 return;
             }
-            let (dst, dld) = if count == 1 {
+            // Straight into the output for one image, unless its rows are a multiple of 1 KiB
+            // apart (see [`row_stride`]); else into a buffer, copied out.
+            let direct = count == 1 && row_stride(p) == p;
+            let dld = row_stride(ld);
+            let (dst, dld) = if direct {
                 (&mut out[..], p)
             } else {
-                scratch.other.resize(o * ld, 0.0);
-                (&mut scratch.other[..], ld)
+                scratch.other.resize(o * dld, 0.0);
+                (&mut scratch.other[..], dld)
             };
             // y [O, ld] = W · cols, computed as [ld, O] = colsᵀ · Wᵀ (measured the faster order).
-            let (dst, cols) = (MatMut::rows(dst, dld), Mat::rows(cols, ld));
+            let (dst, cols) = (MatMut::rows(dst, dld), Mat::rows(cols, cols_rs));
             let wt = Mat::rows(w, k).t();
             gemm_f32((ld, o, k), dst.t(), false, cols.t(), wt, par);
-            if count > 1 {
+            if !direct {
                 // [O, count·P] -> count images [O, P].
                 for (b, img) in out.chunks_exact_mut(o * p).enumerate() {
                     for (oc, row) in img.chunks_exact_mut(p).enumerate() {
-                        row.copy_from_slice(&scratch.other[oc * ld + b * p..oc * ld + (b + 1) * p]);
+                        let from = oc * dld + b * p;
+                        row.copy_from_slice(&scratch.other[from..from + p]);
                     }
                 }
             }
@@ -720,6 +772,7 @@ impl CustomOp2 for Conv2dGemm {
                     h,
                     w: wd,
                     products: self.1,
+                    path: None,
                 },
             )?)
         } else {
@@ -746,6 +799,79 @@ pub struct ConvInputGrad {
     pub w: usize,
     /// The arithmetic of the product.
     pub products: Products,
+    /// How to compute it; `None`: [`InputGradPath::choose`]'s choice.
+    pub path: Option<InputGradPath>,
+}
+
+/// The two ways [`ConvInputGrad`] computes the gradient of a convolution's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputGradPath {
+    /// The gradient of the unfolded input (`Wᵀ · gy`, a GEMM whose inner size is the output
+    /// channels), folded back onto the image (an add per kernel tap). Any geometry.
+    Fold,
+    /// A forward convolution of the output gradient with the kernel flipped in space and its
+    /// channel axes swapped: a GEMM whose inner size is `O·kh·kw`, and an unfold (a copy)
+    /// instead of the fold. Stride 1 and padding at most `k - 1` only; other windows fold.
+    Convolution,
+}
+
+impl InputGradPath {
+    /// The path for a layer of window `g` with `o` output channels and `p` output positions per
+    /// image: the convolution where the window has one, the products are f32 and the layer is
+    /// thin (`o <= 16`, where the fold's GEMM has an inner size of 16 or less) or its planes
+    /// small (`p <= 256`, where the fold adds short rows); else the fold. The rule comes from
+    /// timing both on the stride-1 layers of the pipeline's and the CIFAR network
+    /// (docs/performance.md); bf16 keeps the fold, the path measured on AMX.
+    pub fn choose(g: ConvGeometry, products: Products, o: usize, p: usize) -> Self {
+        if g.transposed().is_some() && products == Products::F32 && (o <= 16 || p <= 256) {
+            Self::Convolution
+        } else {
+            Self::Fold
+        }
+    }
+}
+
+impl ConvInputGrad {
+    /// The window of the convolution path, if this op takes it for `o` output channels and `p`
+    /// output positions per image.
+    fn convolution_window(&self, o: usize, p: usize) -> Option<ConvGeometry> {
+        let path = self
+            .path
+            .unwrap_or_else(|| InputGradPath::choose(self.geometry, self.products, o, p));
+        match path {
+            InputGradPath::Convolution => self.geometry.transposed(),
+            InputGradPath::Fold => None,
+        }
+    }
+
+    /// [`InputGradPath::Convolution`]: `gx = conv(gy, w')` in window `t`, where `w'[c, o, i, j]
+    /// = w[o, c, kh - 1 - i, kw - 1 - j]`.
+    fn by_convolution(
+        &self,
+        t: ConvGeometry,
+        gs: &CpuStorage,
+        gl: &Layout,
+        w: &[f32],
+        (n, c, o): (usize, usize, usize),
+    ) -> Result<(CpuStorage, Shape)> {
+        let taps = self.geometry.kh * self.geometry.kw;
+        let mut flipped = vec![0f32; w.len()];
+        for (oc, filter) in w.chunks_exact(c * taps).enumerate() {
+            for (ic, kernel) in filter.chunks_exact(taps).enumerate() {
+                let dst = &mut flipped[(ic * o + oc) * taps..(ic * o + oc + 1) * taps];
+                for (tap, v) in kernel.iter().enumerate() {
+                    dst[taps - 1 - tap] = *v;
+                }
+            }
+        }
+        let layout = Layout::contiguous((c, o, self.geometry.kh, self.geometry.kw));
+        let (gx, shape) =
+            Conv2dGemm(t, self.products).cpu_fwd(gs, gl, &CpuStorage::F32(flipped), &layout)?;
+        if shape.dims() != [n, c, self.h, self.w] {
+            bail!("conv2d input grad: the transposed convolution gave {shape:?}")
+        }
+        Ok((gx, shape))
+    }
 }
 
 impl CustomOp2 for ConvInputGrad {
@@ -772,6 +898,9 @@ impl CustomOp2 for ConvInputGrad {
                 wl.dims()
             )
         }
+        if let Some(t) = self.convolution_window(o, d.p()) {
+            return self.by_convolution(t, gs, gl, w, (n, c, o));
+        }
         let (p, k) = (d.p(), d.k());
         // bf16: Wᵀ [K, O] rounded and packed once for all chunks.
         let lhs = (self.products == Products::Bf16).then(|| {
@@ -792,7 +921,8 @@ impl CustomOp2 for ConvInputGrad {
             |n0, out, par, scratch| {
                 let count = out.len() / d.image_in();
                 let ld = count * p;
-                scratch.cols.resize(k * ld, 0.0);
+                let rs = row_stride(ld);
+                scratch.cols.resize(k * rs, 0.0);
                 if let Some(lhs) = &lhs {
                     // cols-grad [K, ld] = Wᵀ · g image by image, each image's gradient read
                     // where it is (no [O, ld] copy).
@@ -800,7 +930,7 @@ impl CustomOp2 for ConvInputGrad {
                         let g_b = Mat::rows(&gy[(n0 + b) * o * p..(n0 + b + 1) * o * p], p);
                         let dst = MatMut {
                             data: &mut scratch.cols[b * p..],
-                            rs: ld,
+                            rs,
                             cs: 1,
                         };
                         lhs.gemm(p, dst, false, g_b, par);
@@ -808,13 +938,13 @@ impl CustomOp2 for ConvInputGrad {
                 } else {
                     // cols-grad [K, ld] = Wᵀ · g, computed as [ld, K] = gᵀ · W (measured the
                     // faster order).
-                    let (g, _) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
-                    let (dst, g) = (MatMut::rows(&mut scratch.cols, ld), Mat::rows(g, ld));
+                    let (g, g_rs) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
+                    let (dst, g) = (MatMut::rows(&mut scratch.cols, rs), Mat::rows(g, g_rs));
                     let w = Mat::rows(w, k);
                     gemm_f32((ld, k, o), dst.t(), false, g.t(), w, par);
                 }
                 for (b, img) in out.chunks_exact_mut(d.image_in()).enumerate() {
-                    col2im_image(&d, &mut scratch.cols, ld, b * p, img);
+                    col2im_image(&d, &mut scratch.cols, rs, b * p, img);
                 }
             },
         );
@@ -860,9 +990,9 @@ impl CustomOp2 for ConvKernelGrad {
         let accumulate = |acc: &mut [f32], ci: usize, scratch: &mut Scratch| {
             let n0 = ci * gi;
             let count = gi.min(n - n0);
-            let (cols, ld) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
+            let (cols, ld, cols_rs) = chunk_cols(&d, x, n0, count, &mut scratch.cols);
             let (g, gld) = chunk_grad(&d, gy, n0, count, &mut scratch.other);
-            let (dst, cols) = (MatMut::rows(acc, o), Mat::rows(cols, ld));
+            let (dst, cols) = (MatMut::rows(acc, o), Mat::rows(cols, cols_rs));
             let gt = Mat {
                 data: g,
                 rs: 1,

@@ -8,6 +8,8 @@
 //!   backward pass runs (candle: the `conv_transpose2d` and the transposed `conv2d` of candle's
 //!   autograd; custom: `ConvInputGrad` and `ConvKernelGrad`), and the whole forward +
 //!   `backward()` through autograd;
+//! * the input gradient of the stride-1 layers of the pipeline's and the CIFAR network by each
+//!   of its two paths (`InputGradPath`), and which one the rule picks;
 //! * images/s of one SimCLR training step's forward + backward (NT-Xent, no optimizer update)
 //!   for an R18-CIFAR model at base width 16 on 28×28, 128 images × 2 views.
 //!
@@ -19,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use simclr_kernels::conv::{
     conv2d_with, set_conv_backend, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
-    Products,
+    InputGradPath, Products,
 };
 use simclr_models::{ModelConfig, SimclrModel};
 
@@ -95,6 +97,7 @@ fn bench_custom(p: &Conv, x: &Tensor, w: &Tensor, gy: &Tensor) -> [f64; 4] {
         h: p.h,
         w: p.h,
         products: Products::F32,
+        path: None,
     };
     let dx = time(1, 7, || gy.apply_op2_no_bwd(w, &input_grad));
     let dw = time(1, 7, || {
@@ -218,8 +221,63 @@ fn step_table() {
     println!("  speed-up {:.2}x", rates[1] / rates[0]);
 }
 
+/// The two paths of the input gradient on the stride-1 3×3 layers of the pipeline's network
+/// (width 16, 28², 512 views) and of the CIFAR one (width 64, 32², 256 views), alternating.
+fn input_grad_table() {
+    println!("input gradient of 3x3 stride-1 layers, ms (median of 9, the paths alternating):");
+    println!(
+        "  {:<26} {:>8} {:>13} {:>9} {:>12}",
+        "layer", "fold", "convolution", "fold/conv", "chosen"
+    );
+    let g = ConvGeometry::symmetric(3, 1, 1);
+    let layers = [
+        (512, 16, 28),
+        (512, 32, 14),
+        (512, 64, 7),
+        (512, 128, 4),
+        (256, 64, 32),
+        (256, 128, 16),
+        (256, 256, 8),
+        (256, 512, 4),
+    ];
+    for (n, c, h) in layers {
+        let gy = randn(&[n, c, h, h], 1.0);
+        let w = randn(&[c, c, 3, 3], 0.05);
+        let op = |path| ConvInputGrad {
+            geometry: g,
+            h,
+            w: h,
+            products: Products::F32,
+            path: Some(path),
+        };
+        let paths = [InputGradPath::Fold, InputGradPath::Convolution];
+        let mut ms = [Vec::new(), Vec::new()];
+        for rep in 0..20 {
+            let i = rep % 2;
+            let t = Instant::now();
+            let gx = gy
+                .apply_op2_no_bwd(&w, &op(paths[i]))
+                .expect("input gradient");
+            let dt = t.elapsed().as_secs_f64() * 1e3;
+            drop(gx);
+            if rep >= 2 {
+                ms[i].push(dt);
+            }
+        }
+        let [fold, conv] = ms.map(median);
+        let chosen = InputGradPath::choose(g, Products::F32, c, h * h);
+        println!(
+            "  {:<26} {fold:>8.1} {conv:>13.1} {:>8.2}x {:>12}",
+            format!("{c}->{c} {h}x{h}, batch {n}"),
+            fold / conv,
+            format!("{chosen:?}").to_lowercase()
+        );
+    }
+}
+
 fn main() {
     println!("threads: {}", rayon::current_num_threads());
     conv_table();
+    input_grad_table();
     step_table();
 }

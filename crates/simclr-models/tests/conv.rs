@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{pseudo_random, rel_err, values};
 use simclr_kernels::conv::{
     conv2d_with, Col2Im, Conv2dGemm, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
-    Im2Col, Products,
+    Im2Col, InputGradPath, Products,
 };
 
 const TOL: f64 = 1e-4;
@@ -37,11 +37,19 @@ fn run(
 /// (batch, in channels, height, width, out channels, geometry)
 type Case = (usize, usize, usize, usize, usize, ConvGeometry);
 
+/// A case's input (from `seed`) and kernel (from `seed + 1`).
+fn operands(&(n, c, h, w, o, g): &Case, seed: u64) -> (Tensor, Tensor) {
+    (
+        pseudo_random(&[n, c, h, w], seed, -1.0, 1.0),
+        pseudo_random(&[o, c, g.kh, g.kw], seed + 1, -0.5, 0.5),
+    )
+}
+
 fn check(cases: &[Case]) {
-    for (idx, &(n, c, h, w, o, g)) in cases.iter().enumerate() {
+    for (idx, case) in cases.iter().enumerate() {
+        let g = case.5;
         let seed = 1000 + idx as u64 * 7;
-        let x = pseudo_random(&[n, c, h, w], seed, -1.0, 1.0);
-        let k = pseudo_random(&[o, c, g.kh, g.kw], seed + 1, -0.5, 0.5);
+        let (x, k) = operands(case, seed);
         let (y0, gx0, gw0) = run(&x, &k, seed + 2, g, ConvBackend::Candle);
         let (y1, gx1, gw1) = run(&x, &k, seed + 2, g, ConvBackend::Im2colGemm);
         let what = format!("case {idx}: x {:?} w {:?} {g:?}", x.dims(), k.dims());
@@ -126,6 +134,12 @@ fn larger_batch_matches() {
         (5, 4, 16, 16, 3, s(1, 1, 0)),
         (33, 9, 4, 4, 5, s(1, 1, 0)),
         (2, 3, 29, 31, 8, s(7, 2, 3)),
+        // Rows a multiple of 256 floats apart get a padded stride in the scratch matrices: one
+        // image of a 32² plane per chunk (forward, kernel gradient and the fold), and chunks of
+        // several 32² and 16² images.
+        (1, 20, 32, 32, 20, s(3, 1, 1)),
+        (2, 3, 32, 32, 4, s(3, 1, 1)),
+        (3, 4, 16, 16, 5, s(3, 1, 1)),
     ]);
 }
 
@@ -300,12 +314,79 @@ fn gradient_ops_match_autograd_of_the_convolution() {
         h: 9,
         w: 7,
         products: Products::F32,
+        path: None,
     };
     assert_eq!(values(&r.apply_op2_no_bwd(&w, &op).unwrap()), values(&gx));
     let gw2 = x
         .apply_op2_no_bwd(&r, &ConvKernelGrad(g, Products::F32))
         .unwrap();
     assert!(rel_err(&gw2, &gw) < 1e-6);
+}
+
+#[test]
+fn both_input_gradient_paths_match_candle() {
+    // The fold and the convolution of the output gradient, each forced, on the stride-1 windows
+    // (the convolution's only ones: square, asymmetric, zero and full padding, pointwise) and on
+    // chunks of one and of several images; a stride-2 window asked for the convolution folds.
+    let s = ConvGeometry::symmetric;
+    let asym = ConvGeometry {
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad_top: 2,
+        pad_left: 0,
+        pad_bottom: 0,
+        pad_right: 2,
+    };
+    let cases: [Case; 8] = [
+        (2, 5, 7, 11, 13, s(3, 1, 1)),
+        (4, 6, 5, 5, 10, s(3, 1, 0)),
+        (3, 4, 9, 7, 5, asym),
+        (1, 5, 9, 9, 6, s(7, 1, 3)),
+        (3, 13, 7, 5, 11, s(1, 1, 0)),
+        (70, 5, 4, 4, 7, s(3, 1, 1)),
+        (6, 16, 28, 28, 16, s(3, 1, 1)),
+        (3, 13, 11, 9, 6, s(3, 2, 1)),
+    ];
+    for (idx, case) in cases.iter().enumerate() {
+        let (_, _, h, w, _, g) = *case;
+        let seed = 3000 + idx as u64 * 5;
+        let (x, k) = operands(case, seed);
+        let (y0, gx0, _) = run(&x, &k, seed + 2, g, ConvBackend::Candle);
+        let r = pseudo_random(y0.dims(), seed + 2, -1.0, 1.0);
+        for path in [InputGradPath::Fold, InputGradPath::Convolution] {
+            let op = ConvInputGrad {
+                geometry: g,
+                h,
+                w,
+                products: Products::F32,
+                path: Some(path),
+            };
+            let gx = r.apply_op2_no_bwd(&k, &op).unwrap();
+            let e = rel_err(&gx, &gx0);
+            assert!(e < TOL, "case {idx} {g:?} {path:?}: rel err {e:e}");
+        }
+    }
+}
+
+#[test]
+fn the_input_gradient_path_follows_its_rule() {
+    let choose = InputGradPath::choose;
+    let s = ConvGeometry::symmetric;
+    let (f32, bf16) = (Products::F32, Products::Bf16);
+    // The pipeline's first stage (16 channels, 28²) and every plane of 16² or less.
+    assert_eq!(choose(s(3, 1, 1), f32, 16, 784), InputGradPath::Convolution);
+    assert_eq!(choose(s(3, 1, 1), f32, 128, 16), InputGradPath::Convolution);
+    assert_eq!(
+        choose(s(3, 1, 1), f32, 512, 256),
+        InputGradPath::Convolution
+    );
+    // Wider layers on large planes, strides above 1, paddings wider than k - 1, and bf16 fold.
+    assert_eq!(choose(s(3, 1, 1), f32, 64, 1024), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 1, 1), f32, 32, 784), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 2, 1), f32, 16, 196), InputGradPath::Fold);
+    assert_eq!(choose(s(1, 1, 1), f32, 16, 100), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 1, 1), bf16, 16, 784), InputGradPath::Fold);
 }
 
 #[test]
@@ -389,10 +470,10 @@ fn bf16_products_equal_f32_convolution_of_rounded_operands() {
         (5, 24, 9, 9, 8, s(1, 1, 0)),
         (2, 3, 19, 17, 12, s(7, 2, 3)),
     ];
-    for (idx, &(n, c, h, w, o, g)) in cases.iter().enumerate() {
+    for (idx, case) in cases.iter().enumerate() {
+        let g = case.5;
         let seed = 5000 + idx as u64 * 11;
-        let x = pseudo_random(&[n, c, h, w], seed, -1.0, 1.0);
-        let k = pseudo_random(&[o, c, g.kh, g.kw], seed + 1, -0.5, 0.5);
+        let (x, k) = operands(case, seed);
         let what = format!("case {idx}: x {:?} w {:?} {g:?}", x.dims(), k.dims());
         let grads = |x: &Tensor, k: &Tensor, products: Products, backend, round_r: bool| {
             let xv = Var::from_tensor(x).unwrap();
