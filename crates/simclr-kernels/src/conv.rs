@@ -117,9 +117,9 @@ impl ConvGeometry {
     /// The window of the input gradient as a convolution of the output gradient, for stride 1:
     /// the gradient of a stride-1 convolution is the convolution of the output gradient with the
     /// kernel flipped in space and with its two channel axes swapped, padded by `k - 1 - pad`
-    /// on each side. `None` for strides above 1 and paddings wider than `k - 1`.
+    /// on each side. `None` for strides above 1, empty kernels and paddings wider than `k - 1`.
     fn transposed(&self) -> Option<Self> {
-        let flip = |k: usize, pad: usize| (k - 1).checked_sub(pad);
+        let flip = |k: usize, pad: usize| k.checked_sub(1)?.checked_sub(pad);
         if self.stride != 1 {
             return None;
         }

@@ -386,6 +386,7 @@ fn the_input_gradient_path_follows_its_rule() {
     assert_eq!(choose(s(3, 1, 1), f32, 32, 784), InputGradPath::Fold);
     assert_eq!(choose(s(3, 2, 1), f32, 16, 196), InputGradPath::Fold);
     assert_eq!(choose(s(1, 1, 1), f32, 16, 100), InputGradPath::Fold);
+    assert_eq!(choose(s(0, 1, 0), f32, 16, 100), InputGradPath::Fold);
     assert_eq!(choose(s(3, 1, 1), bf16, 16, 784), InputGradPath::Fold);
 }
 
