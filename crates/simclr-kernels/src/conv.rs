@@ -22,6 +22,11 @@
 //!   the forward pass, with partial kernels over fixed ranges of chunks summed in order at the
 //!   end, so the result does not depend on work stealing.
 //!
+//! The wide 3×3 stride-1 layers padded by 1 leave the unfold: their forward pass (and so the
+//! input gradient's convolution path) runs Winograd's F(2×2, 3×3) ([`crate::winograd`], 2.25×
+//! fewer multiply-adds), and so does the kernel gradient of the widest ones on planes of 8² or
+//! more; [`crate::winograd::applies`] holds the rule.
+//!
 //! Scratch matrices whose rows hold a multiple of 256 floats get one cache line more per row
 //! ([`row_stride`]): rows 4 KiB apart, one 32² image's, halved the forward rate.
 //!
@@ -53,6 +58,7 @@ use rayon::prelude::*;
 use crate::buffers::{par_build, par_zeroed};
 use crate::gemm_bf16::{gemm_bf16, PackedLhs};
 use crate::matrix::{gemm_f32, Mat, MatMut};
+use crate::winograd;
 
 /// A chunk holds whole images whose unfold has about this many floats (256 KiB: measured as
 /// good as or better than 1 and 4 MiB on a 2-core Zen 4 with 1 MiB of L2 per core)...
@@ -513,17 +519,19 @@ fn col2im_image(d: &Dims, src: &mut [f32], ld: usize, col0: usize, dx: &mut [f32
     }
 }
 
-/// Per-thread buffers of a chunk: the unfold and a second matrix.
+/// Per-thread buffers of a chunk: the unfold (or Winograd's transformed input), a second
+/// matrix, and a small third buffer.
 #[derive(Default)]
-struct Scratch {
-    cols: Vec<f32>,
-    other: Vec<f32>,
+pub(crate) struct Scratch {
+    pub(crate) cols: Vec<f32>,
+    pub(crate) other: Vec<f32>,
+    pub(crate) extra: Vec<f32>,
 }
 
 /// Runs `f` with this thread's [`Scratch`], kept between tasks and ops: a fresh one per task
 /// grew (and zero-filled) its buffers every time, 1.4 % of a pretraining step. A nested call
 /// on the same thread gets an empty one, never a buffer in use.
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     thread_local! {
         static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
     }
@@ -699,6 +707,17 @@ impl CustomOp2 for Conv2dGemm {
                 xl.dims()
             )
         }
+        if winograd::applies(d.g, self.1, d.c, o, d.h * d.w) {
+            let s = winograd::Sizes {
+                n: d.n,
+                c: d.c,
+                h: d.h,
+                w: d.w,
+                o,
+            };
+            let y = winograd::forward(s, x, w)?;
+            return Ok((CpuStorage::F32(y), Shape::from((d.n, o, d.ho, d.wo))));
+        }
         let (p, k) = (d.p(), d.k());
         // bf16: the kernel is rounded and packed once for all chunks.
         let lhs = (self.1 == Products::Bf16).then(|| {
@@ -816,14 +835,20 @@ pub enum InputGradPath {
 }
 
 impl InputGradPath {
-    /// The path for a layer of window `g` with `o` output channels and `p` output positions per
-    /// image: the convolution where the window has one, the products are f32 and the layer is
-    /// thin (`o <= 16`, where the fold's GEMM has an inner size of 16 or less) or its planes
-    /// small (`p <= 256`, where the fold adds short rows); else the fold. The rule comes from
-    /// timing both on the stride-1 layers of the pipeline's and the CIFAR network
-    /// (docs/performance.md); bf16 keeps the fold, the path measured on AMX.
-    pub fn choose(g: ConvGeometry, products: Products, o: usize, p: usize) -> Self {
-        if g.transposed().is_some() && products == Products::F32 && (o <= 16 || p <= 256) {
+    /// The path for a layer of window `g` from `c` input to `o` output channels with `p` output
+    /// positions per image: the convolution where the window has one, the products are f32 and
+    /// the layer is thin (`o <= 16`, where the fold's GEMM has an inner size of 16 or less), its
+    /// planes small (`p <= 256`, where the fold adds short rows), or the convolution is one
+    /// [`winograd`] computes; else the fold. The rule comes from timing both on the stride-1
+    /// layers of the pipeline's and the CIFAR network (docs/performance.md); bf16 keeps the
+    /// fold, the path measured on AMX.
+    pub fn choose(g: ConvGeometry, products: Products, c: usize, o: usize, p: usize) -> Self {
+        let Some(t) = g.transposed() else {
+            return Self::Fold;
+        };
+        if products == Products::F32
+            && (o <= 16 || p <= 256 || winograd::applies(t, products, o, c, p))
+        {
             Self::Convolution
         } else {
             Self::Fold
@@ -834,10 +859,10 @@ impl InputGradPath {
 impl ConvInputGrad {
     /// The window of the convolution path, if this op takes it for `o` output channels and `p`
     /// output positions per image.
-    fn convolution_window(&self, o: usize, p: usize) -> Option<ConvGeometry> {
+    fn convolution_window(&self, c: usize, o: usize, p: usize) -> Option<ConvGeometry> {
         let path = self
             .path
-            .unwrap_or_else(|| InputGradPath::choose(self.geometry, self.products, o, p));
+            .unwrap_or_else(|| InputGradPath::choose(self.geometry, self.products, c, o, p));
         match path {
             InputGradPath::Convolution => self.geometry.transposed(),
             InputGradPath::Fold => None,
@@ -897,7 +922,7 @@ impl CustomOp2 for ConvInputGrad {
                 wl.dims()
             )
         }
-        if let Some(t) = self.convolution_window(o, d.p()) {
+        if let Some(t) = self.convolution_window(c, o, d.p()) {
             return self.by_convolution(t, gs, gl, w, (n, c, o));
         }
         let (p, k) = (d.p(), d.k());
@@ -979,6 +1004,17 @@ impl CustomOp2 for ConvKernelGrad {
                 xl.dims(),
                 gl.dims()
             )
+        }
+        if winograd::applies_to_kernel_grad(d.g, self.1, d.c, o, d.h * d.w) {
+            let s = winograd::Sizes {
+                n,
+                c: d.c,
+                h: d.h,
+                w: d.w,
+                o,
+            };
+            let gw = winograd::kernel_grad(s, x, gy)?;
+            return Ok((CpuStorage::F32(gw), Shape::from((o, d.c, d.g.kh, d.g.kw))));
         }
         let k = d.k();
         let gi = d.chunk_images();

@@ -4,7 +4,8 @@
 //! composition of candle ops that the tests use as the independent computation:
 //!
 //! * [`conv`]: 2-D convolution on the CPU as im2col + GEMM (forward, input and weight
-//!   gradients), and the layout helpers the other kernels share;
+//!   gradients), and the layout helpers the other kernels share; [`winograd`]: the wide 3×3
+//!   stride-1 layers by Winograd's F(2×2, 3×3) instead;
 //! * [`gemm_bf16`]: products with bf16 operands and f32 accumulation (`--precision bf16` on the
 //!   CPU), on AMX tiles where the CPU has them, and [`matrix`]: the strided matrices and the
 //!   f32 product the two share;
@@ -34,3 +35,4 @@ pub mod cuda;
 pub mod gemm_bf16;
 pub mod matrix;
 pub mod ntxent;
+pub mod winograd;

@@ -10,6 +10,9 @@
 //!   `backward()` through autograd;
 //! * the input gradient of the stride-1 layers of the pipeline's and the CIFAR network by each
 //!   of its two paths (`InputGradPath`), and which one the rule picks;
+//! * the three ops of the CIFAR network's stride-1 3×3 layers with and without Winograd's
+//!   F(2×2, 3×3) (`simclr_kernels::winograd`), and which ops its rule gives it (`-- winograd`
+//!   prints this table alone);
 //! * images/s of one SimCLR training step's forward + backward (NT-Xent, no optimizer update)
 //!   for an R18-CIFAR model at base width 16 on 28×28, 128 images × 2 views.
 //!
@@ -23,6 +26,7 @@ use simclr_kernels::conv::{
     conv2d_with, set_conv_backend, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
     InputGradPath, Products,
 };
+use simclr_kernels::winograd;
 use simclr_models::{ModelConfig, SimclrModel};
 
 type R<T> = candle_core::Result<T>;
@@ -260,7 +264,7 @@ fn input_grad_table() {
             }
         }
         let [fold, conv] = ms.map(median);
-        let chosen = InputGradPath::choose(g, Products::F32, c, h * h);
+        let chosen = InputGradPath::choose(g, Products::F32, c, c, h * h);
         println!(
             "  {:<26} {fold:>8.1} {conv:>13.1} {:>8.2}x {:>12}",
             format!("{c}->{c} {h}x{h}, batch {n}"),
@@ -270,9 +274,78 @@ fn input_grad_table() {
     }
 }
 
+/// The three ops of the stride-1 3×3 layers of the CIFAR network (width 64, 32², 256 views)
+/// with and without [`simclr_kernels::winograd`], alternating: ms, medians of 9.
+fn winograd_table() {
+    println!(
+        "3x3 stride-1 layers, ms (median of 9, alternating), im2col / winograd (the input \
+         gradient by its convolution path):"
+    );
+    println!(
+        "  {:<26} {:>17} {:>17} {:>17}   winograd for",
+        "layer", "forward", "input gradient", "kernel gradient"
+    );
+    let g = ConvGeometry::symmetric(3, 1, 1);
+    for (n, c, h) in [(256, 64, 32), (256, 128, 16), (256, 256, 8), (256, 512, 4)] {
+        let x = randn(&[n, c, h, h], 1.0);
+        let gy = randn(&[n, c, h, h], 1.0);
+        let w = randn(&[c, c, 3, 3], 0.05);
+        let input_grad = ConvInputGrad {
+            geometry: g,
+            h,
+            w: h,
+            products: Products::F32,
+            path: Some(InputGradPath::Convolution),
+        };
+        let mut ms = vec![Vec::new(); 6];
+        for rep in 0..20 {
+            let on = rep % 2 == 1;
+            winograd::set_winograd(on);
+            let f = time(0, 1, || conv2d_with(&x, &w, g, ConvBackend::Im2colGemm));
+            let d = time(0, 1, || gy.apply_op2_no_bwd(&w, &input_grad));
+            let k = time(0, 1, || {
+                x.apply_op2_no_bwd(&gy, &ConvKernelGrad(g, Products::F32))
+            });
+            if rep >= 2 {
+                let base = if on { 3 } else { 0 };
+                for (i, t) in [f, d, k].into_iter().enumerate() {
+                    ms[base + i].push(t * 1e3);
+                }
+            }
+        }
+        winograd::set_winograd(true);
+        let m: Vec<f64> = ms.into_iter().map(median).collect();
+        let p = h * h;
+        let uses = match (
+            winograd::applies(g, Products::F32, c, c, p),
+            winograd::applies_to_kernel_grad(g, Products::F32, c, c, p),
+        ) {
+            (true, true) => "all three",
+            (true, false) => "fwd + input",
+            _ => "none",
+        };
+        println!(
+            "  {:<26} {:>7.1} / {:>7.1} {:>7.1} / {:>7.1} {:>7.1} / {:>7.1}   {uses}",
+            format!("{c}->{c} {h}x{h}, batch {n}"),
+            m[0],
+            m[3],
+            m[1],
+            m[4],
+            m[2],
+            m[5]
+        );
+    }
+}
+
 fn main() {
     println!("threads: {}", rayon::current_num_threads());
+    // `cargo bench -p simclr-models --bench conv -- winograd`: that table only.
+    if std::env::args().any(|a| a == "winograd") {
+        winograd_table();
+        return;
+    }
     conv_table();
     input_grad_table();
+    winograd_table();
     step_table();
 }

@@ -375,19 +375,33 @@ fn the_input_gradient_path_follows_its_rule() {
     let s = ConvGeometry::symmetric;
     let (f32, bf16) = (Products::F32, Products::Bf16);
     // The pipeline's first stage (16 channels, 28²) and every plane of 16² or less.
-    assert_eq!(choose(s(3, 1, 1), f32, 16, 784), InputGradPath::Convolution);
-    assert_eq!(choose(s(3, 1, 1), f32, 128, 16), InputGradPath::Convolution);
     assert_eq!(
-        choose(s(3, 1, 1), f32, 512, 256),
+        choose(s(3, 1, 1), f32, 16, 16, 784),
         InputGradPath::Convolution
     );
-    // Wider layers on large planes, strides above 1, paddings wider than k - 1, and bf16 fold.
-    assert_eq!(choose(s(3, 1, 1), f32, 64, 1024), InputGradPath::Fold);
-    assert_eq!(choose(s(3, 1, 1), f32, 32, 784), InputGradPath::Fold);
-    assert_eq!(choose(s(3, 2, 1), f32, 16, 196), InputGradPath::Fold);
-    assert_eq!(choose(s(1, 1, 1), f32, 16, 100), InputGradPath::Fold);
-    assert_eq!(choose(s(0, 1, 0), f32, 16, 100), InputGradPath::Fold);
-    assert_eq!(choose(s(3, 1, 1), bf16, 16, 784), InputGradPath::Fold);
+    assert_eq!(
+        choose(s(3, 1, 1), f32, 128, 128, 16),
+        InputGradPath::Convolution
+    );
+    assert_eq!(
+        choose(s(3, 1, 1), f32, 512, 512, 256),
+        InputGradPath::Convolution
+    );
+    // Wide layers on large planes take the convolution where Winograd computes it.
+    let winograd = if simclr_kernels::winograd::enabled() {
+        InputGradPath::Convolution
+    } else {
+        InputGradPath::Fold
+    };
+    assert_eq!(choose(s(3, 1, 1), f32, 64, 64, 1024), winograd);
+    // Thin layers on large planes, strides above 1, paddings wider than k - 1, and bf16 fold.
+    assert_eq!(choose(s(3, 1, 1), f32, 16, 64, 1024), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 1, 1), f32, 32, 32, 784), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 2, 1), f32, 16, 16, 196), InputGradPath::Fold);
+    assert_eq!(choose(s(1, 1, 1), f32, 16, 16, 100), InputGradPath::Fold);
+    assert_eq!(choose(s(0, 1, 0), f32, 16, 16, 100), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 1, 1), bf16, 16, 16, 784), InputGradPath::Fold);
+    assert_eq!(choose(s(3, 1, 1), bf16, 64, 64, 1024), InputGradPath::Fold);
 }
 
 #[test]
@@ -510,4 +524,120 @@ fn bf16_products_equal_f32_convolution_of_rounded_operands() {
         let (y2, _, _) = grads(&x, &k, Products::F32, ConvBackend::Im2colGemm, false);
         assert!(rel_err(&y2, &y0) > 5e-4, "{what}: bf16 equals f32");
     }
+}
+
+#[test]
+fn winograd_layers_match_candle_conv2d() {
+    use simclr_kernels::winograd::{self, Sizes};
+    let s = ConvGeometry::symmetric(3, 1, 1);
+    // Odd and even planes (tiles cropped on the right and at the bottom), wide layers on small
+    // planes and single pixels, more and fewer output than input channels, and batches cut
+    // into several chunks (forward: 4 images of 16², kernel gradient: 4 of 16² and 64 of 2²).
+    let cases = [
+        (2, 64, 17, 16, 72, s),
+        (9, 64, 16, 16, 64, s),
+        (1, 256, 3, 5, 256, s),
+        (1, 256, 1, 1, 260, s),
+        (3, 257, 2, 3, 256, s),
+        (70, 256, 2, 2, 256, s),
+        (5, 256, 9, 8, 256, s),
+    ];
+    check(&cases);
+    // The kernel gradient's own entry point on layers the rule keeps on im2col, over several
+    // chunks (16 images of 8² each) summed in order, against candle's.
+    for (idx, case) in [(20, 64, 8, 8, 64, s), (3, 64, 7, 9, 80, s)]
+        .iter()
+        .enumerate()
+    {
+        let &(n, c, h, w, o, g) = case;
+        let (x, k) = operands(case, 70 + idx as u64);
+        let (y, _, gw0) = run(&x, &k, 80 + idx as u64, g, ConvBackend::Candle);
+        let r = pseudo_random(y.dims(), 80 + idx as u64, -1.0, 1.0);
+        let own = winograd::kernel_grad(
+            Sizes { n, c, h, w, o },
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        )
+        .unwrap();
+        let own = Tensor::from_vec(own, gw0.dims(), &Device::Cpu).unwrap();
+        let e = rel_err(&own, &gw0);
+        assert!(e < TOL, "kernel gradient {case:?}: rel err {e:e}");
+    }
+    // Sizes that do not match the buffers are an error, not a panic.
+    let bad = Sizes {
+        n: 2,
+        c: 64,
+        h: 4,
+        w: 4,
+        o: 64,
+    };
+    assert!(winograd::forward(bad, &[0.0; 10], &[0.0; 64 * 64 * 9]).is_err());
+    assert!(winograd::kernel_grad(bad, &[0.0; 2 * 64 * 16], &[0.0; 3]).is_err());
+    // The layers above did take the Winograd path: its own output, bit for bit.
+    if !winograd::enabled() {
+        return; // SIMCLR_WINOGRAD=0: the im2col path was checked instead.
+    }
+    for (idx, case) in cases.iter().enumerate() {
+        let &(n, c, h, w, o, g) = case;
+        assert!(winograd::applies(g, Products::F32, c, o, h * w));
+        let (x, k) = operands(case, 50 + idx as u64);
+        let y = conv2d_with(&x, &k, g, ConvBackend::Im2colGemm).unwrap();
+        let own = winograd::forward(
+            Sizes { n, c, h, w, o },
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own);
+    }
+    // The kernel gradient: wide layers on planes of 8² or more only.
+    assert!(winograd::applies_to_kernel_grad(
+        s,
+        Products::F32,
+        256,
+        256,
+        64
+    ));
+    assert!(!winograd::applies_to_kernel_grad(
+        s,
+        Products::F32,
+        256,
+        256,
+        16
+    ));
+    assert!(!winograd::applies_to_kernel_grad(
+        s,
+        Products::F32,
+        128,
+        256,
+        1024
+    ));
+    // Thinner layers, middling widths on small planes, other windows and bf16 stay on im2col.
+    assert!(!winograd::applies(s, Products::F32, 32, 64, 1024));
+    assert!(!winograd::applies(s, Products::F32, 64, 63, 1024));
+    assert!(!winograd::applies(s, Products::F32, 128, 128, 255));
+    assert!(winograd::applies(s, Products::F32, 128, 128, 256));
+    let other = |k, stride, pad| ConvGeometry::symmetric(k, stride, pad);
+    assert!(!winograd::applies(
+        other(3, 2, 1),
+        Products::F32,
+        64,
+        64,
+        1024
+    ));
+    assert!(!winograd::applies(
+        other(3, 1, 0),
+        Products::F32,
+        64,
+        64,
+        1024
+    ));
+    assert!(!winograd::applies(
+        other(5, 1, 2),
+        Products::F32,
+        64,
+        64,
+        1024
+    ));
+    assert!(!winograd::applies(s, Products::Bf16, 64, 64, 1024));
 }
