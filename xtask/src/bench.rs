@@ -39,6 +39,8 @@ pub struct BenchOptions {
     pub python: String,
     /// Rounds of the alternation.
     pub rounds: usize,
+    /// Compare an f32 pretraining step with PyTorch's two f32 settings only.
+    pub f32_only: bool,
 }
 
 /// The PyTorch settings a pretraining scenario is compared with on the CPU: its default NCHW
@@ -163,8 +165,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                     Some(&["--precision", "bf16"][..]),
                 ));
             } else if scenario.starts_with("pretrain-") {
-                for (name, args) in TORCH_PRETRAIN_SETTINGS {
-                    others.push((name.to_string(), Some(args)));
+                let settings = if opts.f32_only { 2 } else { 3 };
+                for (name, args) in &TORCH_PRETRAIN_SETTINGS[..settings] {
+                    others.push((name.to_string(), Some(*args)));
                 }
             } else {
                 others.push(("PyTorch".to_string(), Some(&[][..])));

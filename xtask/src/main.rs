@@ -59,6 +59,11 @@ enum Cmd {
         /// the median and range over the rounds.
         #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         rounds: usize,
+        /// Compare an f32 pretraining step with PyTorch's NCHW and `channels_last` f32 only,
+        /// not its bf16 autocast (which, on a CPU without bf16 instructions, runs many times
+        /// slower than its f32 and takes minutes a round).
+        #[arg(long)]
+        f32_only: bool,
     },
     /// Build the CUDA binary on this GPU-less machine for the lent H100/H200 (sm_90, driver
     /// 580): the CUDA 13.0 toolkit from PyPI (--install, once), `cargo build --release -p simclr
@@ -137,12 +142,14 @@ fn run(cli: Cli) -> Result<()> {
             stock,
             python,
             rounds,
+            f32_only,
         } => bench::run(&bench::BenchOptions {
             scenarios,
             compare,
             stock,
             python,
             rounds,
+            f32_only,
         }),
         Cmd::CudaBuild(opts) => cuda::cuda_build(&opts),
         Cmd::Fuzz {

@@ -318,8 +318,10 @@ fn transform_output_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32]) {
     let t = th * tw;
     let tc = count * t;
     let (h, w, o) = (s.h, s.w, s.o);
-    let mut buf = vec![0f32; 4 * tw + 2 * (2 * tw)];
-    let (sums, rows) = buf.split_at_mut(4 * tw);
+    // Aᵀ M per column j of the tile (rows s0j = m0j + m1j + m2j and s1j = m1j − m2j − m3j, as
+    // runs over the tiles), then · A: y_i0 = s_i0 + s_i1 + s_i2, y_i1 = s_i1 − s_i2 − s_i3.
+    let mut buf = vec![0f32; 8 * tw + 2 * tw];
+    let (sums, spare) = buf.split_at_mut(8 * tw);
     for oc in 0..o {
         let at = |xi: usize| &m[(xi * o + oc) * tc..(xi * o + oc + 1) * tc];
         let mm: [&[f32]; 16] = std::array::from_fn(at);
@@ -328,44 +330,44 @@ fn transform_output_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32]) {
             for ty in 0..th {
                 let c0 = b * t + ty * tw;
                 let r = |xi: usize| &mm[xi][c0..c0 + tw];
-                // Aᵀ M: s0j = m0j + m1j + m2j, s1j = m1j − m2j − m3j, for j = 0..4, as runs
-                // over the tiles; then · A: y_i0 = s_i0 + s_i1 + s_i2, y_i1 = s_i1 − s_i2 − s_i3.
-                let (y_rows, _) = rows.split_at_mut(2 * (2 * tw));
-                for (i, y_row) in y_rows.chunks_exact_mut(2 * tw).enumerate() {
-                    let (s0, rest) = sums.split_at_mut(tw);
-                    let (s1, rest) = rest.split_at_mut(tw);
-                    let (s2, s3) = rest.split_at_mut(tw);
-                    for (j, sj) in [&mut *s0, &mut *s1, &mut *s2, &mut *s3]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        let (a, bb, cc, dd) = (r(j), r(4 + j), r(8 + j), r(12 + j));
-                        let it = sj.iter_mut().zip(a).zip(bb).zip(cc).zip(dd);
-                        if i == 0 {
-                            for ((((d, &a), &b), &c), _) in it {
-                                *d = a + b + c;
-                            }
-                        } else {
-                            for ((((d, _), &b), &c), &e) in it {
-                                *d = b - c - e;
-                            }
-                        }
+                let (s0, s1) = sums.split_at_mut(4 * tw);
+                for j in 0..4 {
+                    let (a, bb, cc, dd) = (r(j), r(4 + j), r(8 + j), r(12 + j));
+                    let s0j = &mut s0[j * tw..(j + 1) * tw];
+                    let s1j = &mut s1[j * tw..(j + 1) * tw];
+                    let it = s0j
+                        .iter_mut()
+                        .zip(s1j.iter_mut())
+                        .zip(a)
+                        .zip(bb)
+                        .zip(cc)
+                        .zip(dd);
+                    for (((((x, y), &a), &b), &c), &d) in it {
+                        *x = a + b + c;
+                        *y = b - c - d;
                     }
-                    let it = y_row
+                }
+                for (i, si) in [&*s0, &*s1].into_iter().enumerate() {
+                    let rr = 2 * ty + i;
+                    if rr >= h {
+                        break;
+                    }
+                    // Straight into the row when it holds whole tiles, else through `spare`.
+                    let row = &mut plane[rr * w..(rr + 1) * w];
+                    let whole = w == 2 * tw;
+                    let dst = if whole { row } else { &mut spare[..] };
+                    let it = dst
                         .chunks_exact_mut(2)
-                        .zip(&*s0)
-                        .zip(&*s1)
-                        .zip(&*s2)
-                        .zip(&*s3);
+                        .zip(&si[..tw])
+                        .zip(&si[tw..2 * tw])
+                        .zip(&si[2 * tw..3 * tw])
+                        .zip(&si[3 * tw..]);
                     for ((((pair, &a), &b), &c), &d) in it {
                         pair[0] = a + b + c;
                         pair[1] = b - c - d;
                     }
-                }
-                for (i, y_row) in y_rows.chunks_exact(2 * tw).enumerate() {
-                    let rr = 2 * ty + i;
-                    if rr < h {
-                        plane[rr * w..(rr + 1) * w].copy_from_slice(&y_row[..w]);
+                    if !whole {
+                        plane[rr * w..(rr + 1) * w].copy_from_slice(&spare[..w]);
                     }
                 }
             }
