@@ -31,6 +31,7 @@ use candle_core::{bail, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::buffers::par_build;
 use crate::conv::{with_scratch, ConvGeometry, Products};
 use crate::matrix::{gemm_f32, Mat, MatMut};
 
@@ -384,29 +385,27 @@ pub fn forward(s: Sizes, x: &[f32], w: &[f32]) -> Result<Vec<f32>> {
     let (h, wd, o, c) = (s.h, s.w, s.o, s.c);
     let per_image = o * h * wd;
     let gi = s.chunk_images();
-    let mut y = vec![0f32; s.n * per_image];
-    y.par_chunks_mut(gi * per_image)
-        .enumerate()
-        .for_each(|(ci, out)| {
-            let count = out.len() / per_image;
-            let tc = count * t;
-            with_scratch(|scratch| {
-                let v = at_least(&mut scratch.cols, 16 * c * tc);
-                transform_input(&s, x, ci * gi, count, v, &mut scratch.extra);
-                let m = at_least(&mut scratch.other, 16 * o * tc);
-                for xi in 0..16 {
-                    gemm_f32(
-                        (o, tc, c),
-                        MatMut::rows(&mut m[xi * o * tc..(xi + 1) * o * tc], tc),
-                        false,
-                        Mat::rows(&u[xi * o * c..(xi + 1) * o * c], c),
-                        Mat::rows(&v[xi * c * tc..(xi + 1) * c * tc], tc),
-                        Parallelism::None,
-                    );
-                }
-                transform_output(&s, m, count, out);
-            });
+    // Each chunk's output is zeroed by the thread that then fills it.
+    let y = par_build(s.n * per_image, gi * per_image, |ci, out| {
+        let count = out.len() / per_image;
+        let tc = count * t;
+        with_scratch(|scratch| {
+            let v = at_least(&mut scratch.cols, 16 * c * tc);
+            transform_input(&s, x, ci * gi, count, v, &mut scratch.extra);
+            let m = at_least(&mut scratch.other, 16 * o * tc);
+            for xi in 0..16 {
+                gemm_f32(
+                    (o, tc, c),
+                    MatMut::rows(&mut m[xi * o * tc..(xi + 1) * o * tc], tc),
+                    false,
+                    Mat::rows(&u[xi * o * c..(xi + 1) * o * c], c),
+                    Mat::rows(&v[xi * c * tc..(xi + 1) * c * tc], tc),
+                    Parallelism::None,
+                );
+            }
+            transform_output(&s, m, count, out);
         });
+    });
     Ok(y)
 }
 
