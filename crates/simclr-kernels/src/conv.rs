@@ -25,7 +25,8 @@
 //! The wide 3×3 stride-1 layers padded by 1 leave the unfold: their forward pass (and so the
 //! input gradient's convolution path) runs Winograd's F(2×2, 3×3) ([`crate::winograd`], 2.25×
 //! fewer multiply-adds), and so does the kernel gradient of the widest ones on planes of 8² or
-//! more; [`crate::winograd::applies`] holds the rule.
+//! more; [`crate::winograd::applies`] and [`crate::winograd::applies_to_kernel_grad`] hold the
+//! rule.
 //!
 //! Scratch matrices whose rows hold a multiple of 256 floats get one cache line more per row
 //! ([`row_stride`]): rows 4 KiB apart, one 32² image's, halved the forward rate.
@@ -857,8 +858,8 @@ impl InputGradPath {
 }
 
 impl ConvInputGrad {
-    /// The window of the convolution path, if this op takes it for `o` output channels and `p`
-    /// output positions per image.
+    /// The window of the convolution path, if this op takes it for `c` input and `o` output
+    /// channels and `p` output positions per image.
     fn convolution_window(&self, c: usize, o: usize, p: usize) -> Option<ConvGeometry> {
         let path = self
             .path

@@ -21,8 +21,9 @@
 //! (the transforms' adds reorder the sums; F(2×2, 3×3)'s coefficients are 0, ±1 and ±½, so the
 //! error stays close to the direct method's, unlike larger tiles).
 //!
-//! Work is cut into chunks of whole images (about [`CHUNK_FLOATS`] floats of transformed input,
-//! at least one image), run in parallel with single-threaded GEMMs; the kernel gradient sums
+//! Work is cut into chunks of whole images (about [`CHUNK_FLOATS`] floats of the larger
+//! transformed tensor, at least one image; the kernel gradient's at least [`KERNEL_GRAD_TILES`]
+//! tiles), run in parallel with single-threaded GEMMs; the kernel gradient sums
 //! partial kernels over fixed ranges of chunks in order, as the im2col path does.
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -35,7 +36,8 @@ use crate::buffers::par_build;
 use crate::conv::{with_scratch, ConvGeometry, Products};
 use crate::matrix::{gemm_f32, Mat, MatMut};
 
-/// Transformed input floats per chunk (1 MiB): whole images, at least one.
+/// Floats per chunk (1 MiB) of the larger transformed tensor, the input's `16·C` or the
+/// products' `16·O` per tile: whole images, at least one.
 const CHUNK_FLOATS: usize = 1 << 18;
 /// The fewest tiles in a chunk of the kernel gradient.
 const KERNEL_GRAD_TILES: usize = 256;
@@ -182,7 +184,7 @@ with_avx2!(transform_input => transform_input_body(
     s: &Sizes, x: &[f32], n0: usize, count: usize, v: &mut [f32], pad: &mut Vec<f32>
 ));
 with_avx2!(transform_output => transform_output_body(
-    s: &Sizes, m: &[f32], count: usize, out: &mut [f32]
+    s: &Sizes, m: &[f32], count: usize, out: &mut [f32], buf: &mut Vec<f32>
 ));
 with_avx2!(transform_output_grad => transform_output_grad_body(
     s: &Sizes, gy: &[f32], n0: usize, count: usize, gm: &mut [f32], buf: &mut Vec<f32>
@@ -298,12 +300,13 @@ fn transform_input_body(
                 let col0 = b * t + ty * tw;
                 for (i, ei) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
                     let (ev, od) = ei.split_at(half);
-                    let (e0, e1, o0, o1) = (&ev[..tw], &ev[1..=tw], &od[..tw], &od[1..=tw]);
+                    let (ev0, ev1) = (&ev[..tw], &ev[1..=tw]);
+                    let (od0, od1) = (&od[..tw], &od[1..=tw]);
                     let row = |j: usize| ((i * 4 + j) * s.c + ic) * tc + col0;
-                    sub(&mut v[row(0)..row(0) + tw], e0, e1);
-                    add(&mut v[row(1)..row(1) + tw], o0, e1);
-                    sub(&mut v[row(2)..row(2) + tw], e1, o0);
-                    sub(&mut v[row(3)..row(3) + tw], o0, o1);
+                    sub(&mut v[row(0)..row(0) + tw], ev0, ev1);
+                    add(&mut v[row(1)..row(1) + tw], od0, ev1);
+                    sub(&mut v[row(2)..row(2) + tw], ev1, od0);
+                    sub(&mut v[row(3)..row(3) + tw], od0, od1);
                 }
             }
         }
@@ -314,15 +317,14 @@ fn transform_input_body(
 /// cropped to `h`×`w`. Per output row pair, the two rows' even and odd columns are computed as
 /// contiguous runs over the tiles and then interleaved.
 #[inline(always)]
-fn transform_output_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32]) {
+fn transform_output_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32], buf: &mut Vec<f32>) {
     let (th, tw) = s.tiles();
     let t = th * tw;
     let tc = count * t;
     let (h, w, o) = (s.h, s.w, s.o);
     // Aᵀ M per column j of the tile (rows s0j = m0j + m1j + m2j and s1j = m1j − m2j − m3j, as
     // runs over the tiles), then · A: y_i0 = s_i0 + s_i1 + s_i2, y_i1 = s_i1 − s_i2 − s_i3.
-    let mut buf = vec![0f32; 8 * tw + 2 * tw];
-    let (sums, spare) = buf.split_at_mut(8 * tw);
+    let (sums, spare) = at_least(buf, 8 * tw + 2 * tw).split_at_mut(8 * tw);
     for oc in 0..o {
         let at = |xi: usize| &m[(xi * o + oc) * tc..(xi * o + oc + 1) * tc];
         let mm: [&[f32]; 16] = std::array::from_fn(at);
@@ -403,7 +405,7 @@ pub fn forward(s: Sizes, x: &[f32], w: &[f32]) -> Result<Vec<f32>> {
                     Parallelism::None,
                 );
             }
-            transform_output(&s, m, count, out);
+            transform_output(&s, m, count, out, &mut scratch.extra);
         });
     });
     Ok(y)

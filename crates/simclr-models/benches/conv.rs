@@ -298,6 +298,7 @@ fn winograd_table() {
             path: Some(InputGradPath::Convolution),
         };
         let mut ms = vec![Vec::new(); 6];
+        let was = winograd::enabled();
         for rep in 0..20 {
             let on = rep % 2 == 1;
             winograd::set_winograd(on);
@@ -313,7 +314,7 @@ fn winograd_table() {
                 }
             }
         }
-        winograd::set_winograd(true);
+        winograd::set_winograd(was);
         let m: Vec<f64> = ms.into_iter().map(median).collect();
         let p = h * h;
         let uses = match (

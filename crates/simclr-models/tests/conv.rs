@@ -532,7 +532,9 @@ fn winograd_layers_match_candle_conv2d() {
     let s = ConvGeometry::symmetric(3, 1, 1);
     // Odd and even planes (tiles cropped on the right and at the bottom), wide layers on small
     // planes and single pixels, more and fewer output than input channels, and batches cut
-    // into several chunks (forward: 4 images of 16², kernel gradient: 4 of 16² and 64 of 2²).
+    // into several chunks (forward: 4 images of 64 channels at 16² and 64 of 256 at 2² a
+    // chunk). The last two also take the Winograd kernel gradient (256 channels, 8² or more),
+    // the very last over three chunks of 16 images.
     let cases = [
         (2, 64, 17, 16, 72, s),
         (9, 64, 16, 16, 64, s),
@@ -541,6 +543,7 @@ fn winograd_layers_match_candle_conv2d() {
         (3, 257, 2, 3, 256, s),
         (70, 256, 2, 2, 256, s),
         (5, 256, 9, 8, 256, s),
+        (40, 256, 8, 8, 256, s),
     ];
     check(&cases);
     // The kernel gradient's own entry point on layers the rule keeps on im2col, over several
@@ -589,6 +592,19 @@ fn winograd_layers_match_candle_conv2d() {
         )
         .unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own);
+        if winograd::applies_to_kernel_grad(g, Products::F32, c, o, h * w) {
+            let gy = pseudo_random(y.dims(), 90 + idx as u64, -1.0, 1.0);
+            let gw = x
+                .apply_op2_no_bwd(&gy, &ConvKernelGrad(g, Products::F32))
+                .unwrap();
+            let own = winograd::kernel_grad(
+                Sizes { n, c, h, w, o },
+                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                &gy.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+            .unwrap();
+            assert_eq!(gw.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own);
+        }
     }
     // The kernel gradient: wide layers on planes of 8² or more only.
     assert!(winograd::applies_to_kernel_grad(
