@@ -357,6 +357,18 @@ impl Dims {
         self.c * self.h * self.w
     }
 
+    /// The same sizes for [`winograd`] (whose window is fixed: the output is as large as the
+    /// input).
+    fn winograd_sizes(&self) -> winograd::Sizes {
+        winograd::Sizes {
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            o: self.o,
+        }
+    }
+
     /// Images per chunk: whole images whose unfold holds about [`CHUNK_FLOATS`] floats, and at
     /// least [`CHUNK_MIN_PIXELS`] output pixels.
     fn chunk_images(&self) -> usize {
@@ -542,6 +554,40 @@ pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     r
 }
 
+/// `Σ accumulate(acc, chunk, scratch)` over `chunks` chunks into `len` floats: partial sums over
+/// `groups` (at most `chunks`) fixed ranges of chunks, in parallel, added in order, so the
+/// result does not depend on rayon's work stealing and repeats bit for bit. One range runs on
+/// the calling thread. The kernel gradients (im2col and Winograd) sum their chunks this way.
+pub(crate) fn sum_over_chunks<F>(
+    len: usize,
+    chunks: usize,
+    groups: usize,
+    accumulate: F,
+) -> Vec<f32>
+where
+    F: Fn(&mut [f32], usize, &mut Scratch) + Sync,
+{
+    let groups = groups.clamp(1, chunks.max(1));
+    let range = |g: usize| {
+        let mut acc = vec![0f32; len];
+        with_scratch(|scratch| {
+            for ci in g * chunks / groups..(g + 1) * chunks / groups {
+                accumulate(&mut acc, ci, scratch);
+            }
+        });
+        acc
+    };
+    if groups == 1 {
+        return range(0);
+    }
+    let partials: Vec<Vec<f32>> = (0..groups).into_par_iter().map(range).collect();
+    let mut total = vec![0f32; len];
+    for part in partials {
+        total.iter_mut().zip(&part).for_each(|(x, y)| *x += *y);
+    }
+    total
+}
+
 /// Number of chunks, and whether to run them in parallel with single-threaded GEMMs (else
 /// serially with multi-threaded GEMMs, when there are too few chunks to keep the threads busy).
 fn chunk_plan(d: &Dims) -> (usize, bool) {
@@ -709,14 +755,7 @@ impl CustomOp2 for Conv2dGemm {
             )
         }
         if winograd::applies(d.g, self.1, d.c, o, d.h * d.w) {
-            let s = winograd::Sizes {
-                n: d.n,
-                c: d.c,
-                h: d.h,
-                w: d.w,
-                o,
-            };
-            let y = winograd::forward(s, x, w)?;
+            let y = winograd::forward(d.winograd_sizes(), x, w)?;
             return Ok((CpuStorage::F32(y), Shape::from((d.n, o, d.ho, d.wo))));
         }
         let (p, k) = (d.p(), d.k());
@@ -1007,14 +1046,7 @@ impl CustomOp2 for ConvKernelGrad {
             )
         }
         if winograd::applies_to_kernel_grad(d.g, self.1, d.c, o, d.h * d.w) {
-            let s = winograd::Sizes {
-                n,
-                c: d.c,
-                h: d.h,
-                w: d.w,
-                o,
-            };
-            let gw = winograd::kernel_grad(s, x, gy)?;
+            let gw = winograd::kernel_grad(d.winograd_sizes(), x, gy)?;
             return Ok((CpuStorage::F32(gw), Shape::from((o, d.c, d.g.kh, d.g.kw))));
         }
         let k = d.k();
@@ -1039,39 +1071,15 @@ impl CustomOp2 for ConvKernelGrad {
                 Products::Bf16 => gemm_bf16((k, o, ld), dst, true, cols, gt, par),
             }
         };
-        let gw = if parallel {
-            // Partial kernels over fixed ranges of chunks, summed in order: the result does not
-            // depend on rayon's work stealing: the kernel repeats bit for bit. As many ranges as
-            // fit in about 16 MiB of partial kernels (for balance), at least one per thread.
-            let threads = rayon::current_num_threads();
+        // In parallel: as many ranges as fit in about 16 MiB of partial kernels (for balance),
+        // at least one per thread; else one range, with multi-threaded GEMMs.
+        let groups = if parallel {
             let fit = (1 << 22) / (o * k).max(1);
-            let groups = fit.max(threads).clamp(1, chunks.max(1));
-            let partials: Vec<Vec<f32>> = (0..groups)
-                .into_par_iter()
-                .map(|g| {
-                    let mut acc = vec![0f32; o * k];
-                    with_scratch(|scratch| {
-                        for ci in g * chunks / groups..(g + 1) * chunks / groups {
-                            accumulate(&mut acc, ci, scratch);
-                        }
-                    });
-                    acc
-                })
-                .collect();
-            let mut total = vec![0f32; o * k];
-            for part in partials {
-                total.iter_mut().zip(&part).for_each(|(x, y)| *x += *y);
-            }
-            total
+            fit.max(rayon::current_num_threads())
         } else {
-            let mut acc = vec![0f32; o * k];
-            with_scratch(|scratch| {
-                for ci in 0..chunks {
-                    accumulate(&mut acc, ci, scratch);
-                }
-            });
-            acc
+            1
         };
+        let gw = sum_over_chunks(o * k, chunks, groups, accumulate);
         let mut out = vec![0f32; o * k];
         for (kk, row) in gw.chunks_exact(o.max(1)).enumerate() {
             for (oc, v) in row.iter().enumerate() {

@@ -30,10 +30,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{bail, Result};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use crate::buffers::par_build;
-use crate::conv::{with_scratch, ConvGeometry, Products};
+use crate::conv::{sum_over_chunks, with_scratch, ConvGeometry, Products};
 use crate::matrix::{gemm_f32, Mat, MatMut};
 
 /// Floats per chunk (1 MiB) of the larger transformed tensor, the input's `16·C` or the
@@ -64,7 +63,7 @@ pub fn applies(g: ConvGeometry, products: Products, c: usize, o: usize, plane: u
 /// [`MIN_KERNEL_GRAD_PLANE`] pixels. Its products accumulate a `[C, O]` matrix per tile position
 /// over the chunk's tiles, and the transforms of both the input and the output gradient come
 /// first: on 64 and 128 channels (32², 16²) and on 512 channels at 4² it measured no faster
-/// than the unfolded path (0.8–1.2× from run to run), on 256 channels at 8² 1.0–1.4×.
+/// than the unfolded path (0.78–1.23× from run to run), on 256 channels at 8² 1.00–1.44×.
 pub fn applies_to_kernel_grad(
     g: ConvGeometry,
     products: Products,
@@ -243,6 +242,17 @@ fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
+/// Copies `src`'s even elements to the front of `even` and its odd ones to the front of `odd`.
+#[inline(always)]
+fn split_columns(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    for (d, &val) in even.iter_mut().zip(src.iter().step_by(2)) {
+        *d = val;
+    }
+    for (d, &val) in odd.iter_mut().zip(src.iter().skip(1).step_by(2)) {
+        *d = val;
+    }
+}
+
 /// `V = Bᵀ d B` of images `n0..n0 + count` of `x`, into `v` as `[16][C][count·T]`.
 ///
 /// Each plane is copied zero-padded (one row and column before it, up to `2·th + 2` rows and
@@ -274,13 +284,9 @@ fn transform_input_body(
             for (r, src) in plane.chunks_exact(w).enumerate() {
                 // Padded column q = image column q - 1: even q at q / 2, odd q at half + q / 2.
                 let row = &mut pad[(r + 1) * pw..(r + 2) * pw];
+                // Image column q is padded column q + 1: even q go to the odd half.
                 let (even, odd) = row.split_at_mut(half);
-                for (d, &val) in odd.iter_mut().zip(src.iter().step_by(2)) {
-                    *d = val;
-                }
-                for (d, &val) in even[1..].iter_mut().zip(src.iter().skip(1).step_by(2)) {
-                    *d = val;
-                }
+                split_columns(src, odd, &mut even[1..]);
             }
             for ty in 0..th {
                 // Bᵀ d over whole rows: e0 = d0 − d2, e1 = d1 + d2, e2 = d2 − d1, e3 = d1 − d3.
@@ -445,13 +451,7 @@ fn transform_output_grad_body(
                     ge.fill(0.0);
                     go.fill(0.0);
                     if r < h {
-                        let src = &plane[r * w..(r + 1) * w];
-                        for (d, &val) in ge.iter_mut().zip(src.iter().step_by(2)) {
-                            *d = val;
-                        }
-                        for (d, &val) in go.iter_mut().zip(src.iter().skip(1).step_by(2)) {
-                            *d = val;
-                        }
+                        split_columns(&plane[r * w..(r + 1) * w], ge, go);
                     }
                 }
                 // A g: rows g0, g0 + g1, g0 − g1, −g1; then each row [a, b] -> [a, a + b,
@@ -508,42 +508,31 @@ pub fn kernel_grad(s: Sizes, x: &[f32], gy: &[f32]) -> Result<Vec<f32>> {
     let t = s.t();
     let gi = s.kernel_grad_chunk_images();
     let chunks = s.n.div_ceil(gi);
-    let groups = rayon::current_num_threads().clamp(1, chunks.max(1));
-    let partial: Vec<Vec<f32>> = (0..groups)
-        .into_par_iter()
-        .map(|g| {
-            let mut du = vec![0f32; 16 * o * c];
-            with_scratch(|scratch| {
-                for ci in g * chunks / groups..(g + 1) * chunks / groups {
-                    let n0 = ci * gi;
-                    let count = gi.min(s.n - n0);
-                    let tc = count * t;
-                    let v = at_least(&mut scratch.cols, 16 * c * tc);
-                    transform_input(&s, x, n0, count, v, &mut scratch.extra);
-                    let gm = at_least(&mut scratch.other, 16 * o * tc);
-                    transform_output_grad(&s, gy, n0, count, gm, &mut scratch.extra);
-                    // dUᵀ_ξ [C, O] += V_ξ · Gm_ξᵀ: O-contiguous accumulation.
-                    for xi in 0..16 {
-                        gemm_f32(
-                            (c, o, tc),
-                            MatMut::rows(&mut du[xi * o * c..(xi + 1) * o * c], o),
-                            true,
-                            Mat::rows(&v[xi * c * tc..(xi + 1) * c * tc], tc),
-                            Mat::rows(&gm[xi * o * tc..(xi + 1) * o * tc], tc).t(),
-                            Parallelism::None,
-                        );
-                    }
-                }
-            });
-            du
-        })
-        .collect();
-    let mut du = vec![0f32; 16 * o * c];
-    for p in &partial {
-        for (a, b) in du.iter_mut().zip(p) {
-            *a += *b;
-        }
-    }
+    let du = sum_over_chunks(
+        16 * o * c,
+        chunks,
+        rayon::current_num_threads(),
+        |du, ci, scratch| {
+            let n0 = ci * gi;
+            let count = gi.min(s.n - n0);
+            let tc = count * t;
+            let v = at_least(&mut scratch.cols, 16 * c * tc);
+            transform_input(&s, x, n0, count, v, &mut scratch.extra);
+            let gm = at_least(&mut scratch.other, 16 * o * tc);
+            transform_output_grad(&s, gy, n0, count, gm, &mut scratch.extra);
+            // dUᵀ_ξ [C, O] += V_ξ · Gm_ξᵀ: O-contiguous accumulation.
+            for xi in 0..16 {
+                gemm_f32(
+                    (c, o, tc),
+                    MatMut::rows(&mut du[xi * o * c..(xi + 1) * o * c], o),
+                    true,
+                    Mat::rows(&v[xi * c * tc..(xi + 1) * c * tc], tc),
+                    Mat::rows(&gm[xi * o * tc..(xi + 1) * o * tc], tc).t(),
+                    Parallelism::None,
+                );
+            }
+        },
+    );
     // dg = Gᵀ dU G per (o, c).
     let mut gw = vec![0f32; o * c * 9];
     for oc in 0..o {

@@ -225,6 +225,20 @@ fn step_table() {
     println!("  speed-up {:.2}x", rates[1] / rates[0]);
 }
 
+/// Runs `f(side)` 20 times, sides 0 and 1 alternating, and returns per side the medians, in
+/// ms, of the `N` timings (seconds) `f` returns, the first run of each side left out.
+fn alternate<const N: usize>(mut f: impl FnMut(usize) -> [f64; N]) -> [[f64; N]; 2] {
+    let mut runs: [Vec<[f64; N]>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..20 {
+        let side = rep % 2;
+        let seconds = f(side);
+        if rep >= 2 {
+            runs[side].push(seconds);
+        }
+    }
+    runs.map(|r| std::array::from_fn(|i| median(r.iter().map(|s| s[i] * 1e3).collect())))
+}
+
 /// The two paths of the input gradient on the stride-1 3×3 layers of the pipeline's network
 /// (width 16, 28², 512 views) and of the CIFAR one (width 64, 32², 256 views), alternating.
 fn input_grad_table() {
@@ -255,15 +269,8 @@ fn input_grad_table() {
             path: Some(path),
         };
         let paths = [InputGradPath::Fold, InputGradPath::Convolution];
-        let mut ms = [Vec::new(), Vec::new()];
-        for rep in 0..20 {
-            let i = rep % 2;
-            let seconds = time(0, 1, || gy.apply_op2_no_bwd(&w, &op(paths[i])));
-            if rep >= 2 {
-                ms[i].push(seconds * 1e3);
-            }
-        }
-        let [fold, conv] = ms.map(median);
+        let [[fold], [conv]] =
+            alternate(|i| [time(0, 1, || gy.apply_op2_no_bwd(&w, &op(paths[i])))]);
         let chosen = InputGradPath::choose(g, Products::F32, c, c, h * h);
         println!(
             "  {:<26} {fold:>8.1} {conv:>13.1} {:>8.2}x {:>12}",
@@ -297,25 +304,19 @@ fn winograd_table() {
             products: Products::F32,
             path: Some(InputGradPath::Convolution),
         };
-        let mut ms = vec![Vec::new(); 6];
         let was = winograd::enabled();
-        for rep in 0..20 {
-            let on = rep % 2 == 1;
-            winograd::set_winograd(on);
-            let f = time(0, 1, || conv2d_with(&x, &w, g, ConvBackend::Im2colGemm));
-            let d = time(0, 1, || gy.apply_op2_no_bwd(&w, &input_grad));
-            let k = time(0, 1, || {
-                x.apply_op2_no_bwd(&gy, &ConvKernelGrad(g, Products::F32))
-            });
-            if rep >= 2 {
-                let base = if on { 3 } else { 0 };
-                for (i, t) in [f, d, k].into_iter().enumerate() {
-                    ms[base + i].push(t * 1e3);
-                }
-            }
-        }
+        let [off, on] = alternate(|side| {
+            winograd::set_winograd(side == 1);
+            [
+                time(0, 1, || conv2d_with(&x, &w, g, ConvBackend::Im2colGemm)),
+                time(0, 1, || gy.apply_op2_no_bwd(&w, &input_grad)),
+                time(0, 1, || {
+                    x.apply_op2_no_bwd(&gy, &ConvKernelGrad(g, Products::F32))
+                }),
+            ]
+        });
         winograd::set_winograd(was);
-        let m: Vec<f64> = ms.into_iter().map(median).collect();
+        let m = [off[0], off[1], off[2], on[0], on[1], on[2]];
         let p = h * h;
         let uses = match (
             winograd::applies(g, Products::F32, c, c, p),

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{pseudo_random, rel_err, values};
+use common::{f32_values, pseudo_random, rel_err, values};
 use simclr_kernels::conv::{
     conv2d_with, Col2Im, Conv2dGemm, ConvBackend, ConvGeometry, ConvInputGrad, ConvKernelGrad,
     Im2Col, InputGradPath, Products,
@@ -556,12 +556,8 @@ fn winograd_layers_match_candle_conv2d() {
         let (x, k) = operands(case, 70 + idx as u64);
         let (y, _, gw0) = run(&x, &k, 80 + idx as u64, g, ConvBackend::Candle);
         let r = pseudo_random(y.dims(), 80 + idx as u64, -1.0, 1.0);
-        let own = winograd::kernel_grad(
-            Sizes { n, c, h, w, o },
-            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        )
-        .unwrap();
+        let own = winograd::kernel_grad(Sizes { n, c, h, w, o }, &f32_values(&x), &f32_values(&r))
+            .unwrap();
         let own = Tensor::from_vec(own, gw0.dims(), &Device::Cpu).unwrap();
         let e = rel_err(&own, &gw0);
         assert!(e < TOL, "kernel gradient {case:?}: rel err {e:e}");
@@ -585,25 +581,18 @@ fn winograd_layers_match_candle_conv2d() {
         assert!(winograd::applies(g, Products::F32, c, o, h * w));
         let (x, k) = operands(case, 50 + idx as u64);
         let y = conv2d_with(&x, &k, g, ConvBackend::Im2colGemm).unwrap();
-        let own = winograd::forward(
-            Sizes { n, c, h, w, o },
-            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        )
-        .unwrap();
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own);
+        let own =
+            winograd::forward(Sizes { n, c, h, w, o }, &f32_values(&x), &f32_values(&k)).unwrap();
+        assert_eq!(f32_values(&y), own);
         if winograd::applies_to_kernel_grad(g, Products::F32, c, o, h * w) {
             let gy = pseudo_random(y.dims(), 90 + idx as u64, -1.0, 1.0);
             let gw = x
                 .apply_op2_no_bwd(&gy, &ConvKernelGrad(g, Products::F32))
                 .unwrap();
-            let own = winograd::kernel_grad(
-                Sizes { n, c, h, w, o },
-                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                &gy.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            )
-            .unwrap();
-            assert_eq!(gw.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own);
+            let own =
+                winograd::kernel_grad(Sizes { n, c, h, w, o }, &f32_values(&x), &f32_values(&gy))
+                    .unwrap();
+            assert_eq!(f32_values(&gw), own);
         }
     }
     // The kernel gradient: wide layers on planes of 8² or more only.

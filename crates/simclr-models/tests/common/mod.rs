@@ -41,6 +41,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// The f32 elements of `t` in order (for comparisons bit for bit).
+pub fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
 /// Flattened values as f64.
 pub fn values(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
