@@ -595,54 +595,28 @@ fn winograd_layers_match_candle_conv2d() {
             assert_eq!(f32_values(&gw), own);
         }
     }
-    // The kernel gradient: wide layers on planes of 8² or more only.
-    assert!(winograd::applies_to_kernel_grad(
-        s,
-        Products::F32,
-        256,
-        256,
-        64
-    ));
-    assert!(!winograd::applies_to_kernel_grad(
-        s,
-        Products::F32,
-        256,
-        256,
-        16
-    ));
-    assert!(!winograd::applies_to_kernel_grad(
-        s,
-        Products::F32,
-        128,
-        256,
-        1024
-    ));
-    // Thinner layers, middling widths on small planes, other windows and bf16 stay on im2col.
-    assert!(!winograd::applies(s, Products::F32, 32, 64, 1024));
-    assert!(!winograd::applies(s, Products::F32, 64, 63, 1024));
-    assert!(!winograd::applies(s, Products::F32, 128, 128, 255));
-    assert!(winograd::applies(s, Products::F32, 128, 128, 256));
-    let other = |k, stride, pad| ConvGeometry::symmetric(k, stride, pad);
-    assert!(!winograd::applies(
-        other(3, 2, 1),
-        Products::F32,
-        64,
-        64,
-        1024
-    ));
-    assert!(!winograd::applies(
-        other(3, 1, 0),
-        Products::F32,
-        64,
-        64,
-        1024
-    ));
-    assert!(!winograd::applies(
-        other(5, 1, 2),
-        Products::F32,
-        64,
-        64,
-        1024
-    ));
-    assert!(!winograd::applies(s, Products::Bf16, 64, 64, 1024));
+    // The rule: (window, products, C, O, plane) -> (forward, kernel gradient). The kernel
+    // gradient only on wide layers with planes of 8² or more; thinner layers, middling widths
+    // on small planes, other windows and bf16 stay on im2col.
+    let other = ConvGeometry::symmetric;
+    let rule = [
+        (s, Products::F32, 256, 256, 64, (true, true)),
+        (s, Products::F32, 256, 256, 16, (true, false)),
+        (s, Products::F32, 128, 256, 1024, (true, false)),
+        (s, Products::F32, 128, 128, 256, (true, false)),
+        (s, Products::F32, 128, 128, 255, (false, false)),
+        (s, Products::F32, 32, 64, 1024, (false, false)),
+        (s, Products::F32, 64, 63, 1024, (false, false)),
+        (other(3, 2, 1), Products::F32, 64, 64, 1024, (false, false)),
+        (other(3, 1, 0), Products::F32, 64, 64, 1024, (false, false)),
+        (other(5, 1, 2), Products::F32, 64, 64, 1024, (false, false)),
+        (s, Products::Bf16, 64, 64, 1024, (false, false)),
+    ];
+    for (g, products, c, o, plane, want) in rule {
+        let got = (
+            winograd::applies(g, products, c, o, plane),
+            winograd::applies_to_kernel_grad(g, products, c, o, plane),
+        );
+        assert_eq!(got, want, "{g:?} {products:?} {c}->{o} on {plane} pixels");
+    }
 }
