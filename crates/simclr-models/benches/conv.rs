@@ -339,8 +339,64 @@ fn winograd_table() {
     }
 }
 
+/// The forward pass of stride-1 3×3 layers of both networks by im2col, F(2×2, 3×3) and
+/// F(4×4, 3×3), the three in turn: ms, medians of 9 (`-- tiles`).
+fn tiles_table() {
+    println!("3x3 stride-1 forward, ms (median of 9, in turn): im2col / F(2x2) / F(4x4)");
+    let g = ConvGeometry::symmetric(3, 1, 1);
+    let layers = [
+        (256, 64, 32),
+        (256, 128, 16),
+        (256, 256, 8),
+        (256, 512, 4),
+        (512, 16, 28),
+        (512, 32, 14),
+        (512, 64, 7),
+        (512, 128, 4),
+    ];
+    for (n, c, h) in layers {
+        let xt = randn(&[n, c, h, h], 1.0);
+        let wt = randn(&[c, c, 3, 3], 0.05);
+        let (x, w) = (xt.flatten_all().unwrap(), wt.flatten_all().unwrap());
+        let (x, w) = (x.to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
+        let s = winograd::Sizes {
+            n,
+            c,
+            h,
+            w: h,
+            o: c,
+        };
+        let was = winograd::enabled();
+        let mut ms: [Vec<f64>; 3] = Default::default();
+        for rep in 0..30 {
+            let side = rep % 3;
+            winograd::set_winograd(side != 0);
+            let t = match side {
+                0 => time(0, 1, || conv2d_with(&xt, &wt, g, ConvBackend::Im2colGemm)),
+                1 => time(0, 1, || winograd::forward2(s, &x, &w)),
+                _ => time(0, 1, || winograd::forward4(s, &x, &w)),
+            };
+            if rep >= 3 {
+                ms[side].push(t * 1e3);
+            }
+        }
+        winograd::set_winograd(was);
+        let [a, b, d] = ms.map(median);
+        println!(
+            "  {:<26} {a:>7.1} / {b:>7.1} / {d:>7.1}   im2col/F4 {:.2}  F2/F4 {:.2}",
+            format!("{c}->{c} {h}x{h}, batch {n}"),
+            a / d,
+            b / d
+        );
+    }
+}
+
 fn main() {
     println!("threads: {}", rayon::current_num_threads());
+    if std::env::args().any(|a| a == "tiles") {
+        tiles_table();
+        return;
+    }
     // `cargo bench -p simclr-models --bench conv -- winograd`: that table only.
     if std::env::args().any(|a| a == "winograd") {
         winograd_table();

@@ -620,3 +620,46 @@ fn winograd_layers_match_candle_conv2d() {
         assert_eq!(got, want, "{g:?} {products:?} {c}->{o} on {plane} pixels");
     }
 }
+
+#[test]
+fn both_winograd_tiles_match_a_float64_convolution() {
+    use simclr_kernels::winograd::{self, Sizes};
+    let s = ConvGeometry::symmetric(3, 1, 1);
+    // Planes that hold whole 4×4 tiles and planes cropped on the right and at the bottom (by 1,
+    // 2 and 3 pixels), single pixels, more and fewer output than input channels, and batches cut
+    // into several chunks (at least 64 tiles a chunk for F(4×4)).
+    let cases = [
+        (2, 64, 17, 16, 72, s),
+        (3, 64, 16, 15, 64, s),
+        (2, 64, 14, 13, 64, s),
+        (1, 256, 3, 5, 256, s),
+        (1, 256, 1, 1, 260, s),
+        (70, 256, 4, 4, 256, s),
+        (40, 256, 8, 8, 256, s),
+    ];
+    for (idx, case) in cases.iter().enumerate() {
+        let &(n, c, h, w, o, _) = case;
+        let (x, k) = operands(case, 300 + idx as u64);
+        let f64_ref = x
+            .to_dtype(DType::F64)
+            .unwrap()
+            .conv2d(&k.to_dtype(DType::F64).unwrap(), 1, 1, 1, 1)
+            .unwrap();
+        let sizes = Sizes { n, c, h, w, o };
+        let (xv, kv) = (f32_values(&x), f32_values(&k));
+        let two = winograd::forward2(sizes, &xv, &kv).unwrap();
+        let four = winograd::forward4(sizes, &xv, &kv).unwrap();
+        let im2col = conv2d_with(&x, &k, s, ConvBackend::Candle).unwrap();
+        let as_tensor = |v: Vec<f32>| Tensor::from_vec(v, f64_ref.dims(), &Device::Cpu).unwrap();
+        let (e2, e4, ec) = (
+            rel_err(&as_tensor(two), &f64_ref),
+            rel_err(&as_tensor(four), &f64_ref),
+            rel_err(&im2col, &f64_ref),
+        );
+        // F(2×2)'s coefficients (0, ±1, ±½) keep it as close as candle's direct sums (5e-7 to
+        // 7e-7 here); F(4×4)'s (±2, ±4, 5, 8, sixths) lose about 4 more bits (3e-7 to 1.2e-5).
+        assert!(ec < 2e-6, "{case:?}: candle rel err {ec:e}");
+        assert!(e2 < 2e-6, "{case:?}: F(2x2, 3x3) rel err {e2:e}");
+        assert!(e4 < 3e-5, "{case:?}: F(4x4, 3x3) rel err {e4:e}");
+    }
+}
