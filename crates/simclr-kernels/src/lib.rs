@@ -5,7 +5,8 @@
 //!
 //! * [`conv`]: 2-D convolution on the CPU as im2col + GEMM (forward, input and weight
 //!   gradients), and the layout helpers the other kernels share; [`winograd`]: the wide 3×3
-//!   stride-1 layers by Winograd's F(2×2, 3×3) instead;
+//!   stride-1 layers by Winograd's F(4×4, 3×3) (forward) and F(2×2, 3×3) (kernel gradient)
+//!   instead;
 //! * [`gemm_bf16`]: products with bf16 operands and f32 accumulation (`--precision bf16` on the
 //!   CPU), on AMX tiles where the CPU has them, and [`matrix`]: the strided matrices and the
 //!   f32 product the two share;

@@ -1,7 +1,11 @@
-//! Winograd's minimal filtering F(2×2, 3×3) for 3×3 stride-1 convolutions padded by 1 (the
-//! ResNets' 3×3 layers outside the stride-2 ones): the forward pass and the kernel gradient
-//! (the input gradient is the forward pass of the output gradient with the flipped kernel, which
-//! has the same window: [`crate::conv::ConvInputGrad`]'s convolution path).
+//! Winograd's minimal filtering for 3×3 stride-1 convolutions padded by 1 (the ResNets' 3×3
+//! layers outside the stride-2 ones): the forward pass by F(4×4, 3×3) ([`forward4`]; F(2×2,
+//! 3×3), [`forward2`], where [`forward_tile`] says so) and the kernel gradient by F(2×2, 3×3)
+//! (the input gradient is the forward pass of the output gradient with the flipped kernel,
+//! which has the same window: [`crate::conv::ConvInputGrad`]'s convolution path). F(2×2, 3×3)
+//! is described below; F(4×4, 3×3) is the same scheme with 6×6 input tiles, 36 products per
+//! 4×4 output tile (4× fewer than the direct method) and larger coefficients, which cost about
+//! four bits of precision (relative errors near 1e-5 against 1e-6; docs/performance.md).
 //!
 //! Why: an im2col + GEMM convolution spends `9·C·O` multiply-adds per output position; on the
 //! wide layers those GEMMs already run near this CPU's peak (docs/performance.md), so the

@@ -10,9 +10,11 @@
 //!   `backward()` through autograd;
 //! * the input gradient of the stride-1 layers of the pipeline's and the CIFAR network by each
 //!   of its two paths (`InputGradPath`), and which one the rule picks;
-//! * the three ops of the CIFAR network's stride-1 3×3 layers with and without Winograd's
-//!   F(2×2, 3×3) (`simclr_kernels::winograd`), and which ops its rule gives it (`-- winograd`
-//!   prints this table alone);
+//! * the three ops of the CIFAR network's stride-1 3×3 layers with and without Winograd
+//!   (`simclr_kernels::winograd`), and which ops its rule gives it (`-- winograd` prints this
+//!   table alone);
+//! * `-- tiles` (alone): the forward pass of the stride-1 3×3 layers of both networks by
+//!   im2col, F(2×2, 3×3) and F(4×4, 3×3), in turn;
 //! * images/s of one SimCLR training step's forward + backward (NT-Xent, no optimizer update)
 //!   for an R18-CIFAR model at base width 16 on 28×28, 128 images × 2 views.
 //!
