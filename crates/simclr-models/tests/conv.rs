@@ -649,12 +649,12 @@ fn both_winograd_tiles_match_a_float64_convolution() {
         let (xv, kv) = (f32_values(&x), f32_values(&k));
         let two = winograd::forward2(sizes, &xv, &kv).unwrap();
         let four = winograd::forward4(sizes, &xv, &kv).unwrap();
-        let im2col = conv2d_with(&x, &k, s, ConvBackend::Candle).unwrap();
+        let direct = conv2d_with(&x, &k, s, ConvBackend::Candle).unwrap();
         let as_tensor = |v: Vec<f32>| Tensor::from_vec(v, f64_ref.dims(), &Device::Cpu).unwrap();
         let (e2, e4, ec) = (
             rel_err(&as_tensor(two), &f64_ref),
             rel_err(&as_tensor(four), &f64_ref),
-            rel_err(&im2col, &f64_ref),
+            rel_err(&direct, &f64_ref),
         );
         // F(2×2)'s coefficients (0, ±1, ±½) keep it as close as candle's direct sums (5e-7 to
         // 7e-7 here); F(4×4)'s (±2, ±4, 5, 8, sixths) lose about 4 more bits (3e-7 to 1.2e-5).
