@@ -72,7 +72,7 @@ enum Cmd {
     CudaBuild(cuda::CudaBuild),
     /// Fuzz the input parsers (IDX, CIFAR, images, split files, checkpoints, .pth, TF bundles,
     /// parquet) with random mutations of valid files; failing inputs are saved under
-    /// fuzz/regressions/<target>/ and become regression tests.
+    /// `fuzz/regressions/<target>/` and become regression tests.
     Fuzz {
         /// Targets (default: all): idx, cifar, cifar-py, image, split, checkpoint, pth, tf-bundle,
         /// parquet.
@@ -99,7 +99,7 @@ enum Cmd {
         replay: Option<PathBuf>,
     },
     /// Pretrain → fine-tune → distill → evaluate (plus the supervised baseline), with a report in
-    /// checkpoints/<run>/report.md (the same as `simclr pipeline`).
+    /// `checkpoints/<run>/report.md` (the same as `simclr pipeline`).
     Pipeline {
         #[command(flatten)]
         args: simclr::pipeline_cli::PipelineArgs,
@@ -109,7 +109,7 @@ enum Cmd {
     },
     /// The paper's four findings on this data: a grid of label fractions × network widths ×
     /// {baseline, fine-tuned from head layer 1 or the encoder, distilled}, plus projection-head
-    /// depths, with verdicts and charts in <out>/study-<plan>-…/study.md (docs/results.md).
+    /// depths, with verdicts and charts in `<out>/study-<plan>-…/study.md` (docs/results.md).
     Study {
         #[command(flatten)]
         args: simclr::study::StudyArgs,

@@ -7,7 +7,7 @@
 //! file to recognise ([`ndarray_bytes`] recognises numpy's two array forms). Memoised values are
 //! copies, so a file that mutates a shared object after memoising it reads as the state at the
 //! time of the copy; data files do not do that. Copies are bounded (eight times the file plus
-//! 1 MiB), and so is nesting ([`MAX_DEPTH`]), so that no file can ask for unbounded memory or
+//! 1 MiB), and so is nesting (`MAX_DEPTH`), so that no file can ask for unbounded memory or
 //! overflow the stack.
 
 use std::path::Path;

@@ -2,7 +2,7 @@
 //!
 //! * [`export_pth`]: the `.pth` layout of the TF1 -> PyTorch converter of the official weights
 //!   (`{'resnet': state dict, 'head': state dict}`, the converter's key names, PyTorch's OIHW
-//!   conv and `[out, in]` dense layouts), which `torch.load` opens and [`crate::import_pth`]
+//!   conv and `[out, in]` dense layouts), which `torch.load` opens and [`crate::import_pth()`]
 //!   reads back. The file also holds the model's configuration as a JSON string under
 //!   [`CONFIG_KEY`], so that what the tensors cannot say (`ft_proj_selector`,
 //!   `fine_tune_after_block`, BN decay) survives a round trip; files without it import as
@@ -30,7 +30,7 @@ use simclr_models::{ModelConfig, ProjHeadMode};
 /// Top-level key of an exported `.pth` holding the [`ModelConfig`] as JSON.
 pub const CONFIG_KEY: &str = "simclr_rs_config";
 
-/// The converter's file name for `config`, `r{depth}_{w}x_sk{0|1}.pth`: [`crate::import_pth`]
+/// The converter's file name for `config`, `r{depth}_{w}x_sk{0|1}.pth`: [`crate::import_pth()`]
 /// reads the architecture from it.
 pub fn pth_file_name(config: &ModelConfig) -> String {
     format!("{}.pth", pth_source_name(config).to_name())

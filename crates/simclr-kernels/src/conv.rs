@@ -29,7 +29,7 @@
 //! rule.
 //!
 //! Scratch matrices whose rows hold a multiple of 256 floats get one cache line more per row
-//! ([`row_stride`]): rows 4 KiB apart, one 32² image's, halved the forward rate.
+//! (`row_stride`): rows 4 KiB apart, one 32² image's, halved the forward rate.
 //!
 //! Nothing bigger than a chunk is ever unfolded, so the memory of a convolution layer in the
 //! autograd graph is that of its input and output, as with candle's own op. 1×1 stride-1 unpadded

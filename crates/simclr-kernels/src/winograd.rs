@@ -25,8 +25,8 @@
 //! (the transforms' adds reorder the sums; F(2×2, 3×3)'s coefficients are 0, ±1 and ±½, so the
 //! error stays close to the direct method's, unlike larger tiles).
 //!
-//! Work is cut into chunks of whole images (about [`CHUNK_FLOATS`] floats of the larger
-//! transformed tensor, at least one image; the kernel gradient's at least [`KERNEL_GRAD_TILES`]
+//! Work is cut into chunks of whole images (about `CHUNK_FLOATS` floats of the larger
+//! transformed tensor, at least one image; the kernel gradient's at least `KERNEL_GRAD_TILES`
 //! tiles), run in parallel with single-threaded GEMMs; the kernel gradient sums
 //! partial kernels over fixed ranges of chunks in order, as the im2col path does.
 

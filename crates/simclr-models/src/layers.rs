@@ -59,7 +59,7 @@ impl Conv2d {
 
     /// The arithmetic of the products when the input is f32 (bf16 activations always multiply
     /// in bf16): [`Products::Bf16`] is how `--precision bf16` runs on the CPU, with f32
-    /// activations (see [`crate::precision`]).
+    /// activations (see the `precision` module).
     pub fn set_products(&mut self, products: Products) {
         self.products = products;
     }

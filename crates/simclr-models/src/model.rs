@@ -152,7 +152,7 @@ impl SimclrModel {
 
     /// The same model computing its convolutions and matmuls in `precision`. On the CPU, bf16
     /// keeps the activations in f32 and multiplies the convolutions' operands in bf16 (on AMX
-    /// where the CPU has it; see [`crate::precision`]).
+    /// where the CPU has it; see the `precision` module).
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self.set_conv_products();

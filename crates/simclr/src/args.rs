@@ -15,7 +15,7 @@ use simclr_train::StageSettings;
 
 #[derive(Args, Clone, Debug)]
 pub struct DataArgs {
-    /// fashion-mnist-subset (default), fashion-mnist, mnist, cifar10, cifar100, imagefolder, hf:<owner>/<name>
+    /// fashion-mnist-subset (default), fashion-mnist, mnist, cifar10, cifar100, imagefolder, `hf:<owner>/<name>`
     #[arg(long, default_value = "fashion-mnist-subset")]
     pub dataset: String,
     /// The dataset's folder (else $SIMCLR_DATA_DIR, else the dataset's usual place).
