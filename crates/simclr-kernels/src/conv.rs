@@ -24,9 +24,9 @@
 //!
 //! The wide 3×3 stride-1 layers padded by 1 leave the unfold: their forward pass (and so the
 //! input gradient's convolution path) runs Winograd's F(4×4, 3×3) ([`crate::winograd`], 4×
-//! fewer multiply-adds), and the kernel gradient of the widest ones on planes of 8² or more
-//! F(2×2, 3×3) (2.25× fewer); [`crate::winograd::applies`] and [`crate::winograd::applies_to_kernel_grad`] hold the
-//! rule.
+//! fewer multiply-adds), and the widest ones' kernel gradient, on planes of 8² or more, runs
+//! F(2×2, 3×3) (2.25× fewer); [`crate::winograd::applies`] and
+//! [`crate::winograd::applies_to_kernel_grad`] hold the rule.
 //!
 //! Scratch matrices whose rows hold a multiple of 256 floats get one cache line more per row
 //! (`row_stride`): rows 4 KiB apart, one 32² image's, halved the forward rate.

@@ -26,8 +26,8 @@
 //! error stays close to the direct method's, unlike larger tiles).
 //!
 //! Work is cut into chunks of whole images (about `CHUNK_FLOATS` floats of the larger
-//! transformed tensor, at least one image; the kernel gradient's at least `KERNEL_GRAD_TILES`
-//! tiles), run in parallel with single-threaded GEMMs; the kernel gradient sums
+//! transformed tensor, at least one image; F(4×4)'s forward at least `FORWARD4_TILES` tiles, the
+//! kernel gradient's at least `KERNEL_GRAD_TILES`), run in parallel with single-threaded GEMMs; the kernel gradient sums
 //! partial kernels over fixed ranges of chunks in order, as the im2col path does.
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -39,14 +39,16 @@ use crate::buffers::par_build;
 use crate::conv::{sum_over_chunks, with_scratch, ConvGeometry, Products};
 use crate::matrix::{gemm_f32, Mat, MatMut};
 
-/// Floats per chunk (1 MiB) of the larger transformed tensor, the input's `16·C` or the
-/// products' `16·O` per tile: whole images, at least one.
+/// Floats per chunk (1 MiB) of the larger transformed tensor, the input's `(m + 2)²·C` or the
+/// products' `(m + 2)²·O` per tile of F(m×m, 3×3).
 const CHUNK_FLOATS: usize = 1 << 18;
 /// The fewest tiles in a chunk of the F(4×4, 3×3) forward pass, the products' `N`: on 8² and 4²
 /// planes a 1 MiB chunk holds 28 or 14 tiles, and products that thin ran slower than F(2×2, 3×3)
 /// (docs/performance.md).
 const FORWARD4_TILES: usize = 64;
-/// The fewest tiles in a chunk of the kernel gradient.
+/// The fewest tiles in a chunk of the kernel gradient, the inner size of its products (a smaller
+/// one re-reads and re-writes the `[C, O]` accumulators too often on wide layers of small
+/// planes).
 const KERNEL_GRAD_TILES: usize = 256;
 
 /// Whether a convolution of window `g` from `c` to `o` channels on planes of `plane` pixels
@@ -143,7 +145,8 @@ pub fn forward_tile() -> ForwardTile {
     }
 }
 
-/// Sets the forward pass's tile for the whole process (benchmarks compare the two in one run).
+/// Sets the forward pass's tile for the whole process (to compare the two in one process;
+/// `SIMCLR_WINOGRAD_TILE` chooses from outside).
 pub fn set_forward_tile(tile: ForwardTile) {
     TILE.store(
         match tile {
@@ -170,27 +173,23 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn tiles(&self) -> (usize, usize) {
-        (self.h.div_ceil(2), self.w.div_ceil(2))
+    /// Rows and columns of `m`×`m` output tiles (the last ones cropped).
+    fn tiles(&self, m: usize) -> (usize, usize) {
+        (self.h.div_ceil(m), self.w.div_ceil(m))
     }
 
-    /// Tiles per image.
-    fn t(&self) -> usize {
-        let (th, tw) = self.tiles();
+    /// `m`×`m` tiles per image.
+    fn t(&self, m: usize) -> usize {
+        let (th, tw) = self.tiles(m);
         th * tw
     }
 
-    /// Images per chunk of the forward pass.
-    fn chunk_images(&self) -> usize {
-        (CHUNK_FLOATS / (16 * self.c.max(self.o) * self.t()).max(1)).clamp(1, self.n.max(1))
-    }
-
-    /// Images per chunk of the kernel gradient: as the forward's, but at least
-    /// [`KERNEL_GRAD_TILES`] tiles, the inner size of its products (a smaller one re-reads and
-    /// re-writes the `[C, O]` accumulator too often on wide layers of small planes).
-    fn kernel_grad_chunk_images(&self) -> usize {
-        self.chunk_images()
-            .max(KERNEL_GRAD_TILES.div_ceil(self.t().max(1)))
+    /// Images per chunk of F(m×m, 3×3): about [`CHUNK_FLOATS`] floats of the larger transformed
+    /// tensor and at least `min_tiles` tiles, in whole images, at least one.
+    fn chunk_images(&self, m: usize, min_tiles: usize) -> usize {
+        let t = self.t(m).max(1);
+        (CHUNK_FLOATS / ((m + 2) * (m + 2) * self.c.max(self.o) * t).max(1))
+            .max(min_tiles.div_ceil(t))
             .clamp(1, self.n.max(1))
     }
 
@@ -313,7 +312,7 @@ fn deal_plane(plane: &[f32], w: usize, phases: usize, phase_len: usize, pad: &mu
     for (r, src) in plane.chunks_exact(w).enumerate() {
         let row = &mut pad[(r + 1) * pw..(r + 2) * pw];
         for k in 0..phases {
-            // Run k holds the image columns q with q + 1 ≡ k: from index 1 for k = 0.
+            // Run k holds the image columns j with j + 1 ≡ k (mod phases): from index 1 for k = 0.
             let (first_q, first_idx) = if k == 0 { (phases - 1, 1) } else { (k - 1, 0) };
             let dst = &mut row[k * phase_len + first_idx..(k + 1) * phase_len];
             for (d, &val) in dst.iter_mut().zip(src.iter().skip(first_q).step_by(phases)) {
@@ -337,7 +336,7 @@ fn transform_input_body(
     v: &mut [f32],
     pad: &mut Vec<f32>,
 ) {
-    let (th, tw) = s.tiles();
+    let (th, tw) = s.tiles(2);
     let t = th * tw;
     let tc = count * t;
     let (h, w) = (s.h, s.w);
@@ -388,7 +387,7 @@ fn transform_input_body(
 /// contiguous runs over the tiles and then interleaved.
 #[inline(always)]
 fn transform_output_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32], buf: &mut Vec<f32>) {
-    let (th, tw) = s.tiles();
+    let (th, tw) = s.tiles(2);
     let t = th * tw;
     let tc = count * t;
     let (h, w, o) = (s.h, s.w, s.o);
@@ -500,12 +499,10 @@ fn forward_by(f: &Transforms, s: Sizes, x: &[f32], w: &[f32]) -> Result<Vec<f32>
     s.check(x.len(), w.len(), "forward")?;
     let u = (f.kernel)(&s, w);
     let positions = (f.m + 2) * (f.m + 2);
-    let t = s.h.div_ceil(f.m) * s.w.div_ceil(f.m);
+    let t = s.t(f.m);
     let (o, c) = (s.o, s.c);
     let per_image = o * s.h * s.w;
-    let gi = (CHUNK_FLOATS / (positions * c.max(o) * t).max(1))
-        .max(f.min_tiles.div_ceil(t))
-        .clamp(1, s.n.max(1));
+    let gi = s.chunk_images(f.m, f.min_tiles);
     // Each chunk's output is zeroed by the thread that then fills it.
     let y = par_build(s.n * per_image, gi * per_image, |ci, out| {
         let count = out.len() / per_image;
@@ -528,11 +525,6 @@ fn forward_by(f: &Transforms, s: Sizes, x: &[f32], w: &[f32]) -> Result<Vec<f32>
         });
     });
     Ok(y)
-}
-
-/// Output tiles of F(4×4, 3×3): `(th, tw)` tiles of 4×4 (6×6 input tiles).
-fn tiles4(s: &Sizes) -> (usize, usize) {
-    (s.h.div_ceil(4), s.w.div_ceil(4))
 }
 
 /// `U = G g Gᵀ` of F(4×4, 3×3) for every `(o, c)`: `[36][O][C]`. `G`'s rows are
@@ -563,6 +555,32 @@ fn transform_kernel4(s: &Sizes, w: &[f32]) -> Vec<f32> {
     })
 }
 
+/// `Bᵀ d` of F(4×4, 3×3) for six values `d` (a column or a row of an input tile).
+#[inline(always)]
+fn bt4(d: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d[0] - 5.0 * d[2] + d[4],
+        d[3] + d[4] - 4.0 * (d[1] + d[2]),
+        4.0 * (d[1] - d[2]) + d[4] - d[3],
+        2.0 * (d[3] - d[1]) + d[4] - d[2],
+        2.0 * (d[1] - d[3]) + d[4] - d[2],
+        4.0 * d[1] - 5.0 * d[3] + d[5],
+    ]
+}
+
+/// `Aᵀ m` of F(4×4, 3×3) for six values `m` (a column or a row of a product tile).
+#[inline(always)]
+fn at4(m: [f32; 6]) -> [f32; 4] {
+    let (p, q) = (m[1] + m[2], m[1] - m[2]);
+    let (pp, qq) = (m[3] + m[4], m[3] - m[4]);
+    [
+        m[0] + p + pp,
+        q + 2.0 * qq,
+        p + 4.0 * pp,
+        q + 8.0 * qq + m[5],
+    ]
+}
+
 /// `V = Bᵀ d B` of F(4×4, 3×3) for images `n0..n0 + count` of `x`, into `v` as
 /// `[36][C][count·T]`. `Bᵀ`'s rows map `d0..d5` to `4d0 − 5d2 + d4`, `d3 + d4 − 4(d1 + d2)`,
 /// `4(d1 − d2) + d4 − d3`, `2(d3 − d1) + d4 − d2`, `2(d1 − d3) + d4 − d2`, `4d1 − 5d3 + d5`.
@@ -580,7 +598,7 @@ fn transform_input4_body(
     v: &mut [f32],
     pad: &mut Vec<f32>,
 ) {
-    let (th, tw) = tiles4(s);
+    let (th, tw) = s.tiles(4);
     let t = th * tw;
     let tc = count * t;
     let (h, w) = (s.h, s.w);
@@ -603,12 +621,9 @@ fn transform_input4_body(
                 let (e3, rest) = rest.split_at_mut(pw);
                 let (e4, e5) = rest.split_at_mut(pw);
                 for q in 0..pw {
-                    e0[q] = 4.0 * d0[q] - 5.0 * d2[q] + d4[q];
-                    e1[q] = d3[q] + d4[q] - 4.0 * (d1[q] + d2[q]);
-                    e2[q] = 4.0 * (d1[q] - d2[q]) + d4[q] - d3[q];
-                    e3[q] = 2.0 * (d3[q] - d1[q]) + d4[q] - d2[q];
-                    e4[q] = 2.0 * (d1[q] - d3[q]) + d4[q] - d2[q];
-                    e5[q] = 4.0 * d1[q] - 5.0 * d3[q] + d5[q];
+                    let r = bt4([d0[q], d1[q], d2[q], d3[q], d4[q], d5[q]]);
+                    (e0[q], e1[q], e2[q], e3[q], e4[q], e5[q]) =
+                        (r[0], r[1], r[2], r[3], r[4], r[5]);
                 }
                 let col0 = b * t + ty * tw;
                 for (i, ei) in [&*e0, &*e1, &*e2, &*e3, &*e4, &*e5].into_iter().enumerate() {
@@ -631,12 +646,9 @@ fn transform_input4_body(
                         &mut v5[..tw],
                     );
                     for x in 0..tw {
-                        v0[x] = 4.0 * c0[x] - 5.0 * c2[x] + c4[x];
-                        v1[x] = c3[x] + c4[x] - 4.0 * (c1[x] + c2[x]);
-                        v2[x] = 4.0 * (c1[x] - c2[x]) + c4[x] - c3[x];
-                        v3[x] = 2.0 * (c3[x] - c1[x]) + c4[x] - c2[x];
-                        v4[x] = 2.0 * (c1[x] - c3[x]) + c4[x] - c2[x];
-                        v5[x] = 4.0 * c1[x] - 5.0 * c3[x] + c5[x];
+                        let r = bt4([c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]]);
+                        (v0[x], v1[x], v2[x], v3[x], v4[x], v5[x]) =
+                            (r[0], r[1], r[2], r[3], r[4], r[5]);
                     }
                 }
             }
@@ -649,12 +661,14 @@ fn transform_input4_body(
 /// `(m1 − m2) + 2(m3 − m4)`, `(m1 + m2) + 4(m3 + m4)`, `(m1 − m2) + 8(m3 − m4) + m5`.
 #[inline(always)]
 fn transform_output4_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32], buf: &mut Vec<f32>) {
-    let (th, tw) = tiles4(s);
+    let (th, tw) = s.tiles(4);
     let t = th * tw;
     let tc = count * t;
     let (h, w, o) = (s.h, s.w, s.o);
     // Aᵀ M per column j of the tile: rows s_ij (i < 4) as runs over the tiles; then · A.
     let (sums, spare) = at_least(buf, 24 * tw + 4 * tw).split_at_mut(24 * tw);
+    // Rows that hold whole tiles are written in place, else through `spare`.
+    let whole = w == 4 * tw;
     for oc in 0..o {
         let mm: [&[f32]; 36] =
             std::array::from_fn(|xi| &m[(xi * o + oc) * tc..(xi * o + oc + 1) * tc]);
@@ -677,12 +691,8 @@ fn transform_output4_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32], b
                         &mut s3[run],
                     );
                     for x in 0..tw {
-                        let (p, q) = (m1[x] + m2[x], m1[x] - m2[x]);
-                        let (pp, qq) = (m3[x] + m4[x], m3[x] - m4[x]);
-                        a[x] = m0[x] + p + pp;
-                        bb[x] = q + 2.0 * qq;
-                        cc[x] = p + 4.0 * pp;
-                        dd[x] = q + 8.0 * qq + m5[x];
+                        [a[x], bb[x], cc[x], dd[x]] =
+                            at4([m0[x], m1[x], m2[x], m3[x], m4[x], m5[x]]);
                     }
                 }
                 for (i, si) in [&*s0, &*s1, &*s2, &*s3].into_iter().enumerate() {
@@ -690,18 +700,12 @@ fn transform_output4_body(s: &Sizes, m: &[f32], count: usize, out: &mut [f32], b
                     if rr >= h {
                         break;
                     }
-                    let whole = w == 4 * tw;
                     let row = &mut plane[rr * w..(rr + 1) * w];
                     let dst = if whole { row } else { &mut spare[..] };
                     let col = |j: usize| &si[j * tw..(j + 1) * tw];
                     let (m0, m1, m2, m3, m4, m5) = (col(0), col(1), col(2), col(3), col(4), col(5));
                     for (x, quad) in dst.chunks_exact_mut(4).enumerate() {
-                        let (p, q) = (m1[x] + m2[x], m1[x] - m2[x]);
-                        let (pp, qq) = (m3[x] + m4[x], m3[x] - m4[x]);
-                        quad[0] = m0[x] + p + pp;
-                        quad[1] = q + 2.0 * qq;
-                        quad[2] = p + 4.0 * pp;
-                        quad[3] = q + 8.0 * qq + m5[x];
+                        quad.copy_from_slice(&at4([m0[x], m1[x], m2[x], m3[x], m4[x], m5[x]]));
                     }
                     if !whole {
                         plane[rr * w..(rr + 1) * w].copy_from_slice(&spare[..w]);
@@ -736,7 +740,7 @@ fn transform_output_grad_body(
     gm: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    let (th, tw) = s.tiles();
+    let (th, tw) = s.tiles(2);
     let t = th * tw;
     let tc = count * t;
     let (h, w, o) = (s.h, s.w, s.o);
@@ -813,8 +817,8 @@ pub fn kernel_grad(s: Sizes, x: &[f32], gy: &[f32]) -> Result<Vec<f32>> {
         )
     }
     let (o, c) = (s.o, s.c);
-    let t = s.t();
-    let gi = s.kernel_grad_chunk_images();
+    let t = s.t(2);
+    let gi = s.chunk_images(2, KERNEL_GRAD_TILES);
     let chunks = s.n.div_ceil(gi);
     let du = sum_over_chunks(
         16 * o * c,
@@ -861,4 +865,39 @@ pub fn kernel_grad(s: Sizes, x: &[f32], gy: &[f32]) -> Result<Vec<f32>> {
         }
     }
     Ok(gw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `forward` runs the tile that was set: bit for bit that tile's own pass, and the two tiles
+    /// differ in their last bits (so the dispatch is seen). The only test of this crate's binary
+    /// that touches the process-wide tile.
+    #[test]
+    fn forward_runs_the_tile_that_was_set() {
+        let s = Sizes {
+            n: 2,
+            c: 64,
+            h: 9,
+            w: 8,
+            o: 64,
+        };
+        // A fixed pseudo-random sequence in [-1, 1).
+        let mut state = 12345u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1 << 23) as f32 - 1.0
+        };
+        let x: Vec<f32> = (0..s.n * s.c * s.h * s.w).map(|_| next()).collect();
+        let w: Vec<f32> = (0..s.o * s.c * 9).map(|_| 0.1 * next()).collect();
+        let (two, four) = (forward2(s, &x, &w).unwrap(), forward4(s, &x, &w).unwrap());
+        assert_ne!(two, four);
+        let was = forward_tile();
+        set_forward_tile(ForwardTile::Two);
+        assert_eq!(forward(s, &x, &w).unwrap(), two);
+        set_forward_tile(ForwardTile::Four);
+        assert_eq!(forward(s, &x, &w).unwrap(), four);
+        set_forward_tile(was);
+    }
 }
