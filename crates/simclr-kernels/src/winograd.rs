@@ -322,6 +322,41 @@ fn deal_plane(plane: &[f32], w: usize, phases: usize, phase_len: usize, pad: &mu
     }
 }
 
+/// Runs `tile_row(rows, e, col0, c)` for every row of `m`×`m` tiles of every plane of images
+/// `n0..n0 + count` of `x`, each plane first copied into `pad` by [`deal_plane`] (`m` runs of
+/// `tw + 1` columns per padded row): `rows` are the `m + 2` padded rows the tile row reads, `e`
+/// scratch for as many, `col0` the tile row's first column in a `[·][C][count·T]` layout and `c`
+/// the plane's channel.
+#[inline(always)]
+fn for_each_tile_row(
+    s: &Sizes,
+    m: usize,
+    x: &[f32],
+    n0: usize,
+    count: usize,
+    pad: &mut Vec<f32>,
+    mut tile_row: impl FnMut(&[f32], &mut [f32], usize, usize),
+) {
+    let (th, tw) = s.tiles(m);
+    let t = th * tw;
+    let (h, w) = (s.h, s.w);
+    let pw = m * (tw + 1);
+    let ph = m * th + 2;
+    pad.clear();
+    pad.resize((ph + m + 2) * pw, 0.0);
+    let (pad, e) = pad.split_at_mut(ph * pw);
+    for b in 0..count {
+        for ic in 0..s.c {
+            let plane = &x[((n0 + b) * s.c + ic) * h * w..][..h * w];
+            deal_plane(plane, w, m, tw + 1, pad);
+            for ty in 0..th {
+                let rows = &pad[m * ty * pw..(m * ty + m + 2) * pw];
+                tile_row(rows, e, b * t + ty * tw, ic);
+            }
+        }
+    }
+}
+
 /// `V = Bᵀ d B` of images `n0..n0 + count` of `x`, into `v` as `[16][C][count·T]`.
 ///
 /// Each plane is copied zero-padded (one row and column before it, up to `2·th + 2` rows and
@@ -336,50 +371,37 @@ fn transform_input_body(
     v: &mut [f32],
     pad: &mut Vec<f32>,
 ) {
-    let (th, tw) = s.tiles(2);
-    let t = th * tw;
-    let tc = count * t;
-    let (h, w) = (s.h, s.w);
+    let (_, tw) = s.tiles(2);
+    let tc = count * s.t(2);
     // Padded rows of `tw + 1` even then `tw + 1` odd columns.
     let half = tw + 1;
     let pw = 2 * half;
-    let ph = 2 * th + 2;
-    pad.clear();
-    pad.resize(ph * pw + 4 * pw, 0.0);
-    let (pad, e) = pad.split_at_mut(ph * pw);
-    for b in 0..count {
-        for ic in 0..s.c {
-            let plane = &x[((n0 + b) * s.c + ic) * h * w..][..h * w];
-            deal_plane(plane, w, 2, half, pad);
-            for ty in 0..th {
-                // Bᵀ d over whole rows: e0 = d0 − d2, e1 = d1 + d2, e2 = d2 − d1, e3 = d1 − d3.
-                let d = |k: usize| &pad[(2 * ty + k) * pw..(2 * ty + k + 1) * pw];
-                let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
-                let (e0, rest) = e.split_at_mut(pw);
-                let (e1, rest) = rest.split_at_mut(pw);
-                let (e2, e3) = rest.split_at_mut(pw);
-                for q in 0..pw {
-                    e0[q] = d0[q] - d2[q];
-                    e1[q] = d1[q] + d2[q];
-                    e2[q] = d2[q] - d1[q];
-                    e3[q] = d1[q] - d3[q];
-                }
-                // (Bᵀ d) B: the tile's padded columns 2tx, 2tx + 1, 2tx + 2, 2tx + 3 are
-                // even[tx], odd[tx], even[tx + 1], odd[tx + 1].
-                let col0 = b * t + ty * tw;
-                for (i, ei) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
-                    let (ev, od) = ei.split_at(half);
-                    let (ev0, ev1) = (&ev[..tw], &ev[1..=tw]);
-                    let (od0, od1) = (&od[..tw], &od[1..=tw]);
-                    let row = |j: usize| ((i * 4 + j) * s.c + ic) * tc + col0;
-                    sub(&mut v[row(0)..row(0) + tw], ev0, ev1);
-                    add(&mut v[row(1)..row(1) + tw], od0, ev1);
-                    sub(&mut v[row(2)..row(2) + tw], ev1, od0);
-                    sub(&mut v[row(3)..row(3) + tw], od0, od1);
-                }
-            }
+    for_each_tile_row(s, 2, x, n0, count, pad, |rows, e, col0, ic| {
+        // Bᵀ d over whole rows: e0 = d0 − d2, e1 = d1 + d2, e2 = d2 − d1, e3 = d1 − d3.
+        let d = |k: usize| &rows[k * pw..(k + 1) * pw];
+        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+        let (e0, rest) = e.split_at_mut(pw);
+        let (e1, rest) = rest.split_at_mut(pw);
+        let (e2, e3) = rest.split_at_mut(pw);
+        for q in 0..pw {
+            e0[q] = d0[q] - d2[q];
+            e1[q] = d1[q] + d2[q];
+            e2[q] = d2[q] - d1[q];
+            e3[q] = d1[q] - d3[q];
         }
-    }
+        // (Bᵀ d) B: the tile's padded columns 2tx, 2tx + 1, 2tx + 2, 2tx + 3 are
+        // even[tx], odd[tx], even[tx + 1], odd[tx + 1].
+        for (i, ei) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
+            let (ev, od) = ei.split_at(half);
+            let (ev0, ev1) = (&ev[..tw], &ev[1..=tw]);
+            let (od0, od1) = (&od[..tw], &od[1..=tw]);
+            let row = |j: usize| ((i * 4 + j) * s.c + ic) * tc + col0;
+            sub(&mut v[row(0)..row(0) + tw], ev0, ev1);
+            add(&mut v[row(1)..row(1) + tw], od0, ev1);
+            sub(&mut v[row(2)..row(2) + tw], ev1, od0);
+            sub(&mut v[row(3)..row(3) + tw], od0, od1);
+        }
+    });
 }
 
 /// `Y = Aᵀ M A` of every tile, from `m` (`[16][O][count·T]`) into the chunk's output images,
@@ -598,62 +620,46 @@ fn transform_input4_body(
     v: &mut [f32],
     pad: &mut Vec<f32>,
 ) {
-    let (th, tw) = s.tiles(4);
-    let t = th * tw;
-    let tc = count * t;
-    let (h, w) = (s.h, s.w);
+    let (_, tw) = s.tiles(4);
+    let tc = count * s.t(4);
     let ph_len = tw + 1;
     let pw = 4 * ph_len;
-    let ph = 4 * th + 2;
-    pad.clear();
-    pad.resize(ph * pw + 6 * pw, 0.0);
-    let (pad, e) = pad.split_at_mut(ph * pw);
-    for b in 0..count {
-        for ic in 0..s.c {
-            let plane = &x[((n0 + b) * s.c + ic) * h * w..][..h * w];
-            deal_plane(plane, w, 4, ph_len, pad);
-            for ty in 0..th {
-                let d = |k: usize| &pad[(4 * ty + k) * pw..(4 * ty + k + 1) * pw];
-                let (d0, d1, d2, d3, d4, d5) = (d(0), d(1), d(2), d(3), d(4), d(5));
-                let (e0, rest) = e.split_at_mut(pw);
-                let (e1, rest) = rest.split_at_mut(pw);
-                let (e2, rest) = rest.split_at_mut(pw);
-                let (e3, rest) = rest.split_at_mut(pw);
-                let (e4, e5) = rest.split_at_mut(pw);
-                for q in 0..pw {
-                    let r = bt4([d0[q], d1[q], d2[q], d3[q], d4[q], d5[q]]);
-                    (e0[q], e1[q], e2[q], e3[q], e4[q], e5[q]) =
-                        (r[0], r[1], r[2], r[3], r[4], r[5]);
-                }
-                let col0 = b * t + ty * tw;
-                for (i, ei) in [&*e0, &*e1, &*e2, &*e3, &*e4, &*e5].into_iter().enumerate() {
-                    let p = |k: usize, off: usize| &ei[k * ph_len + off..k * ph_len + off + tw];
-                    let (c0, c1, c2, c3, c4, c5) =
-                        (p(0, 0), p(1, 0), p(2, 0), p(3, 0), p(0, 1), p(1, 1));
-                    let base = |j: usize| ((i * 6 + j) * s.c + ic) * tc + col0;
-                    let (vi, _) = v.split_at_mut(base(5) + tw);
-                    let (v0, rest) = vi[base(0)..].split_at_mut(base(1) - base(0));
-                    let (v1, rest) = rest.split_at_mut(base(2) - base(1));
-                    let (v2, rest) = rest.split_at_mut(base(3) - base(2));
-                    let (v3, rest) = rest.split_at_mut(base(4) - base(3));
-                    let (v4, v5) = rest.split_at_mut(base(5) - base(4));
-                    let (v0, v1, v2, v3, v4, v5) = (
-                        &mut v0[..tw],
-                        &mut v1[..tw],
-                        &mut v2[..tw],
-                        &mut v3[..tw],
-                        &mut v4[..tw],
-                        &mut v5[..tw],
-                    );
-                    for x in 0..tw {
-                        let r = bt4([c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]]);
-                        (v0[x], v1[x], v2[x], v3[x], v4[x], v5[x]) =
-                            (r[0], r[1], r[2], r[3], r[4], r[5]);
-                    }
-                }
+    for_each_tile_row(s, 4, x, n0, count, pad, |rows, e, col0, ic| {
+        let d = |k: usize| &rows[k * pw..(k + 1) * pw];
+        let (d0, d1, d2, d3, d4, d5) = (d(0), d(1), d(2), d(3), d(4), d(5));
+        let (e0, rest) = e.split_at_mut(pw);
+        let (e1, rest) = rest.split_at_mut(pw);
+        let (e2, rest) = rest.split_at_mut(pw);
+        let (e3, rest) = rest.split_at_mut(pw);
+        let (e4, e5) = rest.split_at_mut(pw);
+        for q in 0..pw {
+            let r = bt4([d0[q], d1[q], d2[q], d3[q], d4[q], d5[q]]);
+            (e0[q], e1[q], e2[q], e3[q], e4[q], e5[q]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+        }
+        for (i, ei) in [&*e0, &*e1, &*e2, &*e3, &*e4, &*e5].into_iter().enumerate() {
+            let p = |k: usize, off: usize| &ei[k * ph_len + off..k * ph_len + off + tw];
+            let (c0, c1, c2, c3, c4, c5) = (p(0, 0), p(1, 0), p(2, 0), p(3, 0), p(0, 1), p(1, 1));
+            let base = |j: usize| ((i * 6 + j) * s.c + ic) * tc + col0;
+            let (vi, _) = v.split_at_mut(base(5) + tw);
+            let (v0, rest) = vi[base(0)..].split_at_mut(base(1) - base(0));
+            let (v1, rest) = rest.split_at_mut(base(2) - base(1));
+            let (v2, rest) = rest.split_at_mut(base(3) - base(2));
+            let (v3, rest) = rest.split_at_mut(base(4) - base(3));
+            let (v4, v5) = rest.split_at_mut(base(5) - base(4));
+            let (v0, v1, v2, v3, v4, v5) = (
+                &mut v0[..tw],
+                &mut v1[..tw],
+                &mut v2[..tw],
+                &mut v3[..tw],
+                &mut v4[..tw],
+                &mut v5[..tw],
+            );
+            for x in 0..tw {
+                let r = bt4([c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]]);
+                (v0[x], v1[x], v2[x], v3[x], v4[x], v5[x]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
             }
         }
-    }
+    });
 }
 
 /// `Y = Aᵀ M A` of F(4×4, 3×3) for every tile, from `m` (`[36][O][count·T]`) into the chunk's
