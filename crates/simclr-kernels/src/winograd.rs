@@ -26,9 +26,10 @@
 //! error stays close to the direct method's, unlike larger tiles).
 //!
 //! Work is cut into chunks of whole images (about `CHUNK_FLOATS` floats of the larger
-//! transformed tensor, at least one image; F(4×4)'s forward at least `FORWARD4_TILES` tiles, the
-//! kernel gradient's at least `KERNEL_GRAD_TILES`), run in parallel with single-threaded GEMMs; the kernel gradient sums
-//! partial kernels over fixed ranges of chunks in order, as the im2col path does.
+//! transformed tensor, at least one image; F(4×4)'s forward at least `FORWARD4_TILES` tiles,
+//! the kernel gradient's at least `KERNEL_GRAD_TILES`), run in parallel with single-threaded
+//! GEMMs; the kernel gradient sums partial kernels over fixed ranges of chunks in order, as the
+//! im2col path does.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -42,9 +43,9 @@ use crate::matrix::{gemm_f32, Mat, MatMut};
 /// Floats per chunk (1 MiB) of the larger transformed tensor, the input's `(m + 2)²·C` or the
 /// products' `(m + 2)²·O` per tile of F(m×m, 3×3).
 const CHUNK_FLOATS: usize = 1 << 18;
-/// The fewest tiles in a chunk of the F(4×4, 3×3) forward pass, the products' `N`: on 8² and 4²
-/// planes a 1 MiB chunk holds 28 or 14 tiles, and products that thin ran slower than F(2×2, 3×3)
-/// (docs/performance.md).
+/// The fewest tiles in a chunk of the F(4×4, 3×3) forward pass, the products' `N`: a 1 MiB chunk
+/// holds 28 tiles of 256 channels on 8² planes and 14 of 512 on 4², and products that thin ran
+/// slower than F(2×2, 3×3)'s (docs/performance.md).
 const FORWARD4_TILES: usize = 64;
 /// The fewest tiles in a chunk of the kernel gradient, the inner size of its products (a smaller
 /// one re-reads and re-writes the `[C, O]` accumulators too often on wide layers of small
