@@ -49,8 +49,8 @@
 //! (environment variable `SIMCLR_CONV=candle`, or [`set_conv_backend`]). The custom op has no
 //! second-order gradient.
 
+use crate::switch::Switch;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -192,38 +192,22 @@ pub enum ConvBackend {
     Im2colGemm,
 }
 
-/// 0: not chosen yet, 1: candle, 2: im2col + GEMM.
-static BACKEND: AtomicU8 = AtomicU8::new(0);
+static BACKEND: Switch = Switch::new("SIMCLR_CONV");
 
 /// The backend [`conv2d`] uses: the one set by [`set_conv_backend`], else the one named by the
 /// environment variable `SIMCLR_CONV` when first asked (`candle` selects candle's
 /// convolution), else [`ConvBackend::Im2colGemm`].
 pub fn conv_backend() -> ConvBackend {
-    match BACKEND.load(Ordering::Relaxed) {
-        1 => ConvBackend::Candle,
-        2 => ConvBackend::Im2colGemm,
-        _ => {
-            let b = match std::env::var("SIMCLR_CONV") {
-                Ok(v) if v.eq_ignore_ascii_case("candle") => ConvBackend::Candle,
-                _ => ConvBackend::Im2colGemm,
-            };
-            // An explicit choice made meanwhile by another thread wins.
-            let _ = BACKEND.compare_exchange(0, code(b), Ordering::Relaxed, Ordering::Relaxed);
-            conv_backend()
-        }
+    let candle = |v: Option<String>| v.is_some_and(|v| v.eq_ignore_ascii_case("candle"));
+    match BACKEND.get(|v| u8::from(!candle(v))) {
+        0 => ConvBackend::Candle,
+        _ => ConvBackend::Im2colGemm,
     }
 }
 
 /// Selects the backend of [`conv2d`] for the whole process (benchmarks compare the two).
 pub fn set_conv_backend(backend: ConvBackend) {
-    BACKEND.store(code(backend), Ordering::Relaxed);
-}
-
-fn code(b: ConvBackend) -> u8 {
-    match b {
-        ConvBackend::Candle => 1,
-        ConvBackend::Im2colGemm => 2,
-    }
+    BACKEND.set(u8::from(backend == ConvBackend::Im2colGemm));
 }
 
 /// Cross-correlation of `x` (NCHW) with `w` (OIHW), no bias, with the process-wide backend

@@ -28,6 +28,7 @@
 //! ranges in a fixed order).
 
 mod buffers;
+mod switch;
 
 pub mod bn_ops;
 pub mod conv;

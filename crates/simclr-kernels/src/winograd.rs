@@ -31,14 +31,13 @@
 //! GEMMs; the kernel gradient sums partial kernels over fixed ranges of chunks in order, as the
 //! im2col path does.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use candle_core::{bail, Result};
 use gemm::Parallelism;
 
 use crate::buffers::par_build;
 use crate::conv::{sum_over_chunks, with_scratch, ConvGeometry, Products};
 use crate::matrix::{gemm_f32, Mat, MatMut};
+use crate::switch::Switch;
 
 /// Floats per chunk (1 MiB) of the larger transformed tensor, the input's `(m + 2)²·C` or the
 /// products' `(m + 2)²·O` per tile of F(m×m, 3×3).
@@ -95,28 +94,19 @@ pub const MIN_PLANE: usize = 256;
 /// Layers with at least this many channels on both sides take the path on any plane.
 pub const WIDE_CHANNELS: usize = 256;
 
-static MODE: AtomicU8 = AtomicU8::new(0);
+static ENABLED: Switch = Switch::new("SIMCLR_WINOGRAD");
+static TILE: Switch = Switch::new("SIMCLR_WINOGRAD_TILE");
 
 /// Whether the path is on: as [`set_winograd`] set it, else off when the environment variable
 /// `SIMCLR_WINOGRAD` is `0` when first asked, else on.
 pub fn enabled() -> bool {
-    match MODE.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("SIMCLR_WINOGRAD").map_or(true, |v| v != "0");
-            set_winograd(on);
-            on
-        }
-    }
+    ENABLED.get(|v| u8::from(v.as_deref() != Some("0"))) == 1
 }
 
 /// Turns the path on or off for the whole process (benchmarks compare the two in one run).
 pub fn set_winograd(on: bool) {
-    MODE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    ENABLED.set(u8::from(on));
 }
-
-static TILE: AtomicU8 = AtomicU8::new(0);
 
 /// The output tile of the forward pass (and so of the input gradient's convolution path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,30 +122,19 @@ pub enum ForwardTile {
 /// environment variable `SIMCLR_WINOGRAD_TILE` is `2` when first asked, else
 /// [`ForwardTile::Four`].
 pub fn forward_tile() -> ForwardTile {
-    match TILE.load(Ordering::Relaxed) {
+    match TILE.get(|v| if v.as_deref() == Some("2") { 2 } else { 4 }) {
         2 => ForwardTile::Two,
-        4 => ForwardTile::Four,
-        _ => {
-            let tile = match std::env::var("SIMCLR_WINOGRAD_TILE") {
-                Ok(v) if v == "2" => ForwardTile::Two,
-                _ => ForwardTile::Four,
-            };
-            set_forward_tile(tile);
-            tile
-        }
+        _ => ForwardTile::Four,
     }
 }
 
 /// Sets the forward pass's tile for the whole process (to compare the two in one process;
 /// `SIMCLR_WINOGRAD_TILE` chooses from outside).
 pub fn set_forward_tile(tile: ForwardTile) {
-    TILE.store(
-        match tile {
-            ForwardTile::Two => 2,
-            ForwardTile::Four => 4,
-        },
-        Ordering::Relaxed,
-    );
+    TILE.set(match tile {
+        ForwardTile::Two => 2,
+        ForwardTile::Four => 4,
+    });
 }
 
 /// Sizes of one convolution: `n` images of `c` channels, `h`×`w`, to `o` channels.
@@ -207,8 +186,8 @@ impl Sizes {
 
 /// `fn $name(args)` running `$body(args)` compiled for AVX2 where the CPU has it (picked at run
 /// time; the baseline x86-64 target the project builds for stops at SSE2, and the transforms
-/// are runs of adds over the tiles that twice the lanes speed up). Adds and subtractions only,
-/// so both versions give the same bits.
+/// are runs of adds over the tiles that twice the lanes speed up). Adds, subtractions and
+/// products by constants, which Rust never fuses into FMAs, so both versions give the same bits.
 macro_rules! with_avx2 {
     ($name:ident => $body:ident ($($arg:ident : $ty:ty),*)) => {
         fn $name($($arg: $ty),*) {
@@ -640,21 +619,12 @@ fn transform_input4_body(
         for (i, ei) in [&*e0, &*e1, &*e2, &*e3, &*e4, &*e5].into_iter().enumerate() {
             let p = |k: usize, off: usize| &ei[k * ph_len + off..k * ph_len + off + tw];
             let (c0, c1, c2, c3, c4, c5) = (p(0, 0), p(1, 0), p(2, 0), p(3, 0), p(0, 1), p(1, 1));
-            let base = |j: usize| ((i * 6 + j) * s.c + ic) * tc + col0;
-            let (vi, _) = v.split_at_mut(base(5) + tw);
-            let (v0, rest) = vi[base(0)..].split_at_mut(base(1) - base(0));
-            let (v1, rest) = rest.split_at_mut(base(2) - base(1));
-            let (v2, rest) = rest.split_at_mut(base(3) - base(2));
-            let (v3, rest) = rest.split_at_mut(base(4) - base(3));
-            let (v4, v5) = rest.split_at_mut(base(5) - base(4));
-            let (v0, v1, v2, v3, v4, v5) = (
-                &mut v0[..tw],
-                &mut v1[..tw],
-                &mut v2[..tw],
-                &mut v3[..tw],
-                &mut v4[..tw],
-                &mut v5[..tw],
-            );
+            // Positions (i, 0..6) of this tile row: runs `C·count·T` apart.
+            let mut runs = v[(i * 6 * s.c + ic) * tc + col0..]
+                .chunks_mut(s.c * tc)
+                .map(|run| &mut run[..tw]);
+            let [v0, v1, v2, v3, v4, v5]: [&mut [f32]; 6] =
+                std::array::from_fn(|_| runs.next().expect("six positions"));
             for x in 0..tw {
                 let r = bt4([c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]]);
                 (v0[x], v1[x], v2[x], v3[x], v4[x], v5[x]) = (r[0], r[1], r[2], r[3], r[4], r[5]);

@@ -227,14 +227,16 @@ fn step_table() {
     println!("  speed-up {:.2}x", rates[1] / rates[0]);
 }
 
-/// Runs `f(side)` 20 times, sides 0 and 1 alternating, and returns per side the medians, in
+/// Runs `f(side)` 10 times per side, the `S` sides in turn, and returns per side the medians, in
 /// ms, of the `N` timings (seconds) `f` returns, the first run of each side left out.
-fn alternate<const N: usize>(mut f: impl FnMut(usize) -> [f64; N]) -> [[f64; N]; 2] {
-    let mut runs: [Vec<[f64; N]>; 2] = [Vec::new(), Vec::new()];
-    for rep in 0..20 {
-        let side = rep % 2;
+fn alternate<const S: usize, const N: usize>(
+    mut f: impl FnMut(usize) -> [f64; N],
+) -> [[f64; N]; S] {
+    let mut runs: [Vec<[f64; N]>; S] = std::array::from_fn(|_| Vec::new());
+    for rep in 0..10 * S {
+        let side = rep % S;
         let seconds = f(side);
-        if rep >= 2 {
+        if rep >= S {
             runs[side].push(seconds);
         }
     }
@@ -369,21 +371,16 @@ fn tiles_table() {
             o: c,
         };
         let was = winograd::enabled();
-        let mut ms: [Vec<f64>; 3] = Default::default();
-        for rep in 0..30 {
-            let side = rep % 3;
+        let [[a], [b], [d]] = alternate(|side| {
+            // im2col with Winograd off, then each tile called directly.
             winograd::set_winograd(side != 0);
-            let t = match side {
+            [match side {
                 0 => time(0, 1, || conv2d_with(&xt, &wt, g, ConvBackend::Im2colGemm)),
                 1 => time(0, 1, || winograd::forward2(s, &x, &w)),
                 _ => time(0, 1, || winograd::forward4(s, &x, &w)),
-            };
-            if rep >= 3 {
-                ms[side].push(t * 1e3);
-            }
-        }
+            }]
+        });
         winograd::set_winograd(was);
-        let [a, b, d] = ms.map(median);
         println!(
             "  {:<26} {a:>7.1} / {b:>7.1} / {d:>7.1}   im2col/F4 {:.2}  F2/F4 {:.2}",
             format!("{c}->{c} {h}x{h}, batch {n}"),
